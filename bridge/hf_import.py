@@ -1,0 +1,311 @@
+"""Hugging Face directory -> (ModelConfig, Flax params), one tensor at a time, strictly validated.
+
+Reads `model.safetensors`, sharded safetensors with `model.safetensors.index.json`, and `pytorch_model*.bin`
+(with `weights_only=True`: a checkpoint never runs code). Every failure is a `KeptError` naming the file or
+tensor and the fix; nothing half-loaded is returned.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import pickle
+import zipfile
+from typing import Any, Iterator
+
+import jax
+import ml_dtypes  # registers bfloat16 with NumPy; safetensors' NumPy reader needs it
+import numpy as np
+
+from bridge.names import TensorSpec, is_harmless_buffer, tensor_table
+from kept_jax.config import ModelConfig, load_hf_config
+from kept_jax.errors import KeptError
+
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+
+
+@dataclasses.dataclass
+class ImportReport:
+    files: list[str]
+    skipped: list[tuple[str, str]]  # (tensor name, why)
+    source_dtypes: dict[str, int]  # dtype -> number of tensors
+    num_params: int
+
+    def summary(self) -> str:
+        lines = [f"read {self.num_params:,} parameters from {', '.join(self.files)}"]
+        lines.append("source dtypes: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.source_dtypes.items())))
+        for name, why in self.skipped:
+            lines.append(f"skipped {name}: {why}")
+        return "\n".join(lines)
+
+
+# ---- Tensor sources -------------------------------------------------------------------------------
+
+
+class _SafetensorsFile:
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self.path = path
+        try:
+            self._handle = safe_open(path, framework="numpy")
+            self._names = list(self._handle.keys())
+        except Exception as e:  # SafetensorError is not importable as a class in every version
+            raise KeptError(
+                f"cannot read {path}: {e}. The file is truncated or corrupt; re-download or re-save the checkpoint"
+            ) from None
+
+    def names(self) -> list[str]:
+        return self._names
+
+    def dtype_and_shape(self, name: str) -> tuple[str, tuple[int, ...]]:
+        sl = self._handle.get_slice(name)
+        return sl.get_dtype(), tuple(sl.get_shape())
+
+    def read(self, name: str) -> np.ndarray:
+        try:
+            return self._handle.get_tensor(name)
+        except Exception as e:
+            raise KeptError(f"cannot read tensor {name!r} from {self.path}: {e}; the file is corrupt") from None
+
+
+class _TorchFile:
+    def __init__(self, path: str):
+        try:
+            import torch
+        except ImportError:
+            raise KeptError(
+                f"{path} is a PyTorch .bin checkpoint and reading it needs torch: pip install 'kept_jax[torch]'"
+            ) from None
+        self.path = path
+        self._torch = torch
+        try:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)  # legacy non-zip format
+        except pickle.UnpicklingError as e:
+            raise KeptError(
+                f"{path} holds objects other than tensors and kept_jax loads .bin files only with "
+                f"weights_only=True, so that a checkpoint never runs code ({str(e).splitlines()[0]}). "
+                "Convert it to safetensors in a trusted environment"
+            ) from None
+        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+            raise KeptError(
+                f"cannot read {path}: {str(e).splitlines()[0]}. The file is truncated or corrupt; re-download it"
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise KeptError(f"{path} is not a state dict of tensors; pass a Hugging Face checkpoint")
+        self._state = state
+
+    def names(self) -> list[str]:
+        return list(self._state)
+
+    def dtype_and_shape(self, name: str) -> tuple[str, tuple[int, ...]]:
+        t = self._state[name]
+        return str(t.dtype).removeprefix("torch."), tuple(t.shape)
+
+    def read(self, name: str) -> np.ndarray:
+        t = self._state[name].contiguous()
+        if t.dtype == self._torch.bfloat16:
+            return t.view(self._torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+
+def _read_index(path: str) -> dict[str, str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to file names")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise KeptError(f"{path} is not a valid index ({type(e).__name__}: {e}); re-download it") from None
+    return weight_map
+
+
+class CheckpointReader:
+    """All tensors of an HF directory, by name, opened lazily; reading returns one tensor as NumPy."""
+
+    def __init__(self, model_dir: str):
+        self.model_dir = model_dir
+        found = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(model_dir, f))]
+        if not found:
+            raise KeptError(
+                f"no weights in {model_dir!r}: expected one of {', '.join(WEIGHT_FILES)}"
+            )
+        weights = found[0]
+        self.format = "safetensors" if "safetensors" in weights else "pytorch"
+        if weights.endswith(".index.json"):
+            self.weight_map = _read_index(os.path.join(model_dir, weights))
+            self.files = sorted(set(self.weight_map.values()))
+            for name in self.files:
+                if not os.path.isfile(os.path.join(model_dir, name)):
+                    raise KeptError(
+                        f"{weights} lists shard {name!r}, which is not in {model_dir!r}; the download is incomplete"
+                    )
+        else:
+            self.weight_map = None
+            self.files = [weights]
+        self._open: dict[str, Any] = {}
+        if self.weight_map is None:
+            self.weight_map = {n: weights for n in self._file(weights).names()}
+        else:
+            for file_name in self.files:  # the index must agree with the shards it names
+                have = set(self._file(file_name).names())
+                listed = [n for n, f in self.weight_map.items() if f == file_name and n not in have]
+                if listed:
+                    raise KeptError(
+                        f"{weights} says {listed[0]!r} is in {file_name}, but it is not there; the shard or the "
+                        "index is from another checkpoint"
+                    )
+
+    def _file(self, file_name: str):
+        if file_name not in self._open:
+            path = os.path.join(self.model_dir, file_name)
+            self._open[file_name] = _SafetensorsFile(path) if self.format == "safetensors" else _TorchFile(path)
+        return self._open[file_name]
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def dtype_and_shape(self, name: str) -> tuple[str, tuple[int, ...]]:
+        return self._file(self.weight_map[name]).dtype_and_shape(name)
+
+    def read(self, name: str) -> np.ndarray:
+        return self._file(self.weight_map[name]).read(name)
+
+    def where(self, name: str) -> str:
+        return self.weight_map[name]
+
+
+# ---- Import -------------------------------------------------------------------------------------
+
+
+def _supported_dtype(dtype: str) -> bool:
+    return dtype in SAFETENSORS_DTYPES or dtype in NUMPY_DTYPES  # safetensors or torch dtype names
+
+
+def _check_names(reader: CheckpointReader, specs: list[TensorSpec], config: ModelConfig) -> list[tuple[str, str]]:
+    expected = {s.hf_name for s in specs}
+    present = set(reader.names())
+    missing = [s.hf_name for s in specs if s.hf_name not in present]
+    skipped, unexpected = [], []
+    for name in reader.names():
+        if name in expected:
+            continue
+        if is_harmless_buffer(name):
+            skipped.append((name, "rotary buffer, recomputed from the config"))
+        elif name == "lm_head.weight" and config.tie_word_embeddings:
+            skipped.append((name, "tied to model.embed_tokens.weight (checked equal)"))
+        else:
+            unexpected.append(name)
+
+    def listing(names):
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+    if missing:
+        raise KeptError(
+            f"checkpoint {reader.model_dir!r} is missing {len(missing)} tensor(s) that its config.json implies: "
+            f"{listing(missing)}. Check that config.json (model_type {config.architecture!r}, "
+            f"attention_bias={config.attention_bias}, mlp_bias={config.mlp_bias}, "
+            f"tie_word_embeddings={config.tie_word_embeddings}) belongs to these weights"
+        )
+    if unexpected:
+        raise KeptError(
+            f"checkpoint {reader.model_dir!r} has {len(unexpected)} tensor(s) its config.json does not explain: "
+            f"{listing(unexpected)}. Check that config.json belongs to these weights"
+        )
+    return skipped
+
+
+def _read_checked(reader: CheckpointReader, spec: TensorSpec, dtypes: collections.Counter) -> np.ndarray:
+    name = spec.hf_name
+    dtype, shape = reader.dtype_and_shape(name)
+    if not _supported_dtype(dtype):
+        raise KeptError(
+            f"tensor {name!r} in {reader.where(name)} has dtype {dtype}; kept_jax reads float32, float16 and "
+            "bfloat16 checkpoints (dequantize it first)"
+        )
+    if shape != spec.hf_shape:
+        raise KeptError(
+            f"tensor {name!r} in {reader.where(name)} has shape {shape}, but config.json implies {spec.hf_shape}; "
+            "the config and the weights do not match"
+        )
+    array = reader.read(name)
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise KeptError(
+            f"tensor {name!r} in {reader.where(name)} has {int(finite.size - finite.sum())} non-finite values "
+            "(NaN or Inf); the checkpoint is damaged or diverged"
+        )
+    dtypes[dtype] += 1
+    return array
+
+
+def iter_params(
+    reader: CheckpointReader, config: ModelConfig, dtypes: collections.Counter
+) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """Yields (params path, NumPy array in `config.param_dtype`), one leaf at a time.
+
+    With `scan_layers` a leaf is the [L, ...] stack of one tensor kind, filled layer by layer in place.
+    """
+    target = NUMPY_DTYPES[config.param_dtype]
+    by_leaf: dict[tuple[str, ...], list[TensorSpec]] = collections.defaultdict(list)
+    for spec in tensor_table(config):
+        by_leaf[spec.params_path(config.scan_layers)].append(spec)
+    for path, specs in by_leaf.items():
+        first = specs[0]
+        shape = first.hf_shape[::-1] if first.transpose else first.hf_shape
+        if first.layer is not None and config.scan_layers:
+            leaf = np.empty((len(specs), *shape), dtype=target)
+            for spec in specs:
+                value = _read_checked(reader, spec, dtypes)
+                leaf[spec.layer] = value.T if spec.transpose else value
+        else:
+            value = _read_checked(reader, first, dtypes)
+            leaf = np.ascontiguousarray((value.T if first.transpose else value).astype(target))
+        yield path, leaf
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def load_hf_checkpoint(model_dir: str | os.PathLike, **runtime: Any) -> tuple[ModelConfig, dict, ImportReport]:
+    """Loads an HF Orion or Llama directory. `runtime` sets ModelConfig's runtime fields (param_dtype, ...).
+
+    Parameters go to the default JAX device one leaf at a time, so host memory stays near one leaf plus the
+    model's device copy.
+    """
+    model_dir = os.fspath(model_dir)
+    config = load_hf_config(model_dir, **runtime)
+    reader = CheckpointReader(model_dir)
+    specs = tensor_table(config)
+    skipped = _check_names(reader, specs, config)
+    dtypes: collections.Counter = collections.Counter()
+    params: dict = {}
+    for path, leaf in iter_params(reader, config, dtypes):
+        _set(params, path, jax.device_put(leaf))
+        del leaf
+    if config.tie_word_embeddings and "lm_head.weight" in reader.names():
+        if not np.array_equal(reader.read("lm_head.weight"), reader.read("model.embed_tokens.weight")):
+            raise KeptError(
+                "config.json sets tie_word_embeddings=true but lm_head.weight differs from "
+                "model.embed_tokens.weight; set tie_word_embeddings=false in config.json"
+            )
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    return config, params, ImportReport(reader.files, skipped, dict(dtypes), num_params)

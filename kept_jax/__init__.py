@@ -1,0 +1,3 @@
+"""kept_jax: cross-architecture knowledge transfer (Orion -> Llama, KEPT) in JAX/Flax."""
+
+__version__ = "0.1.0"

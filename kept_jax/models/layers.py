@@ -1,0 +1,202 @@
+"""The shared building blocks of every architecture: embedding, linear, norms, RoPE, attention, SwiGLU MLP.
+
+Numerics follow Hugging Face (DESIGN.md section 2): norms in fp32, RoPE angles in fp32, softmax in fp32.
+Parameters carry logical axis names so that sharding rules can place them on a device mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kept_jax.config import ModelConfig, RopeConfig
+
+Array = jax.Array
+
+
+def _init(init_fn, axes: Sequence[str | None]):
+    return nn.with_logical_partitioning(init_fn, tuple(axes))
+
+
+class Linear(nn.Module):
+    """y = x @ kernel (+ bias). `kernel` is [in, out] (HF's `weight` transposed)."""
+
+    features: int
+    use_bias: bool
+    axes: tuple[str | None, str | None]
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    out_dtype: jnp.dtype | None = None  # e.g. fp32 logits from a bf16 head
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param(
+            "kernel",
+            _init(nn.initializers.normal(stddev=0.02), self.axes),
+            (x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
+        if self.use_bias:
+            bias = self.param("bias", _init(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Embed(nn.Module):
+    """Token embedding; `attend` is the tied output head."""
+
+    num_embeddings: int
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            _init(nn.initializers.normal(stddev=0.02), ("vocab", "embed")),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, tokens: Array) -> Array:
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+    def attend(self, hidden: Array) -> Array:
+        """fp32 logits of a head tied to this embedding."""
+        return jnp.dot(hidden, self.embedding.astype(self.dtype).T, preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nn.Module):
+    """HF `LlamaRMSNorm`: normalize in fp32, cast back to the input dtype, then multiply by the weight."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        weight = self.param("weight", _init(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight.astype(self.dtype) * normed.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """`torch.nn.LayerNorm`: biased variance, eps inside the sqrt, the affine applied in fp32."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        weight = self.param("weight", _init(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
+        bias = self.param("bias", _init(nn.initializers.zeros, ("norm",)), (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        centered = x32 - mean
+        var = jnp.mean(centered * centered, axis=-1, keepdims=True)
+        normed = centered * jax.lax.rsqrt(var + self.eps)
+        return (normed * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
+
+
+# ---- RoPE ---------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position_embeddings: int, seq_len: int) -> np.ndarray:
+    """Inverse frequencies [head_dim/2] in fp32, as HF's rope init functions compute them.
+
+    `seq_len` matters only for the `dynamic` type, which rescales the base past `max_position_embeddings`.
+    """
+    f32 = np.float32
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(f32) / f32(head_dim)
+    base = rope.theta
+    if rope.type == "dynamic":
+        length = max(seq_len, max_position_embeddings)
+        base = base * ((rope.factor * length / max_position_embeddings) - (rope.factor - 1)) ** (
+            head_dim / (head_dim - 2)
+        )
+    inv_freq = f32(1.0) / (f32(base) ** exponents)
+    if rope.type == "linear":
+        inv_freq = inv_freq / f32(rope.factor)
+    elif rope.type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = f32(2 * math.pi) / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / f32(rope.factor), inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / f32(rope.factor) + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(f32)
+
+
+def rope_cos_sin(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
+    """cos and sin [batch, seq, head_dim] in fp32, rotate-half (HF/NeoX) layout."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x: [batch, seq, heads, head_dim]; applied in x's dtype, as HF does."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+# ---- Attention and MLP --------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped KV heads (MHA, GQA and MQA are the same code)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
+        cfg = self.config
+        dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
+        batch, seq, _ = x.shape
+        q_dim = cfg.num_attention_heads * cfg.head_dim
+        kv_dim = cfg.num_key_value_heads * cfg.head_dim
+
+        def proj(features, axes, name):
+            return Linear(features, cfg.attention_bias, axes, dtype, param_dtype, name=name)
+
+        q = proj(q_dim, ("embed", "q_heads"), "q_proj")(x).reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
+        k = proj(kv_dim, ("embed", "kv_heads"), "k_proj")(x).reshape(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
+        v = proj(kv_dim, ("embed", "kv_heads"), "v_proj")(x).reshape(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Logits and softmax in fp32 inside; `cudnn` selects the fused flash kernel on NVIDIA GPUs.
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention_impl)
+        out = out.reshape(batch, seq, q_dim)
+        return proj(cfg.hidden_size, ("q_heads", "embed"), "o_proj")(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
+        gate = Linear(cfg.intermediate_size, cfg.mlp_bias, ("embed", "mlp"), dtype, param_dtype, name="gate_proj")(x)
+        up = Linear(cfg.intermediate_size, cfg.mlp_bias, ("embed", "mlp"), dtype, param_dtype, name="up_proj")(x)
+        return Linear(cfg.hidden_size, cfg.mlp_bias, ("mlp", "embed"), dtype, param_dtype, name="down_proj")(
+            jax.nn.silu(gate) * up
+        )

@@ -1,0 +1,122 @@
+"""`python -m kept_jax.score`: token count, mean NLL and perplexity of a text under an HF checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+
+from kept_jax.errors import KeptError, cli_entry
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m kept_jax.score",
+        description="Score text with an Orion or Llama Hugging Face checkpoint: mean NLL and perplexity.",
+    )
+    parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="text to score, tokenized with the checkpoint's tokenizer")
+    source.add_argument("--file", help="UTF-8 text file to score")
+    source.add_argument("--tokens", help="comma-separated token ids, e.g. 1,2,3")
+    parser.add_argument("--save-logits", metavar="OUT.npy", help="write fp32 logits [tokens, vocab] here")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --save-logits file")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    return parser.parse_args(argv)
+
+
+def _tokens(args: argparse.Namespace, model_dir: str, architecture: str) -> list[int]:
+    if args.tokens is not None:
+        try:
+            return [int(t) for t in args.tokens.replace(" ", "").split(",") if t != ""]
+        except ValueError:
+            raise KeptError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
+    if args.file is not None:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise KeptError(f"--file {args.file!r} does not exist") from None
+        except UnicodeDecodeError as e:
+            raise KeptError(f"--file {args.file!r} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+        except IsADirectoryError:
+            raise KeptError(f"--file {args.file!r} is a directory; pass a text file") from None
+    else:
+        text = args.text
+    from kept_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer(model_dir, architecture).encode(text)
+
+
+def _check_output(path: str, force: bool) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise KeptError(f"--save-logits: directory {parent!r} does not exist; create it first")
+    if os.path.exists(path) and not force:
+        raise KeptError(f"--save-logits: {path!r} already exists; choose another path or pass --force")
+
+
+def _save_atomic(path: str, array) -> None:
+    import numpy as np
+
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.save_logits:
+        _check_output(args.save_logits, args.force)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bridge import load_hf_checkpoint
+    from kept_jax.config import load_hf_config
+    from kept_jax.models import CausalLM
+
+    config = load_hf_config(args.model)
+    tokens = _tokens(args, args.model, config.architecture)
+    if len(tokens) < 2:
+        raise KeptError(f"need at least 2 tokens to score (each token is predicted from the ones before), got {len(tokens)}")
+    bad = [t for t in tokens if not 0 <= t < config.vocab_size]
+    if bad:
+        raise KeptError(f"token id {bad[0]} is outside the model's vocabulary [0, {config.vocab_size})")
+
+    config, params, report = load_hf_checkpoint(args.model, compute_dtype=args.dtype, param_dtype=args.dtype)
+    for name, why in report.skipped:
+        print(f"note: skipped {name} ({why})", file=sys.stderr)
+    if len(tokens) > config.max_position_embeddings:
+        print(
+            f"note: {len(tokens)} tokens exceed max_position_embeddings={config.max_position_embeddings}",
+            file=sys.stderr,
+        )
+
+    model = CausalLM(config)
+    ids = jnp.asarray(tokens, dtype=jnp.int32)[None]
+    logits = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, ids)[0]
+    log_probs = jax.nn.log_softmax(logits[:-1], axis=-1)
+    nll = float(-jnp.mean(jnp.take_along_axis(log_probs, ids[0, 1:, None], axis=-1)))
+
+    print(f"model:      {args.model} ({config.architecture}, {report.num_params:,} parameters, {args.dtype})")
+    print(f"tokens:     {len(tokens)} ({len(tokens) - 1} predicted)")
+    print(f"mean NLL:   {nll:.6f} nats/token")
+    print(f"perplexity: {math.exp(nll):.4f}")
+    if args.save_logits:
+        _save_atomic(args.save_logits, np.asarray(logits, dtype=np.float32))
+        print(f"logits:     {args.save_logits} {tuple(logits.shape)} float32")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

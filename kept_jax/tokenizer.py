@@ -1,0 +1,62 @@
+"""A checkpoint's own tokenizer: `tokenizer.json` (tokenizers) or SentencePiece `tokenizer.model` as Orion ships it."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+from kept_jax.errors import KeptError
+
+
+class Tokenizer:
+    def __init__(self, encode: Callable[[str], list[int]], source: str):
+        self._encode = encode
+        self.source = source
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._encode(text))
+
+
+def _tokenizer_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KeptError(f"{path} is not valid JSON ({e}); fix or remove it") from None
+
+
+def load_tokenizer(model_dir: str, architecture: str) -> Tokenizer:
+    """`tokenizer.json` wins when both are present: it carries the BOS/EOS template itself.
+
+    For a bare SentencePiece model, `add_bos_token`/`add_eos_token` come from `tokenizer_config.json`; absent
+    there, BOS is added for Llama (LlamaTokenizer's default) and not for Orion (OrionTokenizer's default).
+    """
+    json_path = os.path.join(model_dir, "tokenizer.json")
+    sp_path = os.path.join(model_dir, "tokenizer.model")
+    if os.path.isfile(json_path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            tok = HFTokenizer.from_file(json_path)
+        except Exception as e:
+            raise KeptError(f"cannot read {json_path}: {e}; the tokenizer file is corrupt") from None
+        return Tokenizer(lambda text: tok.encode(text).ids, json_path)
+    if os.path.isfile(sp_path):
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.Load(sp_path)
+        except (OSError, RuntimeError) as e:
+            raise KeptError(f"cannot read {sp_path}: {e}; the tokenizer file is corrupt") from None
+        config = _tokenizer_config(model_dir)
+        add_bos = bool(config.get("add_bos_token", architecture == "llama"))
+        add_eos = bool(config.get("add_eos_token", False))
+        return Tokenizer(lambda text: sp.Encode(text, add_bos=add_bos, add_eos=add_eos), sp_path)
+    raise KeptError(
+        f"{model_dir!r} has no tokenizer (tokenizer.json or tokenizer.model); pass token ids with --tokens instead"
+    )

@@ -1,0 +1,37 @@
+import os
+import shutil
+
+import pytest
+
+from tests import fixtures as fx
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory) -> str:
+    return fx.train_sentencepiece(str(tmp_path_factory.mktemp("sentencepiece")))
+
+
+@pytest.fixture(scope="session")
+def orion_checkpoint(tmp_path_factory, sp_model):
+    """(directory, torch reference model) of the tiny Orion, with its SentencePiece tokenizer. Do not modify."""
+    model = fx.make_orion_reference(fx.base_config("tiny-orion"), seed=1)
+    path = fx.save_orion(model, str(tmp_path_factory.mktemp("ckpt") / "orion"))
+    fx.add_orion_tokenizer(path, sp_model)
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def llama_checkpoint(tmp_path_factory, sp_model):
+    """(directory, torch model) of the tiny Llama, with a Transformers-converted tokenizer.json. Do not modify."""
+    model = fx.make_llama(fx.base_config("tiny-llama"), seed=2)
+    path = fx.save_llama(model, str(tmp_path_factory.mktemp("ckpt") / "llama"))
+    fx.add_llama_tokenizer(path, sp_model)
+    return path, model
+
+
+@pytest.fixture
+def orion_copy(orion_checkpoint, tmp_path) -> str:
+    """A private copy of the tiny Orion directory that a test may damage."""
+    dst = str(tmp_path / "orion")
+    shutil.copytree(orion_checkpoint[0], dst)
+    return dst
