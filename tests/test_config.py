@@ -1,0 +1,105 @@
+"""ModelConfig reads what Transformers writes, in both rope forms, and refuses what it cannot run."""
+
+import json
+
+import pytest
+from transformers import LlamaConfig
+
+from kept_jax.config import ModelConfig, RopeConfig, load_hf_config
+from kept_jax.errors import KeptError
+
+ROPES = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 3.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64},
+}
+SIZES = dict(vocab_size=100, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6)
+
+
+@pytest.mark.parametrize("rope", ROPES)
+def test_reads_transformers_config_json(rope, tmp_path):
+    hf = LlamaConfig(**SIZES, num_key_value_heads=2, rope_theta=5e5, rope_scaling=ROPES[rope] and dict(ROPES[rope]), attention_bias=True,
+                     tie_word_embeddings=True, rms_norm_eps=1e-5, max_position_embeddings=256)
+    hf.save_pretrained(tmp_path)
+    config = load_hf_config(tmp_path)
+    assert (config.architecture, config.num_key_value_heads, config.head_dim) == ("llama", 2, 8)
+    assert config.rope.type == rope and config.rope.theta == 5e5
+    assert config.attention_bias and not config.mlp_bias and config.tie_word_embeddings
+    assert config.rms_norm_eps == 1e-5 and config.max_position_embeddings == 256
+    if rope != "default":
+        assert config.rope.factor == ROPES[rope]["factor"]
+
+
+@pytest.mark.parametrize("rope", ROPES)
+def test_v5_and_older_rope_forms_agree(rope):
+    base = dict(model_type="llama", **SIZES)
+    v5 = {**base, "rope_parameters": {"rope_type": "default", "rope_theta": 5e7, **(ROPES[rope] or {})}}
+    old = {**base, "rope_theta": 5e7, "rope_scaling": ROPES[rope] and {
+        ("type" if k == "rope_type" else k): v for k, v in ROPES[rope].items()}}
+    assert ModelConfig.from_hf_dict(v5).rope == ModelConfig.from_hf_dict(old).rope
+
+
+@pytest.mark.parametrize("rope", ROPES)
+def test_round_trip_writes_both_rope_forms(rope):
+    config = ModelConfig.from_hf_dict({"model_type": "orion", **SIZES, "rope_theta": 5e7, "rope_scaling": ROPES[rope]})
+    hf = json.loads(json.dumps(config.to_hf_dict()))
+    assert hf["rope_theta"] == 5e7 and hf["rope_parameters"]["rope_theta"] == 5e7
+    assert hf.get("rope_scaling") == (None if rope == "default" else hf["rope_parameters"])
+    assert ModelConfig.from_hf_dict(hf) == config
+    assert ModelConfig.from_hf_dict({k: v for k, v in hf.items() if k not in ("rope_theta", "rope_scaling")}) == config
+
+
+def test_orion_layernorm_eps_comes_from_rms_norm_eps():
+    assert ModelConfig.from_hf_dict({"model_type": "orion", **SIZES, "rms_norm_eps": 1e-5}).rms_norm_eps == 1e-5
+    assert ModelConfig.from_hf_dict({"model_type": "orion", **SIZES}).norm == "layernorm"
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope type 'yarn'"),
+        ({"rope_scaling": {"type": "longrope", "factor": 4.0}}, "unsupported rope type 'longrope'"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rope_theta": 5e7}, "disagrees with itself"),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0}, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+         "disagrees with itself"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "needs low_freq_factor, high_freq_factor"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"sliding_window": 4096}, "sliding_window=4096"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
+        ({"qk_layernorm": True}, "does not know: 'qk_layernorm'"),
+        ({"num_hiden_layers": 3}, "did you mean 'num_hidden_layers'"),
+        ({"model_type": "mistral"}, "model_type 'mistral'"),
+        ({"num_key_value_heads": 4}, "must be a multiple of num_key_value_heads"),
+        ({"hidden_size": 50}, "not divisible by num_attention_heads"),
+    ],
+)
+def test_rejects_what_would_change_the_math(changes, message):
+    with pytest.raises(KeptError) as info:
+        ModelConfig.from_hf_dict({"model_type": "llama", **SIZES, **changes})
+    assert message in str(info.value)
+
+
+def test_runtime_choices_are_validated():
+    config = ModelConfig.from_hf_dict({"model_type": "llama", **SIZES})
+    with pytest.raises(KeptError, match="did you mean 'save-dots'"):
+        config.replace(remat_policy="save_dots")
+    with pytest.raises(KeptError, match="compute_dtype"):
+        config.replace(compute_dtype="float64")
+
+
+def test_llama3_original_length_defaults_to_max_positions_like_transformers():
+    rope = ModelConfig.from_hf_dict({
+        "model_type": "llama", **SIZES, "max_position_embeddings": 4096,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}}).rope
+    assert rope == RopeConfig("llama3", 10000.0, 8.0, 1.0, 4.0, 4096)
+
+
+def test_num_params_matches_the_tensor_table():
+    from bridge.names import tensor_table
+    import math
+
+    for arch in ("llama", "orion"):
+        config = ModelConfig.from_hf_dict({"model_type": arch, **SIZES, "num_key_value_heads": 2, "mlp_bias": True})
+        assert config.num_params() == sum(math.prod(s.hf_shape) for s in tensor_table(config))
