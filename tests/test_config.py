@@ -96,10 +96,18 @@ def test_llama3_original_length_defaults_to_max_positions_like_transformers():
     assert rope == RopeConfig("llama3", 10000.0, 8.0, 1.0, 4.0, 4096)
 
 
-def test_num_params_matches_the_tensor_table():
-    from bridge.names import tensor_table
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("arch", ["llama", "orion"])
+def test_num_params_matches_the_tensor_table_and_the_model(arch, tied):
     import math
 
-    for arch in ("llama", "orion"):
-        config = ModelConfig.from_hf_dict({"model_type": arch, **SIZES, "num_key_value_heads": 2, "mlp_bias": True})
-        assert config.num_params() == sum(math.prod(s.hf_shape) for s in tensor_table(config))
+    import jax
+
+    from bridge.names import tensor_table
+    from kept_jax.models.params import abstract_params
+
+    config = ModelConfig.from_hf_dict({"model_type": arch, **SIZES, "num_key_value_heads": 2, "mlp_bias": True,
+                                       "attention_bias": True, "tie_word_embeddings": tied})
+    from_table = sum(math.prod(s.hf_shape) for s in tensor_table(config))
+    from_model = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(config)))
+    assert config.num_params() == from_table == from_model
