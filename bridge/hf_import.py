@@ -180,6 +180,10 @@ class CheckpointReader:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
+    def release(self) -> None:
+        """Closes the open files; the pages they mapped stop counting against host memory."""
+        self._open.clear()
+
     def dtype_and_shape(self, name: str) -> tuple[str, tuple[int, ...]]:
         return self._file(self.weight_map[name]).dtype_and_shape(name)
 
@@ -301,6 +305,8 @@ def load_hf_checkpoint(model_dir: str | os.PathLike, **runtime: Any) -> tuple[Mo
     for path, leaf in iter_params(reader, config, dtypes):
         _set(params, path, jax.device_put(leaf))
         del leaf
+        if reader.format == "safetensors":
+            reader.release()  # a .bin shard would be unpickled again: keep it
     if config.tie_word_embeddings and "lm_head.weight" in reader.names():
         if not np.array_equal(reader.read("lm_head.weight"), reader.read("model.embed_tokens.weight")):
             raise KeptError(
