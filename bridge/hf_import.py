@@ -194,6 +194,25 @@ class CheckpointReader:
         return self.weight_map[name]
 
 
+class ArrayReader:
+    """The CheckpointReader interface over in-memory HF-named NumPy arrays (a conversion's output)."""
+
+    def __init__(self, tensors: dict[str, np.ndarray], label: str = "converted tensors"):
+        self.tensors, self.model_dir, self.files = tensors, label, [label]
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def dtype_and_shape(self, name: str) -> tuple[str, tuple[int, ...]]:
+        return self.tensors[name].dtype.name, self.tensors[name].shape
+
+    def read(self, name: str) -> np.ndarray:
+        return self.tensors[name]
+
+    def where(self, name: str) -> str:
+        return self.model_dir
+
+
 # ---- Import -------------------------------------------------------------------------------------
 
 
@@ -289,6 +308,19 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
+def params_from_reader(reader, config: ModelConfig) -> tuple[dict, list[tuple[str, str]], dict[str, int]]:
+    """Validated kept_jax params (on the default device) from any reader of HF-named tensors."""
+    skipped = _check_names(reader, tensor_table(config), config)
+    dtypes: collections.Counter = collections.Counter()
+    params: dict = {}
+    for path, leaf in iter_params(reader, config, dtypes):
+        _set(params, path, jax.device_put(leaf))
+        del leaf
+        if getattr(reader, "format", None) == "safetensors":
+            reader.release()  # a .bin shard would be unpickled again: keep it
+    return params, skipped, dict(dtypes)
+
+
 def load_hf_checkpoint(model_dir: str | os.PathLike, **runtime: Any) -> tuple[ModelConfig, dict, ImportReport]:
     """Loads an HF Orion or Llama directory. `runtime` sets ModelConfig's runtime fields (param_dtype, ...).
 
@@ -298,15 +330,7 @@ def load_hf_checkpoint(model_dir: str | os.PathLike, **runtime: Any) -> tuple[Mo
     model_dir = os.fspath(model_dir)
     config = load_hf_config(model_dir, **runtime)
     reader = CheckpointReader(model_dir)
-    specs = tensor_table(config)
-    skipped = _check_names(reader, specs, config)
-    dtypes: collections.Counter = collections.Counter()
-    params: dict = {}
-    for path, leaf in iter_params(reader, config, dtypes):
-        _set(params, path, jax.device_put(leaf))
-        del leaf
-        if reader.format == "safetensors":
-            reader.release()  # a .bin shard would be unpickled again: keep it
+    params, skipped, dtypes = params_from_reader(reader, config)
     if config.tie_word_embeddings and "lm_head.weight" in reader.names():
         if not np.array_equal(reader.read("lm_head.weight"), reader.read("model.embed_tokens.weight")):
             raise KeptError(
@@ -314,4 +338,4 @@ def load_hf_checkpoint(model_dir: str | os.PathLike, **runtime: Any) -> tuple[Mo
                 "model.embed_tokens.weight; set tie_word_embeddings=false in config.json"
             )
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    return config, params, ImportReport(reader.files, skipped, dict(dtypes), num_params)
+    return config, params, ImportReport(reader.files, skipped, dtypes, num_params)

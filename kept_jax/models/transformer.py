@@ -38,7 +38,10 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array) -> tuple[Array, None]:
         cfg = self.config
+        # Norm inputs, recorded only when "intermediates" is mutable (calibration statistics for OPM).
+        self.sow("intermediates", "input_layernorm_in", x)
         x = x + Attention(cfg, name="self_attn")(_norm(cfg, "input_layernorm")(x), cos, sin)
+        self.sow("intermediates", "post_attention_layernorm_in", x)
         x = x + MLP(cfg, name="mlp")(_norm(cfg, "post_attention_layernorm")(x))
         return x, None
 
@@ -76,7 +79,7 @@ class Decoder(nn.Module):
         if cfg.scan_layers:
             self.layers = nn.scan(
                 _layer_class(cfg, scanned=True),
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast),
                 length=cfg.num_hidden_layers,
@@ -98,6 +101,7 @@ class Decoder(nn.Module):
         x = self.layers(x, cos, sin)
         if cfg.scan_layers:
             x = x[0]
+        self.sow("intermediates", "norm_in", x)
         return self.norm(x)
 
 
@@ -136,6 +140,20 @@ class CausalLM(nn.Module):
             return hidden
         logits = self.logits(hidden)
         return logits if output == "logits" else (logits, hidden)
+
+    def norm_inputs(self, tokens: Array) -> dict[str, Array]:
+        """The input of every norm site, keyed by the HF norm name (`model.layers.0.input_layernorm`, ...,
+        `model.norm`), each [batch, seq, hidden]. Use with `mutable="intermediates"`."""
+        self.model(tokens)
+        sown = self.model.variables["intermediates"]  # type: ignore[index]
+        out = {"model.norm": sown["norm_in"][0]}
+        layers = sown["layers"]
+        for i in range(self.config.num_hidden_layers):
+            for site in ("input_layernorm", "post_attention_layernorm"):
+                key = f"{site}_in"
+                value = layers[key][0][i] if self.config.scan_layers else layers[str(i)][key][0]
+                out[f"model.layers.{i}.{site}"] = value
+        return out
 
     def logits(self, hidden: Array) -> Array:
         if self.config.tie_word_embeddings:

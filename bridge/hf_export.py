@@ -1,0 +1,157 @@
+"""kept_jax params -> a Hugging Face directory, one tensor at a time, written to a temporary directory and renamed.
+
+Shards are planned from the tensor table before any data is produced (sizes are known from shapes), so each
+safetensors file is written by streaming: header first, then each tensor as it is computed. The format is the
+documented safetensors layout (u64 header length, JSON header padded to 8 bytes, raw little-endian data); the
+library's writer needs every tensor of a file in memory at once, which a 14B export cannot afford.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from typing import Any, Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from bridge.names import TensorSpec, tensor_table
+from kept_jax.config import ModelConfig
+from kept_jax.errors import KeptError
+
+SAFETENSORS_DTYPE_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16"}
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+
+def hf_tensor(params: dict, config: ModelConfig, spec: TensorSpec, dtype: str) -> np.ndarray:
+    """One HF tensor (HF layout, `dtype`) taken from kept_jax params (scanned or not)."""
+    node: Any = params
+    for key in spec.params_path(config.scan_layers):
+        node = node[key]
+    array = np.asarray(node[spec.layer] if spec.layer is not None and config.scan_layers else node)
+    if spec.transpose:
+        array = array.T
+    return np.ascontiguousarray(array.astype(NUMPY_DTYPES[dtype]))
+
+
+def plan_shards(
+    entries: list[tuple[str, tuple[int, ...]]], dtype: str, max_shard_bytes: int
+) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Greedy, in table order; a tensor larger than the limit gets a shard of its own."""
+    itemsize = np.dtype(NUMPY_DTYPES[dtype]).itemsize
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in entries:
+        nbytes = math.prod(shape) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    return shards
+
+
+def write_safetensors(
+    path: str, entries: list[tuple[str, tuple[int, ...]]], dtype: str, get: Callable[[str], np.ndarray]
+) -> None:
+    """Streams one safetensors file: the header from the planned shapes, then each tensor from `get`."""
+    np_dtype = np.dtype(NUMPY_DTYPES[dtype])
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in entries:
+        nbytes = math.prod(shape) * np_dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPE_NAMES[np_dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for name, shape in entries:
+            array = get(name)
+            if array.shape != tuple(shape) or array.dtype != np_dtype:
+                raise ValueError(f"{name}: produced {array.shape} {array.dtype}, planned {shape} {np_dtype}")
+            np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tofile(f)
+
+
+def write_weights(
+    out_dir: str,
+    entries: list[tuple[str, tuple[int, ...]]],
+    dtype: str,
+    get: Callable[[str], np.ndarray],
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> list[str]:
+    """`model.safetensors`, or `model-0000k-of-0000N.safetensors` + `model.safetensors.index.json` past the limit."""
+    shards = plan_shards(entries, dtype, max_shard_bytes)
+    if len(shards) == 1:
+        write_safetensors(os.path.join(out_dir, "model.safetensors"), shards[0], dtype, get)
+        return ["model.safetensors"]
+    itemsize = np.dtype(NUMPY_DTYPES[dtype]).itemsize
+    names, weight_map = [], {}
+    for k, shard in enumerate(shards, start=1):
+        file_name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(os.path.join(out_dir, file_name), shard, dtype, get)
+        weight_map.update({name: file_name for name, _ in shard})
+        names.append(file_name)
+    total = sum(math.prod(shape) * itemsize for _, shape in entries)
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return names
+
+
+def check_output_dir(out_dir: str, force: bool) -> None:
+    """Refuses a non-empty output directory unless forced; call before any expensive work."""
+    if os.path.isfile(out_dir):
+        raise KeptError(f"output {out_dir!r} is a file; choose a directory path")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        raise KeptError(f"output directory {out_dir!r} exists and is not empty; choose another path or pass --force")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    if not os.path.isdir(parent):
+        raise KeptError(f"the parent of the output directory, {parent!r}, does not exist; create it first")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str, force: bool) -> Iterator[str]:
+    """Yields a temporary directory beside `out_dir`; on success it replaces `out_dir`, on failure it vanishes."""
+    check_output_dir(out_dir, force)
+    out_dir = os.path.abspath(out_dir)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other directory
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(out_dir):
+        trash = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
+        os.replace(out_dir, os.path.join(trash, "old"))
+        os.replace(tmp, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def write_config(out_dir: str, config: ModelConfig) -> None:
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config.to_hf_dict(), f, indent=2)
+
+
+def write_params(out_dir: str, params: dict, config: ModelConfig, dtype: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Writes `config.json` and the weights of kept_jax params, one tensor at a time."""
+    specs = {s.hf_name: s for s in tensor_table(config)}
+    write_config(out_dir, config.replace(dtype=dtype))
+    return write_weights(
+        out_dir,
+        [(s.hf_name, s.hf_shape) for s in specs.values()],
+        dtype,
+        lambda name: hf_tensor(params, config, specs[name], dtype),
+        max_shard_bytes,
+    )

@@ -1,0 +1,90 @@
+"""Tokenizer files for an exported Llama directory, converted from the source's SentencePiece model.
+
+`tokenizer.json` is built by Transformers' converter and given the SentencePiece-exact pipeline the original Llama
+files use (normalizer: prepend the dummy-prefix "▁", spaces -> "▁"; no pre-tokenizer), honouring the model's own
+`add_dummy_prefix`. `tokenizer_config.json` names `LlamaTokenizer`. With the `tokenizers` library and Transformers v4
+the ids equal SentencePiece's on every text; Transformers v5's `LlamaTokenizer` rebuilds the pipeline with a
+Metaspace pre-tokenizer, which differs only for text that starts with whitespace (SentencePiece adds "▁" even
+then, Metaspace does not).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+from kept_jax.errors import KeptError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _source_flags(source_dir: str, architecture: str) -> tuple[bool, bool]:
+    path = os.path.join(source_dir, "tokenizer_config.json")
+    config = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    return bool(config.get("add_bos_token", architecture == "llama")), bool(config.get("add_eos_token", False))
+
+
+def export_tokenizer(source_dir: str, out_dir: str, architecture: str) -> None:
+    """Writes tokenizer.json, tokenizer.model, tokenizer_config.json and special_tokens_map.json into `out_dir`."""
+    sp_path = os.path.join(source_dir, "tokenizer.model")
+    if not os.path.isfile(sp_path):
+        if os.path.isfile(os.path.join(source_dir, "tokenizer.json")):
+            for name in TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(source_dir, name)):
+                    shutil.copy(os.path.join(source_dir, name), out_dir)
+            return
+        raise KeptError(f"source {source_dir!r} has no tokenizer.model or tokenizer.json to export")
+
+    import sentencepiece as spm
+    from tokenizers import decoders, normalizers
+    from transformers import LlamaTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=sp_path)
+    add_bos, add_eos = _source_flags(source_dir, architecture)
+    add_prefix = _add_dummy_prefix(sp_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(sp_path, tmp)
+        tokenizer = LlamaTokenizer.from_pretrained(
+            tmp, add_bos_token=add_bos, add_eos_token=add_eos, add_prefix_space=add_prefix, legacy=True
+        )
+    backend = tokenizer.backend_tokenizer
+    steps = [normalizers.Prepend("▁")] if add_prefix else []
+    backend.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    decode = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(decode + ([decoders.Strip(" ", 1, 0)] if add_prefix else []))
+    tokenizer.save_pretrained(out_dir)
+    shutil.copy(sp_path, out_dir)
+
+    special = {
+        "bos_token": sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None,
+        "eos_token": sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None,
+        "unk_token": sp.id_to_piece(sp.unk_id()),
+    }
+    special = {k: v for k, v in special.items() if v is not None}
+    config_path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    for key in ("is_local", "local_files_only"):
+        config.pop(key, None)
+    config.update(special, tokenizer_class="LlamaTokenizer", add_bos_token=add_bos, add_eos_token=add_eos,
+                  add_prefix_space=add_prefix, legacy=True)
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump(special, f, indent=2, ensure_ascii=False)
+
+
+def _add_dummy_prefix(sp_path: str) -> bool:
+    """The SentencePiece model's own normalizer setting (Orion-style models may turn it off)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(sp_path, "rb") as f:
+        proto.ParseFromString(f.read())
+    return bool(proto.normalizer_spec.add_dummy_prefix)

@@ -1,0 +1,113 @@
+"""`python -m bridge.verify --hf DIR [--reference DIR]`: an exported directory, checked through Transformers.
+
+Loads DIR with `AutoTokenizer` and `AutoModelForCausalLM` (`trust_remote_code=False`, fp32), tokenizes held-out
+text with the exported tokenizer, and compares Transformers' logits with kept_jax's on the same tokens: max-abs
+error, KL and top-1 agreement, with a non-zero exit past `--atol`/`--max-kl`. With `--reference` (the source Orion
+directory) it also reports KL(teacher || exported) and agreement, and fails past `--max-reference-kl` if given.
+Finally it greedily generates a few tokens with `model.generate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from kept_jax.errors import KeptError, cli_entry
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bridge.verify", description=__doc__.split("\n\n")[0])
+    p.add_argument("--hf", required=True, help="exported Hugging Face directory")
+    p.add_argument("--reference", help="the source Orion directory, to compare with the teacher too")
+    p.add_argument("--text-file", help="text to score (.jsonl 'text' field or plain text; default: embedded held-out)")
+    p.add_argument("--tokens", type=int, default=1024, help="number of tokens compared")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--atol", type=float, default=1e-3, help="max-abs logit error allowed vs kept_jax")
+    p.add_argument("--max-kl", type=float, default=1e-5, help="KL(Transformers || kept_jax) allowed, nats/token")
+    p.add_argument("--max-reference-kl", type=float, help="KL(teacher || exported) allowed, nats/token")
+    p.add_argument("--prompt", default="Return a new", help="prompt for the generation check")
+    return p.parse_args(argv)
+
+
+def _kl_and_agreement(p_logits: np.ndarray, q_logits: np.ndarray) -> tuple[float, float]:
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    kl = float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+    return kl, float((p_logits.argmax(-1) == q_logits.argmax(-1)).mean())
+
+
+def _kept_jax_logits(model_dir: str, rows: np.ndarray) -> np.ndarray:
+    import jax
+
+    from bridge.hf_import import load_hf_checkpoint
+    from kept_jax.models import CausalLM
+
+    config, params, _ = load_hf_checkpoint(model_dir)
+    model = CausalLM(config)
+    apply = jax.jit(lambda p, t: model.apply({"params": p}, t))
+    with jax.default_matmul_precision("highest"):
+        return np.concatenate([np.asarray(apply(params, row[None])) for row in rows])
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not os.path.isdir(args.hf):
+        raise KeptError(f"--hf {args.hf!r} is not a directory")
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise KeptError("bridge.verify needs torch and transformers: pip install 'kept_jax[torch]'") from None
+    from kept_jax import corpus
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.hf, trust_remote_code=False)
+        hf_model = AutoModelForCausalLM.from_pretrained(args.hf, trust_remote_code=False, dtype=torch.float32).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise KeptError(f"Transformers cannot load {args.hf!r} with trust_remote_code=False: {e}") from None
+
+    docs = corpus.read_documents(args.text_file or corpus.HELDOUT)
+    rows = corpus.pack((tokenizer(d, add_special_tokens=False).input_ids for d in docs), args.seq_len,
+                       tokenizer.eos_token_id)[: max(1, -(-args.tokens // args.seq_len))]
+    with torch.no_grad():
+        hf_logits = np.concatenate([hf_model(input_ids=torch.as_tensor(r[None], dtype=torch.long)).logits.float().numpy()
+                                    for r in rows])
+    ours = _kept_jax_logits(args.hf, rows)
+    max_abs = float(np.abs(hf_logits - ours).max())
+    kl, agreement = _kl_and_agreement(hf_logits, ours)
+    print(f"Transformers ({type(hf_model).__name__}) vs kept_jax on {rows.size:,} tokens: max-abs logit error "
+          f"{max_abs:.3e}, KL {kl:.3e} nats/token, top-1 agreement {agreement:.2%}")
+    failures = []
+    if not max_abs <= args.atol:
+        failures.append(f"max-abs error {max_abs:.3e} > --atol {args.atol:g}")
+    if not kl <= args.max_kl:
+        failures.append(f"KL {kl:.3e} > --max-kl {args.max_kl:g}")
+
+    if args.reference:
+        teacher = _kept_jax_logits(args.reference, rows)
+        ref_kl, ref_agreement = _kl_and_agreement(teacher, hf_logits)
+        print(f"teacher {args.reference} vs exported: KL(teacher || exported) {ref_kl:.3e} nats/token, "
+              f"top-1 agreement {ref_agreement:.2%}")
+        if args.max_reference_kl is not None and not ref_kl <= args.max_reference_kl:
+            failures.append(f"KL(teacher || exported) {ref_kl:.3e} > --max-reference-kl {args.max_reference_kl:g}")
+
+    prompt = tokenizer(args.prompt, return_tensors="pt")
+    with torch.no_grad():
+        generated = hf_model.generate(**prompt, max_new_tokens=16, do_sample=False)
+    print(f"generate: {tokenizer.decode(generated[0], skip_special_tokens=True)!r}")
+    if failures:
+        raise KeptError("verification failed: " + "; ".join(failures))
+    print("verified")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""NPM/OPM: mappings between architectures as tables of rules (DESIGN.md section 3)."""
+
+from kept_jax.mapping.calibration import SiteStats, calibrate
+from kept_jax.mapping.opm import STRATEGIES, build_mapping, outer_sites, target_config
+from kept_jax.mapping.rules import Mapping, MappingError, Rule, format_table
+
+__all__ = [
+    "STRATEGIES", "Mapping", "MappingError", "Rule", "SiteStats", "build_mapping", "calibrate", "format_table",
+    "outer_sites", "target_config",
+]

@@ -1,0 +1,109 @@
+"""A mapping is data: rules `target <- transform(sources)` over HF tensor names, plus explicitly dropped sources.
+
+Rules are evaluated lazily, one target at a time, in float64, so a conversion streams: read the sources of one
+rule, compute, cast, write. `Mapping.check` proves completeness before any tensor is computed.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from bridge.names import tensor_table
+from kept_jax.config import ModelConfig
+from kept_jax.errors import KeptError
+
+
+class MappingError(KeptError):
+    """A mapping that does not produce every target exactly once or leaves a source unaccounted for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """`target <- fn(*sources)`. `fn` takes and returns float64 arrays in HF layout.
+
+    `error` is the rule's relative mean-squared error on calibration data (None where it does not apply;
+    0.0 for a rule that preserves the model's function exactly); it is called with the sources and then the
+    `error_sources`, which are read only to measure what the rule loses (a dropped beta, say).
+    """
+
+    target: str
+    sources: tuple[str, ...]
+    transform: str
+    fn: Callable[..., np.ndarray]
+    error: Callable[..., float] | float | None = 0.0
+    error_sources: tuple[str, ...] = ()
+
+    def apply(self, read: Callable[[str], np.ndarray]) -> tuple[np.ndarray, float | None]:
+        inputs = [read(name) for name in self.sources]
+        value = self.fn(*inputs)
+        if callable(self.error):
+            error = self.error(*inputs, *(read(name) for name in self.error_sources))
+        else:
+            error = self.error
+        return value, error
+
+
+def identity(name: str) -> Rule:
+    return Rule(name, (name,), "identity", lambda x: x)
+
+
+@dataclasses.dataclass
+class Mapping:
+    """The rules that build a target model from a source model, and the sources dropped on purpose."""
+
+    strategy: str
+    source_config: ModelConfig
+    target_config: ModelConfig
+    rules: list[Rule]
+    dropped: dict[str, str]  # source name -> why it is not needed
+
+    def check(self) -> None:
+        """Every target tensor produced exactly once; every source tensor used or explicitly dropped."""
+        targets = [s.hf_name for s in tensor_table(self.target_config)]
+        sources = {s.hf_name for s in tensor_table(self.source_config)}
+        produced = collections.Counter(r.target for r in self.rules)
+        problems = []
+        problems += [f"no rule produces target {t!r}" for t in targets if t not in produced]
+        problems += [f"target {t!r} is produced by {n} rules" for t, n in produced.items() if n > 1]
+        problems += [f"rule targets {t!r}, which the target model does not have" for t in produced if t not in targets]
+        used = {s for r in self.rules for s in r.sources}
+        problems += [f"rule reads {s!r}, which the source model does not have" for s in sorted(used - sources)]
+        problems += [f"source {s!r} is neither used nor dropped" for s in sorted(sources - used - set(self.dropped))]
+        problems += [f"dropped {s!r} is not a source tensor" for s in sorted(set(self.dropped) - sources)]
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise MappingError(f"mapping {self.strategy!r} is incomplete: {shown}")
+
+    def ordered_rules(self) -> list[Rule]:
+        """Rules in target (HF) order."""
+        by_target = {r.target: r for r in self.rules}
+        return [by_target[s.hf_name] for s in tensor_table(self.target_config)]
+
+    def materialize(self, read: Callable[[str], np.ndarray]) -> Iterator[tuple[str, np.ndarray, float | None]]:
+        """Yields (target name, float64 tensor, rule error), one target at a time, in HF order."""
+        self.check()
+        for rule in self.ordered_rules():
+            value, error = rule.apply(read)
+            yield rule.target, value, error
+
+    def table(self, errors: dict[str, float | None] | None = None) -> list[dict]:
+        """One row per target: its sources, its transform and its measured error; then the dropped sources."""
+        errors = errors or {}
+        rows = [
+            {"target": r.target, "sources": list(r.sources), "transform": r.transform, "error": errors.get(r.target)}
+            for r in self.ordered_rules()
+        ]
+        rows += [{"target": None, "sources": [s], "transform": f"dropped: {why}", "error": None} for s, why in self.dropped.items()]
+        return rows
+
+
+def format_table(rows: Iterable[dict]) -> str:
+    lines = [f"{'target':<48} {'transform':<40} {'rel. error':>10}  sources"]
+    for row in rows:
+        error = "" if row["error"] is None else f"{row['error']:.2e}"
+        lines.append(f"{row['target'] or '-':<48} {row['transform']:<40} {error:>10}  {', '.join(row['sources'])}")
+    return "\n".join(lines)

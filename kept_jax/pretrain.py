@@ -1,0 +1,144 @@
+"""`python -m kept_jax.pretrain`: trains the embedded tiny Orion teacher from scratch, reproducibly.
+
+A SentencePiece BPE tokenizer (as Orion ships: unk 0, bos 1, eos 2, byte fallback) and an Orion-architecture model
+(LayerNorm with bias at every norm site) trained with AdamW, weight decay, warmup + cosine, on the embedded corpus
+(Python standard-library documentation). Writes an HF Orion directory: config.json, model.safetensors (bf16, as Orion
+ships), tokenizer.model, tokenizer_config.json and pretrain_log.json (settings, losses, held-out perplexity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+from kept_jax.errors import KeptError, cli_entry
+
+DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "assets", "tiny-orion")
+TINY_ORION = dict(
+    architecture="orion", vocab_size=2048, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+    num_attention_heads=3, num_key_value_heads=3, head_dim=64, max_position_embeddings=1024, rms_norm_eps=1e-5,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype="bfloat16",
+)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m kept_jax.pretrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: the embedded asset)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--steps", type=int, default=900)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gather-corpus", action="store_true", help="first regather the corpus from this Python's stdlib")
+    return p.parse_args(argv)
+
+
+def train_tokenizer(docs: list[str], out_dir: str, vocab_size: int) -> str:
+    import sentencepiece as spm
+
+    prefix = os.path.join(out_dir, "tokenizer")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(line for doc in docs for line in doc.splitlines() if line.strip()),
+        model_prefix=prefix, vocab_size=vocab_size, model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        byte_fallback=True, character_coverage=0.9999, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, num_threads=1, minloglevel=2,
+    )
+    os.remove(prefix + ".vocab")
+    return prefix + ".model"
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from bridge.hf_export import atomic_output_dir, check_output_dir, write_params
+
+    check_output_dir(args.out, args.force)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    import sentencepiece as spm
+
+    from kept_jax import corpus
+    from kept_jax.config import ModelConfig
+    from kept_jax.models import CausalLM, init_params
+
+    if args.gather_corpus:
+        print("corpus: train %d chars, held-out %d chars" % corpus.gather())
+    train_docs, heldout_docs = corpus.read_documents(corpus.TRAIN), corpus.read_documents(corpus.HELDOUT)
+    config = ModelConfig(**TINY_ORION)
+    log: dict = {"args": vars(args) | {"out": None}, "config": config.to_hf_dict(), "eval": []}
+
+    with atomic_output_dir(args.out, args.force) as tmp:
+        sp_path = train_tokenizer(train_docs, tmp, config.vocab_size)
+        sp = spm.SentencePieceProcessor(model_file=sp_path)
+        train = corpus.pack((sp.encode(d) for d in train_docs), args.seq_len, sp.eos_id())
+        heldout = corpus.pack((sp.encode(d) for d in heldout_docs), args.seq_len, sp.eos_id())
+        print(f"tokens: train {train.size:,} ({train.shape[0]} rows), held-out {heldout.size:,}")
+
+        model = CausalLM(config)
+        params = init_params(config, jax.random.key(args.seed))
+        schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, args.steps, end_value=args.lr / 10)
+        # No decay on norms (their biases are what the conversion must handle) or on embeddings' rows' scale.
+        decay_mask = jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+        optimizer = optax.chain(
+            optax.clip_by_global_norm(1.0),
+            optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=args.weight_decay, mask=decay_mask),
+        )
+        opt_state = optimizer.init(params)
+
+        def loss_fn(p, tokens):
+            logits = model.apply({"params": p}, tokens)
+            logp = jax.nn.log_softmax(logits[:, :-1])
+            return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+
+        @jax.jit
+        def step(p, s, tokens):
+            loss, grads = jax.value_and_grad(loss_fn)(p, tokens)
+            updates, s = optimizer.update(grads, s, p)
+            return optax.apply_updates(p, updates), s, loss
+
+        eval_loss = jax.jit(loss_fn)
+
+        def heldout_nll(p):
+            return float(np.mean([eval_loss(p, heldout[i : i + args.batch]) for i in range(0, len(heldout), args.batch)]))
+
+        rng = np.random.default_rng(args.seed)
+        order, cursor, t0, losses = rng.permutation(len(train)), 0, time.time(), []
+        for i in range(1, args.steps + 1):
+            if cursor + args.batch > len(order):
+                order, cursor = rng.permutation(len(train)), 0
+            batch = jnp.asarray(train[order[cursor : cursor + args.batch]])
+            cursor += args.batch
+            params, opt_state, loss = step(params, opt_state, batch)
+            losses.append(float(loss))
+            if i % 100 == 0 or i == args.steps:
+                nll = heldout_nll(params)
+                log["eval"].append({"step": i, "train_loss": float(np.mean(losses[-100:])), "heldout_nll": nll})
+                rate = i * args.batch * args.seq_len / (time.time() - t0)
+                print(f"step {i:5d}  train loss {np.mean(losses[-100:]):.4f}  held-out NLL {nll:.4f}  "
+                      f"ppl {math.exp(nll):.2f}  {rate:,.0f} tok/s", flush=True)
+
+        nll = log["eval"][-1]["heldout_nll"]
+        log.update(heldout_nll=nll, heldout_perplexity=math.exp(nll), heldout_tokens=int(heldout.size - len(heldout)),
+                   train_tokens_seen=args.steps * args.batch * args.seq_len, seconds=round(time.time() - t0, 1))
+        write_params(tmp, params, config, "bfloat16")
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"tokenizer_class": "OrionTokenizer", "add_bos_token": False, "add_eos_token": False,
+                       "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}, f, indent=2)
+        with open(os.path.join(tmp, "pretrain_log.json"), "w", encoding="utf-8") as f:
+            json.dump(log, f, indent=2)
+    print(f"wrote {args.out}: held-out perplexity {math.exp(nll):.2f} (bf16 weights as saved are scored by the tests)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

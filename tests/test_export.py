@@ -1,0 +1,113 @@
+"""Export: round trip to bit-identical params, sharding, tokenizer ids, atomic and refusing output directories."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+from safetensors import safe_open
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from bridge.hf_export import atomic_output_dir, write_params
+from bridge.hf_import import load_hf_checkpoint
+from bridge.tokenizer_export import export_tokenizer
+from kept_jax import corpus
+from kept_jax.config import ModelConfig
+from kept_jax.errors import KeptError
+from kept_jax.models import CausalLM, init_params, unstack_layers
+from tests import fixtures as fx
+
+TOKENS = np.random.default_rng(9).integers(0, 512, size=(1, 20))
+
+
+def _llama_config(**kw):
+    return ModelConfig.from_hf_dict({**fx.base_config("tiny-llama"), "attention_bias": True, "mlp_bias": True}, **kw)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_round_trip_is_bit_identical(tmp_path, dtype, scan_layers):
+    config = _llama_config(param_dtype=dtype, scan_layers=scan_layers)
+    params = init_params(config, jax.random.key(0))
+    write_params(str(tmp_path), params, config, dtype)
+    loaded_config, loaded, _ = load_hf_checkpoint(tmp_path, param_dtype=dtype, scan_layers=scan_layers)
+    assert loaded_config.replace(dtype=config.dtype) == config
+    assert jax.tree.structure(loaded) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sharded_export_loads_in_transformers(tmp_path):
+    config = _llama_config()
+    params = init_params(config, jax.random.key(1))
+    files = write_params(str(tmp_path), params, config, "float32", max_shard_bytes=100_000)
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    with open(tmp_path / "model.safetensors.index.json") as f:
+        index = json.load(f)
+    assert sorted(set(index["weight_map"].values())) == files
+    with safe_open(str(tmp_path / files[0]), framework="numpy") as f:
+        assert f.metadata() == {"format": "pt"}
+    hf = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours = np.asarray(CausalLM(config).apply({"params": params}, TOKENS))
+    np.testing.assert_allclose(fx.torch_logits(hf, TOKENS).numpy(), ours, atol=1e-4, rtol=0)
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    assert hf_config["model_type"] == "llama" and hf_config["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_rope_settings_survive_in_both_forms(tmp_path):
+    """A LongChat-like export: Transformers reads the same theta and scaling from config.json."""
+    hf = {**fx.base_config("tiny-llama"), "rope_theta": 5e7,
+          "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    config = ModelConfig.from_hf_dict(hf)
+    params = init_params(config, jax.random.key(2))
+    write_params(str(tmp_path), params, config, "float32")
+    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert model.config.rope_parameters["rope_theta"] == 5e7 and model.config.rope_parameters["factor"] == 2.0
+    ours = np.asarray(CausalLM(config).apply({"params": params}, TOKENS))
+    np.testing.assert_allclose(fx.torch_logits(model, TOKENS).numpy(), ours, atol=1e-4, rtol=0)
+
+
+def test_tokenizer_ids_match_the_source(tmp_path, sp_model):
+    source = tmp_path / "source"
+    source.mkdir()
+    fx.add_orion_tokenizer(str(source), sp_model)
+    out = tmp_path / "out"
+    out.mkdir()
+    export_tokenizer(str(source), str(out), "orion")
+    assert {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"} <= set(os.listdir(out))
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "LlamaTokenizer"
+    sp = spm.SentencePieceProcessor(model_file=sp_model)
+    auto = AutoTokenizer.from_pretrained(out)
+    raw = Tokenizer.from_file(str(out / "tokenizer.json"))
+    samples = [d[:3000] for d in corpus.read_documents(corpus.HELDOUT)[:4]]
+    samples += ["café ünïcödé 日本語 🙂", "two  spaces\n\n\ttab ", "x = 1234567.89"]
+    for text in samples:
+        assert auto(text).input_ids == sp.encode(text), text[:40]
+        assert auto.decode(auto(text).input_ids) == text
+    # tokenizer.json itself is SentencePiece-exact, leading whitespace included (see bridge/tokenizer_export.py
+    # for Transformers v5's Metaspace rebuild, which drops the dummy prefix there).
+    for text in samples + [" leading space", "  two leading"]:
+        assert raw.encode(text).ids == sp.encode(text), text[:40]
+
+
+def test_output_directory_is_refused_unless_forced_and_never_partial(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(KeptError, match="exists and is not empty"):
+        with atomic_output_dir(str(out), force=False):
+            pass
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(str(out), force=True) as tmp:
+            (open(os.path.join(tmp, "half.safetensors"), "w")).write("partial")
+            raise RuntimeError("interrupted")
+    assert os.listdir(out) == ["keep.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary directory left behind
+    with atomic_output_dir(str(out), force=True) as tmp:
+        (open(os.path.join(tmp, "new.txt"), "w")).write("new")
+    assert os.listdir(out) == ["new.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
