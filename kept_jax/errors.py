@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
+import threading
 from typing import Callable
 
 
@@ -19,13 +22,29 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
+        # SIGTERM unwinds like Ctrl-C, so temporary outputs are removed on the way out.
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
         try:
             return main(*args, **kwargs) or 0
         except KeptError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USER_ERROR
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            print("interrupted; nothing was written", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # e.g. `| head`: the reader left, which is not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()

@@ -37,8 +37,93 @@ def parse_args(argv):
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mean-init", type=float, default=1.0,
+                   help="scale of the writers' initial component along the all-ones direction (see writer_means)")
     p.add_argument("--gather-corpus", action="store_true", help="first regather the corpus from this Python's stdlib")
+    p.add_argument("--describe", nargs="?", const=DEFAULT_OUT, metavar="DIR",
+                   help="do not train: report held-out perplexity, norm biases and residual means of DIR")
     return p.parse_args(argv)
+
+
+def describe(model_dir: str, seq_len: int = 256, batch: int = 16) -> dict:
+    """Held-out NLL of the saved weights, LayerNorm beta sizes, and how far the residual stream is from zero-mean."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bridge.hf_import import load_hf_checkpoint
+    from kept_jax import corpus
+    from kept_jax.models import CausalLM
+    from kept_jax.tokenizer import load_tokenizer
+
+    config, params, _ = load_hf_checkpoint(model_dir)
+    if config.architecture != "orion":
+        raise KeptError(f"--describe reads Orion checkpoints; {model_dir!r} is {config.architecture!r}")
+    tokenizer = load_tokenizer(model_dir, "orion")
+    rows = corpus.pack((tokenizer.encode(d) for d in corpus.read_documents(corpus.HELDOUT)), seq_len,
+                       config.eos_token_id)
+    model = CausalLM(config)
+
+    @jax.jit
+    def batch_stats(tokens):
+        logits = model.apply({"params": params}, tokens)
+        logp = jax.nn.log_softmax(logits[:, :-1])
+        nll = -jnp.sum(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+        inputs, _ = model.apply({"params": params}, tokens, method="norm_inputs", mutable="intermediates")
+        # |mean over hidden| / rms over hidden, per token: 0 for a zero-mean stream.
+        ratio = {k: jnp.sum(jnp.abs(x.mean(-1)) * jax.lax.rsqrt((x * x).mean(-1))) for k, x in inputs.items()}
+        return nll, ratio
+
+    nll, ratios, tokens = 0.0, {}, 0
+    for i in range(0, len(rows), batch):
+        b_nll, b_ratio = jax.device_get(batch_stats(jnp.asarray(rows[i : i + batch])))
+        nll += float(b_nll)
+        tokens += rows[i : i + batch].size
+        for k, v in b_ratio.items():
+            ratios[k] = ratios.get(k, 0.0) + float(v)
+    predicted = len(rows) * (seq_len - 1)
+    layers = params["model"]["layers"]
+
+    def rms(x):
+        return float(np.sqrt(np.mean(np.square(np.asarray(x, np.float64)))))
+
+    return {
+        "heldout_tokens": int(predicted),
+        "heldout_nll": nll / predicted,
+        "heldout_perplexity": float(np.exp(nll / predicted)),
+        "beta_rms": {
+            "input_layernorm": [rms(b) for b in layers["input_layernorm"]["bias"]],
+            "post_attention_layernorm": [rms(b) for b in layers["post_attention_layernorm"]["bias"]],
+            "norm": rms(params["model"]["norm"]["bias"]),
+        },
+        "gamma_rms": {"norm": rms(params["model"]["norm"]["weight"])},
+        "residual_mean_over_rms": {k: v / tokens for k, v in ratios.items()},
+    }
+
+
+def writer_means(params: dict, scale: float, key) -> dict:
+    """Adds to each residual writer (embedding rows, o_proj, down_proj) a random component along the all-ones output
+    direction, `scale` times the init std: every token then shifts the residual stream's mean over the hidden index.
+
+    A LayerNorm model cannot see that direction (every reader of the stream removes the mean), so the loss gives
+    it zero gradient and only weight decay shrinks it: it stands in for the residual-stream means that real
+    checkpoints carry and that the OPM strategies must handle (recentering).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    std = 0.02 * scale
+    k_embed, k_o, k_down = jax.random.split(key, 3)
+    model = dict(params["model"])
+    embed = model["embed_tokens"]["embedding"]
+    model["embed_tokens"] = {"embedding": embed + std * jax.random.normal(k_embed, (embed.shape[0], 1))}
+    layers = dict(model["layers"])
+    for k, (group, name) in zip((k_o, k_down), (("self_attn", "o_proj"), ("mlp", "down_proj"))):
+        kernel = layers[group][name]["kernel"]  # [layers, in, out]: one shift per input feature, on every output
+        shifted = kernel + std * jax.random.normal(k, kernel.shape[:2] + (1,))
+        layers[group] = {**layers[group], name: {**layers[group][name], "kernel": shifted}}
+    model["layers"] = layers
+    return {**params, "model": model}
 
 
 def train_tokenizer(docs: list[str], out_dir: str, vocab_size: int) -> str:
@@ -58,6 +143,9 @@ def train_tokenizer(docs: list[str], out_dir: str, vocab_size: int) -> str:
 @cli_entry
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.describe:
+        print(json.dumps(describe(args.describe), indent=2))
+        return 0
     from bridge.hf_export import atomic_output_dir, check_output_dir, write_params
 
     check_output_dir(args.out, args.force)
@@ -85,7 +173,8 @@ def main(argv=None) -> int:
         print(f"tokens: train {train.size:,} ({train.shape[0]} rows), held-out {heldout.size:,}")
 
         model = CausalLM(config)
-        params = init_params(config, jax.random.key(args.seed))
+        init_key, mean_key = jax.random.split(jax.random.key(args.seed))
+        params = writer_means(init_params(config, init_key), args.mean_init, mean_key)
         schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, args.steps, end_value=args.lr / 10)
         # No decay on norms (their biases are what the conversion must handle) or on embeddings' rows' scale.
         decay_mask = jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
@@ -108,8 +197,10 @@ def main(argv=None) -> int:
 
         eval_loss = jax.jit(loss_fn)
 
-        def heldout_nll(p):
-            return float(np.mean([eval_loss(p, heldout[i : i + args.batch]) for i in range(0, len(heldout), args.batch)]))
+        def heldout_nll(p):  # token-weighted: the last batch may be short
+            sums = [eval_loss(p, heldout[i : i + args.batch]) * len(heldout[i : i + args.batch])
+                    for i in range(0, len(heldout), args.batch)]
+            return float(np.sum(sums) / len(heldout))
 
         rng = np.random.default_rng(args.seed)
         order, cursor, t0, losses = rng.permutation(len(train)), 0, time.time(), []

@@ -1,0 +1,1 @@
+"""XKD: cross-architecture knowledge distillation (DESIGN.md section 4)."""

@@ -1,0 +1,87 @@
+"""`python -m kept_jax.convert` and `python -m bridge.verify` as a user runs them, on the embedded tiny Orion."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bridge import verify
+from kept_jax import convert
+
+SMALL = ["--calib-tokens", "2048", "--eval-tokens", "2048"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("convert") / "tiny-llama")
+    proc = subprocess.run([sys.executable, "-m", "kept_jax.convert", "--out", out, "--opm", "absorb", *SMALL],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout
+
+
+def test_convert_prints_the_report_and_exports_a_stock_llama(exported):
+    out, stdout = exported
+    assert "absorb" in stdout and "KL(t||c)" in stdout and "rank-1 absorb of input_layernorm beta" in stdout
+    report = json.load(open(os.path.join(out, "conversion_report.json")))
+    assert report["dtype"] == "bfloat16" and set(report["strategies"]) == {"absorb"}
+    hf = json.load(open(os.path.join(out, "config.json")))
+    assert hf["model_type"] == "llama" and not hf["attention_bias"] and not hf["mlp_bias"]
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
+    prompt = tokenizer("Return a new list of", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] == prompt.input_ids.shape[1] + 8
+
+
+def test_verify_passes_and_fails_past_its_tolerance(exported, capsys):
+    out, _ = exported
+    source = convert.DEFAULT_SOURCE
+    assert verify.main(["--hf", out, "--reference", source, "--tokens", "512"]) == 0
+    printed = capsys.readouterr().out
+    assert "max-abs logit error" in printed and "KL(teacher || exported)" in printed and "verified" in printed
+    assert verify.main(["--hf", out, "--reference", source, "--tokens", "512", "--max-reference-kl", "1e-12"]) == 2
+    assert "verification failed" in capsys.readouterr().err
+
+
+def test_verify_fails_when_transformers_and_kept_jax_disagree(exported, monkeypatch, capsys):
+    """A kept_jax side that is off by a small logit bias on one word must fail the check."""
+    real = verify._kept_jax_logits
+
+    def shifted(model_dir, rows):
+        logits = real(model_dir, rows)
+        logits[..., 5] += 0.01
+        return logits
+
+    monkeypatch.setattr(verify, "_kept_jax_logits", shifted)
+    assert verify.main(["--hf", exported[0], "--tokens", "256"]) == 2
+    assert "max-abs error" in capsys.readouterr().err
+
+
+def _fails(argv, capsys):
+    assert convert.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+def test_convert_user_errors(tmp_path, capsys, llama_checkpoint):
+    out = str(tmp_path / "out")
+    assert "does not exist" in _fails(["--source", str(tmp_path / "none"), "--out", out], capsys)
+    assert "must be an Orion checkpoint" in _fails(["--source", llama_checkpoint[0], "--out", out], capsys)
+    os.makedirs(out)
+    open(os.path.join(out, "x"), "w").close()
+    assert "exists and is not empty" in _fails(["--out", out], capsys)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert "holds no text" in _fails(["--out", str(tmp_path / "o2"), "--calib", str(empty)], capsys)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
+    assert "bad.jsonl:2: expected a JSON object with a 'text' string" in _fails(
+        ["--out", str(tmp_path / "o3"), "--calib", str(bad)], capsys)
+    assert "must be positive" in _fails(["--out", str(tmp_path / "o4"), "--calib-tokens", "0"], capsys)
+    assert not os.path.exists(tmp_path / "o2") and not os.path.exists(tmp_path / "o3")
