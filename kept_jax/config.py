@@ -131,6 +131,7 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str = "xla"
+    lora_scale: float = 1.0  # alpha / rank; used only when a "lora" collection is passed to apply
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:

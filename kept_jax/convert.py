@@ -184,18 +184,18 @@ def write_report(out_dir: str, results: list[ConversionResult], info: dict) -> s
     return text
 
 
-def export(out_dir: str, source_dir: str, result: ConversionResult, dtype: str, max_shard_bytes: int) -> None:
-    """The HF Llama directory: config, weights, generation config, tokenizer; tokenizer ids checked."""
+def export_llama(out_dir: str, source_dir: str, config, get: Callable[[str], np.ndarray], dtype: str,
+                 max_shard_bytes: int) -> None:
+    """The HF Llama directory: config, weights (`get(hf_name)` in `dtype`, one at a time), generation config and
+    the source's tokenizer, whose ids are checked."""
     from transformers import GenerationConfig
 
     from bridge.hf_export import write_config, write_weights
     from bridge.names import tensor_table
     from bridge.tokenizer_export import export_tokenizer
 
-    config = result.config
     write_config(out_dir, config.replace(dtype=dtype))
-    entries = [(s.hf_name, s.hf_shape) for s in tensor_table(config)]
-    write_weights(out_dir, entries, dtype, result.tensors.__getitem__, max_shard_bytes)
+    write_weights(out_dir, [(s.hf_name, s.hf_shape) for s in tensor_table(config)], dtype, get, max_shard_bytes)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                      pad_token_id=config.pad_token_id).save_pretrained(out_dir)
     export_tokenizer(source_dir, out_dir, "orion")
@@ -228,7 +228,8 @@ def main(argv=None) -> int:
     _, results, info = convert_all(args)
     with atomic_output_dir(args.out, args.force) as tmp:
         if args.opm != "all":
-            export(tmp, args.source, results[0], info["dtype"], max_shard_bytes)
+            result = results[0]
+            export_llama(tmp, args.source, result.config, result.tensors.__getitem__, info["dtype"], max_shard_bytes)
         text = write_report(tmp, results, info)
     print(text)
     if args.opm != "all":

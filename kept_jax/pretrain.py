@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -110,7 +109,6 @@ def writer_means(params: dict, scale: float, key) -> dict:
     checkpoints carry and that the OPM strategies must handle (recentering).
     """
     import jax
-    import jax.numpy as jnp
 
     std = 0.02 * scale
     k_embed, k_o, k_down = jax.random.split(key, 3)
@@ -137,7 +135,20 @@ def train_tokenizer(docs: list[str], out_dir: str, vocab_size: int) -> str:
         remove_extra_whitespaces=False, split_digits=True, num_threads=1, minloglevel=2,
     )
     os.remove(prefix + ".vocab")
+    _clear_model_prefix(prefix + ".model")
     return prefix + ".model"
+
+
+def _clear_model_prefix(path: str) -> None:
+    """SentencePiece records where it wrote the model (a temporary path); the shipped file should not."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(path, "rb") as f:
+        proto.ParseFromString(f.read())
+    proto.trainer_spec.model_prefix = "tokenizer"
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
 
 
 @cli_entry

@@ -18,7 +18,7 @@ from bridge.tokenizer_export import export_tokenizer
 from kept_jax import corpus
 from kept_jax.config import ModelConfig
 from kept_jax.errors import KeptError
-from kept_jax.models import CausalLM, init_params, unstack_layers
+from kept_jax.models import CausalLM, init_params
 from tests import fixtures as fx
 
 TOKENS = np.random.default_rng(9).integers(0, 512, size=(1, 20))

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from kept_jax import convert
-from kept_jax.config import load_hf_config
+from kept_jax.config import ModelConfig
 from kept_jax.mapping import STRATEGIES, MappingError, build_mapping
 from kept_jax.mapping.rules import identity
 from tests import fixtures as fx
@@ -20,13 +20,7 @@ TOKENS = np.random.default_rng(5).integers(0, 512, size=(2, 32))
 
 @pytest.fixture(scope="module")
 def orion_config():
-    return load_hf_config_from_dict(fx.base_config("tiny-orion"))
-
-
-def load_hf_config_from_dict(hf):
-    from kept_jax.config import ModelConfig
-
-    return ModelConfig.from_hf_dict(hf)
+    return ModelConfig.from_hf_dict(fx.base_config("tiny-orion"))
 
 
 @pytest.mark.parametrize("strategy", ["copy", "center"])

@@ -32,6 +32,7 @@ class Linear(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     out_dtype: jnp.dtype | None = None  # e.g. fp32 logits from a bf16 head
+    lora_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -41,7 +42,11 @@ class Linear(nn.Module):
             (x.shape[-1], self.features),
             self.param_dtype,
         )
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
+        if self.has_variable("lora", "a"):  # LoRA adapter: y += scale * (x a) b, with a [in, r] and b [r, out]
+            a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
+            y = y + self.lora_scale * jnp.dot(jnp.dot(x, a.astype(self.dtype)), b.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", _init(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
@@ -174,7 +179,7 @@ class Attention(nn.Module):
         kv_dim = cfg.num_key_value_heads * cfg.head_dim
 
         def proj(features, axes, name):
-            return Linear(features, cfg.attention_bias, axes, dtype, param_dtype, name=name)
+            return Linear(features, cfg.attention_bias, axes, dtype, param_dtype, lora_scale=cfg.lora_scale, name=name)
 
         q = proj(q_dim, ("embed", "q_heads"), "q_proj")(x).reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
         k = proj(kv_dim, ("embed", "kv_heads"), "k_proj")(x).reshape(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
@@ -195,8 +200,9 @@ class MLP(nn.Module):
     def __call__(self, x: Array) -> Array:
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
-        gate = Linear(cfg.intermediate_size, cfg.mlp_bias, ("embed", "mlp"), dtype, param_dtype, name="gate_proj")(x)
-        up = Linear(cfg.intermediate_size, cfg.mlp_bias, ("embed", "mlp"), dtype, param_dtype, name="up_proj")(x)
-        return Linear(cfg.hidden_size, cfg.mlp_bias, ("mlp", "embed"), dtype, param_dtype, name="down_proj")(
-            jax.nn.silu(gate) * up
-        )
+        def proj(features, axes, name):
+            return Linear(features, cfg.mlp_bias, axes, dtype, param_dtype, lora_scale=cfg.lora_scale, name=name)
+
+        gate = proj(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
+        up = proj(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+        return proj(cfg.hidden_size, ("mlp", "embed"), "down_proj")(jax.nn.silu(gate) * up)

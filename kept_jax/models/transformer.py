@@ -79,7 +79,7 @@ class Decoder(nn.Module):
         if cfg.scan_layers:
             self.layers = nn.scan(
                 _layer_class(cfg, scanned=True),
-                variable_axes={"params": 0, "intermediates": 0},
+                variable_axes={"params": 0, "intermediates": 0, "lora": 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast),
                 length=cfg.num_hidden_layers,

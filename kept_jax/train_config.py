@@ -1,0 +1,187 @@
+"""The training job's config: YAML validated against typed dataclasses, with dotted `key=value` overrides.
+
+Unknown keys are errors that name the closest valid key; values are parsed as YAML (`train.steps=200`,
+`trainable=norms`, `lora.targets=[q_proj,v_proj]`) and checked against the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+from kept_jax.errors import KeptError
+from kept_jax.xkd.losses import LossConfig
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+DEFAULT_CONFIG = os.path.join(CONFIG_DIR, "tiny.yaml")
+TRAINABLE_SETS = ("all", "norms", "norms+biases", "lora")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    train: str = "embedded"  # "embedded" (the shipped corpus) or a .jsonl / text file
+    eval: str = "embedded"  # held-out text for evaluation and calibration
+    seq_len: int = 128
+    batch_size: int = 8
+    grad_accum: int = 1
+    eval_tokens: int = 16384
+    calib_tokens: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    lr: float = 1e-3
+    warmup: int = 20
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionConfig:
+    compute: Literal["float32", "bfloat16"] = "float32"
+    params: Literal["float32", "bfloat16"] = "float32"  # frozen weights; trainable ones keep an fp32 master copy
+    export: Literal["float32", "bfloat16"] = "bfloat16"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRuntime:
+    remat: Literal["none", "full", "save-dots", "save-dots-no-batch"] = "none"
+    scan_layers: bool = True
+    attention_impl: Literal["xla", "cudnn"] = "xla"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    source: str = "kept_jax/assets/tiny-orion"
+    opm: Literal["copy", "lsq", "center", "center-lsq", "absorb", "exact"] = "absorb"
+    trainable: str | tuple[str, ...] = "norms"  # a named set, or regular expressions over parameter paths
+    verify: bool = True
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    loss: LossConfig = LossConfig()
+    lora: LoraConfig = LoraConfig()
+    precision: PrecisionConfig = PrecisionConfig()
+    model: ModelRuntime = ModelRuntime()
+
+    def __post_init__(self):
+        if isinstance(self.trainable, str) and self.trainable not in TRAINABLE_SETS:
+            close = difflib.get_close_matches(self.trainable, TRAINABLE_SETS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise KeptError(f"trainable must be one of {', '.join(TRAINABLE_SETS)} or a list of path patterns; "
+                            f"got {self.trainable!r}{hint}")
+        for name in ("steps", "warmup", "log_every"):
+            if getattr(self.train, name) < (0 if name == "warmup" else 1):
+                raise KeptError(f"train.{name} must be positive, got {getattr(self.train, name)}")
+        for name in ("seq_len", "batch_size", "grad_accum", "eval_tokens", "calib_tokens"):
+            if getattr(self.data, name) < 1:
+                raise KeptError(f"data.{name} must be positive, got {getattr(self.data, name)}")
+        if self.data.seq_len < 2:
+            raise KeptError("data.seq_len must be at least 2 (each token predicts the next)")
+        if self.lora.rank < 1:
+            raise KeptError(f"lora.rank must be positive, got {self.lora.rank}")
+        bad = [t for t in self.lora.targets if t not in LORA_TARGETS]
+        if bad:
+            raise KeptError(f"lora.targets has {bad[0]!r}; choose from {', '.join(LORA_TARGETS)}")
+        if not self.loss.temperature > 0 or not self.loss.chunk_size > 0:
+            raise KeptError("loss.temperature and loss.chunk_size must be positive")
+        if not any((self.loss.forward_kl, self.loss.reverse_kl, self.loss.jsd, self.loss.ce)):
+            raise KeptError("every loss weight is zero; set loss.forward_kl (the default) or another term")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise KeptError(f"{where} must be a mapping of its fields, got {value!r}")
+        return _build(tp, value, where + ".")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise KeptError(f"{where} must be one of {', '.join(map(str, typing.get_args(tp)))}; got {value!r}{hint}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except KeptError as e:
+                errors.append(str(e))
+        raise KeptError(f"{where}: {value!r} fits none of {' | '.join(_type_name(a) for a in typing.get_args(tp))}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise KeptError(f"{where} must be a list, got {value!r}")
+        return tuple(_coerce(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and isinstance(value, bool) or tp in (int, str) and type(value) is tp:
+        return value
+    raise KeptError(f"{where} must be {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise KeptError(f"unknown config key {prefix}{key}{hint}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        node = tree.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise KeptError(f"override {dotted}: {key} is not a section")
+        tree = node
+    tree[keys[-1]] = value
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> tuple[JobConfig, dict]:
+    """The validated config and the raw dict it came from (YAML file, then `key=value` overrides)."""
+    path = path or DEFAULT_CONFIG
+    if not os.path.isfile(path):
+        raise KeptError(f"config file {path!r} does not exist; the configs shipped are in {CONFIG_DIR}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise KeptError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise KeptError(f"{path} must hold a mapping of config keys")
+    for item in overrides:
+        if "=" not in item:
+            raise KeptError(f"override {item!r} must look like key=value, e.g. train.steps=200")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        _set_dotted(raw, key.strip(), value)
+    return _build(JobConfig, raw), raw

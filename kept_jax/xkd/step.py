@@ -1,0 +1,103 @@
+"""The jitted XKD step: frozen teacher forward, student forward/backward, optimizer update; metrics as sums.
+
+    state, metrics = step(state, teacher_params, frozen, batch)     # batch: int32 [grad_accum, batch, seq]
+
+`state` (trainable leaves and optimizer state) is donated; the teacher's params and the student's frozen leaves
+are not, so they stay bit-identical. The teacher runs outside `value_and_grad`, under `stop_gradient`; the loss
+is computed from final hidden states and head weights in chunks (kept_jax/xkd/losses.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kept_jax.models import CausalLM, head_kernel
+from kept_jax.xkd.losses import LossConfig, chunked_distill_loss
+from kept_jax.xkd.trainable import Flat, StudentSplit
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: Flat
+    opt_state: Any
+
+
+def make_optimizer(lr: float, warmup: int, steps: int, weight_decay: float, clip: float) -> optax.GradientTransformation:
+    """AdamW with linear warmup then cosine decay to 10%, after global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr / 10)
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(schedule, weight_decay=weight_decay))
+
+
+def init_state(split: StudentSplit, optimizer: optax.GradientTransformation) -> TrainState:
+    """A fresh state; the trainable leaves are copied, since the step donates (deletes) the state it is given."""
+    trainable = jax.tree.map(jnp.copy, split.trainable)
+    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+
+
+def _labels_and_mask(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Next-token labels; the last position has none and is masked out of every term."""
+    labels = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+    mask = jnp.ones(tokens.shape, jnp.float32).at[:, -1].set(0.0)
+    return labels, mask
+
+
+def _student_loss(student: CausalLM, split: StudentSplit, loss_cfg: LossConfig):
+    def loss(trainable, teacher_params, frozen, tokens, teacher_hidden, teacher_head):
+        variables = dataclasses.replace(split, frozen=frozen).assemble(teacher_params, trainable)
+        hidden = student.apply(variables, tokens, output="hidden")
+        labels, mask = _labels_and_mask(tokens)
+        sums = chunked_distill_loss(hidden, head_kernel(variables["params"], student.config), teacher_hidden,
+                                    teacher_head, labels, mask, loss_cfg)
+        return sums["loss"], sums
+
+    return loss
+
+
+def _teacher_forward(teacher: CausalLM, teacher_params, tokens):
+    hidden = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, tokens, output="hidden"))
+    return hidden, jax.lax.stop_gradient(head_kernel(teacher_params, teacher.config))
+
+
+def make_train_step(
+    teacher: CausalLM, student: CausalLM, split: StudentSplit, optimizer: optax.GradientTransformation,
+    loss_cfg: LossConfig,
+) -> Callable:
+    loss_fn = _student_loss(student, split, loss_cfg)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, teacher_params, frozen, batch):
+        def micro(carry, tokens):
+            grads_acc, sums_acc = carry
+            teacher_hidden, teacher_head = _teacher_forward(teacher, teacher_params, tokens)
+            (_, sums), grads = grad_fn(state.trainable, teacher_params, frozen, tokens, teacher_hidden, teacher_head)
+            return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
+
+        zero_grads = jax.tree.map(jnp.zeros_like, state.trainable)
+        zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", "kl", "agree", "student_nll", "teacher_nll", "tokens")}
+        (grads, sums), _ = jax.lax.scan(micro, (zero_grads, zero_sums), batch)
+        grads = jax.tree.map(lambda g: g / sums["tokens"], grads)  # the gradient of the mean loss per token
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = dict(sums, grad_norm=optax.global_norm(grads))
+        return TrainState(state.step + 1, trainable, opt_state), metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_eval_step(teacher: CausalLM, student: CausalLM, split: StudentSplit, loss_cfg: LossConfig) -> Callable:
+    """Metric sums on one [batch, seq] array, for held-out evaluation."""
+    loss_fn = _student_loss(student, split, loss_cfg)
+
+    @jax.jit
+    def evaluate(trainable, teacher_params, frozen, tokens):
+        teacher_hidden, teacher_head = _teacher_forward(teacher, teacher_params, tokens)
+        return loss_fn(trainable, teacher_params, frozen, tokens, teacher_hidden, teacher_head)[1]
+
+    return evaluate
