@@ -135,6 +135,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return tuple(_coerce(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value))
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and isinstance(value, bool) or tp in (int, str) and type(value) is tp:
         return value
     raise KeptError(f"{where} must be {_type_name(tp)}, got {value!r}")

@@ -22,6 +22,7 @@ def test_default_is_tiny_and_overrides_apply():
     assert cfg.trainable == "norms+biases" and cfg.lora.targets == ("q_proj", "v_proj")
     assert cfg.loss.temperature == 2.0 and isinstance(cfg.loss.temperature, float)
     assert load_config(None, ["trainable=[mlp/.*, lm_head]"])[0].trainable == ("mlp/.*", "lm_head")
+    assert load_config(None, ["train.lr=1e-2"])[0].train.lr == 0.01  # YAML 1.1 reads 1e-2 as a string
 
 
 @pytest.mark.parametrize(
@@ -32,6 +33,7 @@ def test_default_is_tiny_and_overrides_apply():
         ("opm=absorbb", "opm must be one of copy, lsq, center, center-lsq, absorb, exact; got 'absorbb' (did you mean 'absorb'?)"),
         ("trainable=norm", "did you mean 'norms'?"),
         ("train.steps=many", "train.steps must be int, got 'many'"),
+        ("train.lr=fast", "train.lr must be float, got 'fast'"),
         ("train.steps=0", "train.steps must be positive"),
         ("precision.compute=fp16", "precision.compute must be one of float32, bfloat16"),
         ("lora.targets=[q_proj,qkv]", "lora.targets has 'qkv'"),
