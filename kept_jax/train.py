@@ -65,8 +65,8 @@ def _sums_to_metrics(sums: dict) -> dict:
 class Job:
     """The pieces of one run, built in order; each stage is a method so that tests can drive them."""
 
-    def __init__(self, cfg, out_dir: str):
-        self.cfg, self.out_dir = cfg, out_dir
+    def __init__(self, cfg):
+        self.cfg = cfg
 
     def prepare(self) -> None:
         import jax
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     check_output_dir(out_dir, args.force)
     t_start = time.perf_counter()
 
-    job = Job(cfg, out_dir)
+    job = Job(cfg)
     print(f"teacher {cfg.source} -> convert (opm={cfg.opm}) ...", file=sys.stderr, flush=True)
     job.prepare()
     init = job.evaluate(job.split.trainable)

@@ -17,7 +17,7 @@ SMALL = ["data.seq_len=32", "data.batch_size=4", "data.calib_tokens=512", "data.
 
 def _job(source, *overrides):
     cfg, _ = load_config(None, [f"source={source}", *SMALL, *overrides])
-    job = Job(cfg, "unused")
+    job = Job(cfg)
     job.prepare()
     return job
 
