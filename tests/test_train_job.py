@@ -45,3 +45,24 @@ def test_job_user_errors(orion_checkpoint, llama_checkpoint, tmp_path, capsys):
     assert train.main(["--out", str(tmp_path / "c"), "train.stepz=3"]) == 2
     assert "did you mean train.steps?" in capsys.readouterr().err
     assert not any(os.path.exists(tmp_path / d) for d in "abc")
+
+
+def test_job_reads_user_text_files(orion_checkpoint, tmp_path, capsys):
+    import json as _json
+
+    from kept_jax import corpus
+
+    train_file = tmp_path / "train.jsonl"
+    with open(train_file, "w") as f:
+        for doc in corpus.read_documents(corpus.TRAIN)[:3]:
+            f.write(_json.dumps({"text": doc}) + "\n")
+    out = str(tmp_path / "run")
+    assert train.main(["--out", out, f"source={orion_checkpoint[0]}", f"data.train={train_file}", "verify=false",
+                       "trainable=norms", *FAST]) == 0
+    assert json.load(open(os.path.join(out, "summary.json")))["config"]["data"]["train"] == str(train_file)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert train.main(["--out", str(tmp_path / "run2"), f"source={orion_checkpoint[0]}", f"data.train={empty}",
+                       *FAST]) == 2
+    assert "holds no text" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run2")
