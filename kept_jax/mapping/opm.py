@@ -105,7 +105,7 @@ def _check(strategy: str, source: ModelConfig, stats: dict[str, SiteStats] | Non
         raise KeptError("OPM expects bias-free linear layers, as Orion has; the source has attention or MLP biases")
     if strategy in ("absorb", "exact") and source.tie_word_embeddings:
         raise KeptError(f"OPM strategy {strategy!r} edits lm_head, which a tied source does not have")
-    if strategy != "copy" and strategy != "center" and stats is None:
+    if strategy not in ("copy", "center") and stats is None:
         raise KeptError(f"OPM strategy {strategy!r} needs calibration statistics")
 
 
