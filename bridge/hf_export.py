@@ -20,12 +20,12 @@ from typing import Any, Callable, Iterator
 import ml_dtypes
 import numpy as np
 
+from bridge.hf_import import NUMPY_DTYPES
 from bridge.names import TensorSpec, tensor_table
 from kept_jax.config import ModelConfig
 from kept_jax.errors import KeptError
 
 SAFETENSORS_DTYPE_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16"}
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 

@@ -45,7 +45,7 @@ def source_tensor_reader(model_dir: str) -> Callable[[str], np.ndarray]:
 
 def run_mapping(mapping, read: Callable[[str], np.ndarray], dtype: str) -> tuple[dict[str, np.ndarray], dict]:
     """Evaluates every rule (float64), casts to `dtype`; returns tensors and per-target errors."""
-    from bridge.hf_export import NUMPY_DTYPES
+    from bridge.hf_import import NUMPY_DTYPES
 
     tensors, errors = {}, {}
     for name, value, error in mapping.materialize(read):
