@@ -74,9 +74,8 @@ def main(argv=None) -> int:
     except (OSError, ValueError, KeyError) as e:
         raise KeptError(f"Transformers cannot load {args.hf!r} with trust_remote_code=False: {e}") from None
 
-    docs = corpus.read_documents(args.text_file or corpus.HELDOUT)
-    rows = corpus.pack((tokenizer(d, add_special_tokens=False).input_ids for d in docs), args.seq_len,
-                       tokenizer.eos_token_id)[: max(1, -(-args.tokens // args.seq_len))]
+    rows = corpus.token_rows(args.text_file or corpus.HELDOUT, lambda d: tokenizer(d, add_special_tokens=False).input_ids,
+                             args.seq_len, tokenizer.eos_token_id)[: max(1, -(-args.tokens // args.seq_len))]
     with torch.no_grad():
         hf_logits = np.concatenate([hf_model(input_ids=torch.as_tensor(r[None], dtype=torch.long)).logits.float().numpy()
                                     for r in rows])

@@ -60,7 +60,7 @@ def run_mapping(mapping, read: Callable[[str], np.ndarray], dtype: str) -> tuple
 def token_rows(path: str, tokenizer, eos_id: int | None, seq_len: int, skip_rows: int, max_tokens: int) -> np.ndarray:
     from kept_jax import corpus
 
-    rows = corpus.pack((tokenizer.encode(d) for d in corpus.read_documents(path)), seq_len, eos_id)[skip_rows:]
+    rows = corpus.token_rows(path, tokenizer.encode, seq_len, eos_id)[skip_rows:]
     rows = rows[: max(1, -(-max_tokens // seq_len))]
     if len(rows) == 0:
         raise KeptError(f"{path} has too little text: nothing is left after the calibration rows; give more text")

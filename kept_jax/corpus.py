@@ -11,7 +11,7 @@ import json
 import os
 import re
 import sys
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -108,6 +108,11 @@ def read_documents(path: str, field: str = "text") -> list[str]:
     if not docs:
         raise KeptError(f"{path} holds no text")
     return docs
+
+
+def token_rows(path: str, encode: Callable[[str], Sequence[int]], seq_len: int, eos_id: int | None) -> np.ndarray:
+    """The documents of a text or JSONL file, tokenized with `encode` and packed into [rows, seq_len]."""
+    return pack((encode(doc) for doc in read_documents(path)), seq_len, eos_id)
 
 
 def pack(token_docs: Iterable[Sequence[int]], seq_len: int, eos_id: int | None) -> np.ndarray:

@@ -59,8 +59,7 @@ def describe(model_dir: str, seq_len: int = 256, batch: int = 16) -> dict:
     if config.architecture != "orion":
         raise KeptError(f"--describe reads Orion checkpoints; {model_dir!r} is {config.architecture!r}")
     tokenizer = load_tokenizer(model_dir, "orion")
-    rows = corpus.pack((tokenizer.encode(d) for d in corpus.read_documents(corpus.HELDOUT)), seq_len,
-                       config.eos_token_id)
+    rows = corpus.token_rows(corpus.HELDOUT, tokenizer.encode, seq_len, config.eos_token_id)
     model = CausalLM(config)
 
     @jax.jit

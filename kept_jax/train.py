@@ -31,7 +31,7 @@ def _rows(path: str, tokenizer, eos_id, seq_len: int):
     from kept_jax import corpus
 
     file = {"embedded": corpus.TRAIN, "embedded-heldout": corpus.HELDOUT}.get(path, path)
-    return corpus.pack((tokenizer.encode(d) for d in corpus.read_documents(file)), seq_len, eos_id)
+    return corpus.token_rows(file, tokenizer.encode, seq_len, eos_id)
 
 
 def _recentered_paths(mapping, config) -> list[tuple[str, ...]]:
