@@ -117,8 +117,7 @@ class Job:
         self.teacher_params = teacher_params
         variables = {"params": student_params}
         if cfg.trainable == "lora":
-            variables["lora"] = init_lora(student_params, student_config, cfg.lora.rank, cfg.lora.targets,
-                                          jax.random.key(cfg.train.seed))
+            variables["lora"] = init_lora(student_params, cfg.lora.rank, cfg.lora.targets, jax.random.key(cfg.train.seed))
         self.split = split_student(variables, teacher_params, cfg.trainable)
         if not self.split.trainable:
             raise KeptError(f"trainable={cfg.trainable!r} selects no parameter of the student; check the patterns")
@@ -145,7 +144,7 @@ class Job:
             for i in range(0, len(order) - per_step + 1, per_step):
                 yield self.train_rows[order[i : i + per_step]].reshape(d.grad_accum, d.batch_size, d.seq_len)
 
-    def distill(self, log=print):
+    def distill(self):
         from tqdm import tqdm
 
         from kept_jax.xkd.step import init_state, make_optimizer, make_train_step

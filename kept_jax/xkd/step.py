@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from kept_jax.models import CausalLM, head_kernel
-from kept_jax.xkd.losses import LossConfig, chunked_distill_loss
+from kept_jax.xkd.losses import METRICS, LossConfig, chunked_distill_loss
 from kept_jax.xkd.trainable import Flat, StudentSplit
 
 
@@ -80,7 +80,7 @@ def make_train_step(
             return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
 
         zero_grads = jax.tree.map(jnp.zeros_like, state.trainable)
-        zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", "kl", "agree", "student_nll", "teacher_nll", "tokens")}
+        zero_sums = {k: jnp.zeros((), jnp.float32) for k in METRICS}
         (grads, sums), _ = jax.lax.scan(micro, (zero_grads, zero_sums), batch)
         grads = jax.tree.map(lambda g: g / sums["tokens"], grads)  # the gradient of the mean loss per token
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)

@@ -17,8 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from kept_jax.config import ModelConfig
-
 Flat = dict[tuple[str, ...], Any]
 
 
@@ -48,7 +46,7 @@ def is_trainable(key: tuple[str, ...], spec: str | tuple[str, ...]) -> bool:
     return any(re.search(pattern, joined) for pattern in spec)
 
 
-def init_lora(params: dict, config: ModelConfig, rank: int, targets: tuple[str, ...], key) -> dict:
+def init_lora(params: dict, rank: int, targets: tuple[str, ...], key) -> dict:
     """Adapters a [.., in, r] ~ N(0, 1/in) and b = 0 on each target kernel: the student starts exactly where it was."""
     flat = traverse_util.flatten_dict(params)
     adapters = {}
@@ -64,10 +62,11 @@ def init_lora(params: dict, config: ModelConfig, rank: int, targets: tuple[str, 
 def merge_lora(params: dict, adapters: dict, scale: float) -> dict:
     """Kernels with their adapters folded in (kernel + scale * a @ b), for export."""
     flat = dict(traverse_util.flatten_dict(params))
-    for path, a in traverse_util.flatten_dict(adapters).items():
+    flat_adapters = traverse_util.flatten_dict(adapters)
+    for path, a in flat_adapters.items():
         if path[-1] != "a":
             continue
-        b = traverse_util.flatten_dict(adapters)[path[:-1] + ("b",)]
+        b = flat_adapters[path[:-1] + ("b",)]
         kernel_path = path[:-1] + ("kernel",)
         kernel = flat[kernel_path]
         delta = scale * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
