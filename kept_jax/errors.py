@@ -29,8 +29,8 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
         except KeptError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USER_ERROR
-        except KeyboardInterrupt:
-            print("interrupted; nothing was written", file=sys.stderr)
+        except KeyboardInterrupt as e:
+            print(str(e) or "interrupted; nothing was written", file=sys.stderr)
             return 130
         except BrokenPipeError:  # e.g. `| head`: the reader left, which is not an error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -9,6 +9,7 @@ on the embedded corpus, a few minutes on a laptop CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -22,16 +23,14 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m kept_jax.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML job config (default: configs/tiny.yaml)")
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty run directory")
+    p.add_argument("--force", action="store_true", help="start over in a run directory that holds another run")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the job with abstract shapes only (no weights loaded) and print its memory per device")
+    p.add_argument("--device-memory", help="with --dry-run: the memory of one device, e.g. 80GB or 141GiB")
+    p.add_argument("--devices", type=int, help="with --dry-run: how many devices to plan for (default: the mesh's "
+                   "size, or 1 when mesh.data is -1)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=200 opm=center-lsq")
     return p.parse_intermixed_args(argv)
-
-
-def _rows(path: str, tokenizer, eos_id, seq_len: int):
-    from kept_jax import corpus
-
-    file = {"embedded": corpus.TRAIN, "embedded-heldout": corpus.HELDOUT}.get(path, path)
-    return corpus.token_rows(file, tokenizer.encode, seq_len, eos_id)
 
 
 def _recentered_paths(mapping, config) -> list[tuple[str, ...]]:
@@ -62,17 +61,29 @@ def _sums_to_metrics(sums: dict) -> dict:
             "tokens": int(tokens)}
 
 
+def _host_array(x):
+    """A (possibly sharded, possibly multi-host) array as one numpy array on this host."""
+    import jax
+    import numpy as np
+
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 class Job:
     """The pieces of one run, built in order; each stage is a method so that tests can drive them."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, run_dir: str | None = None):
+        self.cfg, self.run_dir = cfg, run_dir
 
     def prepare(self) -> None:
         import jax
-        import numpy as np
 
         from bridge.hf_import import ArrayReader, load_hf_checkpoint, params_from_reader
+        from kept_jax import data, sharding
         from kept_jax.config import load_hf_config
         from kept_jax.convert import run_mapping, source_tensor_reader
         from kept_jax.evaluate import batches_of
@@ -81,24 +92,34 @@ class Job:
         from kept_jax.tokenizer import load_tokenizer
         from kept_jax.xkd.trainable import init_lora, split_student
 
-        cfg = self.cfg
+        cfg, d = self.cfg, self.cfg.data
         source = load_hf_config(cfg.source)
         if source.architecture != "orion":
             raise KeptError(f"source must be an Orion checkpoint; {cfg.source!r} is {source.architecture!r}")
+        self.mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        self.rules = sharding.rules_from(cfg.mesh.rules)
+        teacher_rules = sharding.rules_from(cfg.mesh.teacher_rules, dict(self.rules))
+        if (d.batch_size % (self.mesh.shape["data"] * self.mesh.shape["fsdp"])):
+            raise KeptError(f"data.batch_size {d.batch_size} does not split over mesh.data x mesh.fsdp = "
+                            f"{self.mesh.shape['data'] * self.mesh.shape['fsdp']} devices; change one of them")
         runtime = dict(compute_dtype=cfg.precision.compute, param_dtype=cfg.precision.params,
                        scan_layers=cfg.model.scan_layers, remat_policy=cfg.model.remat,
                        attention_impl=cfg.model.attention_impl)
+
+        # Data: every source is indexed and checked now, before the model is loaded.
         tokenizer = load_tokenizer(cfg.source, "orion")
-        d = cfg.data
-        self.train_rows = _rows(d.train, tokenizer, source.eos_token_id, d.seq_len)
-        heldout = _rows("embedded-heldout" if d.eval == "embedded" else d.eval, tokenizer, source.eos_token_id, d.seq_len)
-        n_calib = max(1, -(-d.calib_tokens // d.seq_len))
-        calib_rows, self.eval_rows = heldout[:n_calib], heldout[n_calib:][: max(1, -(-d.eval_tokens // d.seq_len))]
-        if len(self.eval_rows) == 0:
-            raise KeptError("the held-out text is used up by calibration; lower data.calib_tokens or give more text")
-        if len(self.train_rows) < d.batch_size * d.grad_accum:
-            raise KeptError(f"the training text has {len(self.train_rows)} sequences of {d.seq_len} tokens, fewer "
-                            f"than one batch ({d.batch_size} x {d.grad_accum}); give more text or a smaller batch")
+        self.tokenize = data.Tokenize(tokenizer.encode, source.eos_token_id)
+        self.train_docs, self.weights, eval_docs = data.open_sources(d, cfg.train.seed)
+        n_calib = -(-d.calib_tokens // d.seq_len)
+        n_eval = -(-d.eval_tokens // (d.seq_len * d.batch_size)) * d.batch_size
+        heldout = data.first_rows(eval_docs, self.tokenize, d.seq_len, n_calib + n_eval)
+        calib_rows = heldout[:n_calib]
+        n_eval = (len(heldout) - n_calib) // d.batch_size * d.batch_size  # whole batches, which shard evenly
+        if n_eval == 0:
+            raise KeptError(f"the held-out text has {len(heldout)} sequences of {d.seq_len} tokens; calibration takes "
+                            f"{n_calib} and evaluation needs a batch of {d.batch_size}; lower data.calib_tokens or "
+                            f"give more held-out text")
+        self.eval_rows = heldout[n_calib : n_calib + n_eval]
 
         teacher_config, teacher_params, _ = load_hf_checkpoint(cfg.source, **runtime)
         self.teacher = CausalLM(teacher_config)
@@ -114,16 +135,26 @@ class Job:
         # student's recentered writers: one copy of them instead of two.
         for path in _recentered_paths(self.mapping, teacher_config):
             teacher_params = _set(teacher_params, path, _get(student_params, path))
-        self.teacher_params = teacher_params
         variables = {"params": student_params}
         if cfg.trainable == "lora":
             variables["lora"] = init_lora(student_params, cfg.lora.rank, cfg.lora.targets, jax.random.key(cfg.train.seed))
-        self.split = split_student(variables, teacher_params, cfg.trainable)
-        if not self.split.trainable:
+        split = split_student(variables, teacher_params, cfg.trainable)
+        if not split.trainable:
             raise KeptError(f"trainable={cfg.trainable!r} selects no parameter of the student; check the patterns")
-        self.rng = np.random.default_rng(cfg.train.seed)
+
+        # Placement on the mesh. Shared leaves live in the teacher's tree, with the teacher's sharding.
+        student_axes = sharding.logical_axes(student_config)
+        self.teacher_params = sharding.put(teacher_params, sharding.tree_shardings(
+            teacher_params, sharding.logical_axes(teacher_config), self.mesh, teacher_rules))
+        self.trainable_shardings = sharding.flat_shardings(split.trainable, student_axes, self.mesh, self.rules)
+        frozen = sharding.put(split.frozen, sharding.flat_shardings(split.frozen, student_axes, self.mesh, self.rules))
+        self.split = dataclasses.replace(split, frozen=frozen)  # trainable stays on the host until init_state
+        self.num_trainable = split.num_trainable()
+        self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+        self.eval_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*self.batch_sharding.spec[1:]))
 
     def evaluate(self, trainable) -> dict:
+        from kept_jax import sharding
         from kept_jax.evaluate import batches_of
         from kept_jax.xkd.step import make_eval_step
 
@@ -131,51 +162,123 @@ class Job:
             self._eval = make_eval_step(self.teacher, self.student, self.split, self.cfg.loss)
         totals: dict = {}
         for rows in batches_of(self.eval_rows, self.cfg.data.batch_size):
+            rows = sharding.global_rows(rows, self.eval_sharding)
             for k, v in self._eval(trainable, self.teacher_params, self.split.frozen, rows).items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         return _sums_to_metrics(totals)
 
-    def batches(self):
-        """[grad_accum, batch, seq] int32 arrays, epoch after epoch, shuffled by the seed."""
-        d = self.cfg.data
-        per_step = d.batch_size * d.grad_accum
-        while True:
-            order = self.rng.permutation(len(self.train_rows))
-            for i in range(0, len(order) - per_step + 1, per_step):
-                yield self.train_rows[order[i : i + per_step]].reshape(d.grad_accum, d.batch_size, d.seq_len)
+    def train_iterator(self):
+        """This host's batches, [rows per step / hosts, seq], as a checkpointable grain iterator."""
+        import jax
 
-    def distill(self):
+        from kept_jax import data
+
+        d = self.cfg.data
+        return iter(data.train_dataset(self.train_docs, self.weights, self.tokenize, d.seq_len,
+                                       d.batch_size * d.grad_accum, self.cfg.train.seed,
+                                       jax.process_index(), jax.process_count()))
+
+    def step_flops(self) -> float:
+        from kept_jax.flops import step_flops_per_token
+
+        matmul_leaves = ("kernel", "a", "b")
+        trainable_matmul = sum(int(math.prod(v.shape)) for k, v in self.split.trainable.items()
+                               if k[-1] in matmul_leaves)
+        d = self.cfg.data
+        tokens = d.batch_size * d.grad_accum * d.seq_len
+        return tokens * step_flops_per_token(self.teacher.config, self.student.config, d.seq_len, trainable_matmul)
+
+    def distill(self, log=None, checkpoints=None, stop=None):
+        """Trains from the latest checkpoint (if any) to `train.steps`; returns the final state.
+
+        `log` (RunLog) gets train and eval records; `checkpoints` (Checkpoints) saves as it goes; `stop`
+        (StopRequest) ends the loop after a step, with a checkpoint, when a signal came.
+        """
+        import jax
         from tqdm import tqdm
 
-        from kept_jax.xkd.step import init_state, make_optimizer, make_train_step
+        from kept_jax import sharding
+        from kept_jax.checkpoint import abstract_like
+        from kept_jax.flops import peak_flops
+        from kept_jax.xkd.step import abstract_state, init_state, make_optimizer, make_schedule, make_train_step
 
-        t = self.cfg.train
+        cfg, t, d = self.cfg, self.cfg.train, self.cfg.data
+        schedule = make_schedule(t.lr, t.warmup, t.steps)
         optimizer = make_optimizer(t.lr, t.warmup, t.steps, t.weight_decay, t.clip)
-        state = init_state(self.split, optimizer)
-        step = make_train_step(self.teacher, self.student, self.split, optimizer, self.cfg.loss)
-        history, window, tokens, t0 = [], {}, 0, None
-        bar = tqdm(total=t.steps, desc="distill", unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
-        for i, batch in zip(range(1, t.steps + 1), self.batches()):
-            state, metrics = step(state, self.teacher_params, self.split.frozen, batch)
+        shapes = abstract_state(self.split, optimizer)
+        state_sh = sharding.state_shardings(shapes, self.trainable_shardings, self.mesh)
+        iterator = self.train_iterator()
+        start = checkpoints.latest_step() if checkpoints else None
+        if start is None:
+            state, start = init_state(self.split, optimizer, state_sh), 0
+        else:
+            state = checkpoints.restore(start, abstract_like(shapes, state_sh), iterator)
+            print(f"resuming from the checkpoint at step {start}", file=sys.stderr)
+        self.split = dataclasses.replace(self.split, trainable={})  # the state holds them now
+        step_fn = make_train_step(self.teacher, self.student, self.split, optimizer, cfg.loss, state_sh)
+        tokens_per_step = d.batch_size * d.grad_accum * d.seq_len
+        flops, peak = self.step_flops(), peak_flops(jax.devices()[0].device_kind, cfg.precision.compute)
+        history, window, timed_steps, t0 = [], {}, 0, None
+        bar = tqdm(total=t.steps, initial=start, desc="distill", unit="step", file=sys.stderr, dynamic_ncols=True,
+                   mininterval=1.0, disable=jax.process_index() != 0)
+        i = start
+        for i in range(start + 1, t.steps + 1):
+            local = next(iterator).reshape(d.grad_accum, -1, d.seq_len)
+            state, metrics = step_fn(state, self.teacher_params, self.split.frozen,
+                                     sharding.global_batch(local, self.batch_sharding))
             metrics = {k: float(v) for k, v in metrics.items()}
             if t0 is None:
                 t0 = time.perf_counter()  # after the first step: compilation is not throughput
             else:
-                tokens += int(metrics["tokens"])
+                timed_steps += 1
             for k, v in metrics.items():
                 window[k] = window.get(k, 0.0) + v
+            window["steps"] = window.get("steps", 0) + 1
             if i % t.log_every == 0 or i == t.steps:
                 m = _sums_to_metrics(window)
-                rate = tokens / max(time.perf_counter() - t0, 1e-9)
-                history.append({"step": i, "tokens_per_s": rate, "grad_norm": window["grad_norm"] / t.log_every, **m})
-                bar.set_postfix_str(f"KL {m['kl']:.3e} agree {m['agreement']:.2%} {rate:,.0f} tok/s")
+                seconds = max(time.perf_counter() - t0, 1e-9)
+                record = {"split": "train", "step": i, "tokens": i * tokens_per_step, "kl": m["kl"],
+                          "agreement": m["agreement"], "loss": m["loss"], "student_nll": m["student_nll"],
+                          "teacher_nll": m["teacher_nll"], "grad_norm": window["grad_norm"] / window["steps"],
+                          "lr": float(schedule(i - 1)), "tokens_per_s": timed_steps * tokens_per_step / seconds}
+                status = f"KL {m['kl']:.3e} agree {m['agreement']:.2%} {record['tokens_per_s']:,.0f} tok/s"
+                if peak:
+                    record["mfu"] = timed_steps * flops / seconds / (peak * jax.device_count())
+                    status += f" MFU {record['mfu']:.1%}"
+                history.append(record)
+                if log:
+                    log.write(record)
+                bar.set_postfix_str(status)
                 window = {}
+            if t.eval_every and i % t.eval_every == 0 and i != t.steps:
+                self.log_eval(log, i, self.evaluate(state.trainable))
             bar.update(1)
+            if checkpoints:
+                checkpoints.save(i, state, iterator, force=i == t.steps)
+            if stop is not None and stop.requested():
+                bar.close()
+                if checkpoints:
+                    checkpoints.save(i, state, iterator, force=True)
+                    checkpoints.wait()
+                raise KeyboardInterrupt(f"stopped by a signal after step {i}; the checkpoint at step {i} is saved")
         bar.close()
+        if checkpoints:
+            checkpoints.wait()
         self.state, self.history = state, history
         return state
 
-    def export(self, export_dir: str) -> None:
+    def log_eval(self, log, step: int, metrics: dict) -> dict:
+        d = self.cfg.data
+        record = {"split": "eval", "step": step, "tokens": step * d.batch_size * d.grad_accum * d.seq_len,
+                  "kl": metrics["kl"], "agreement": metrics["agreement"], "student_nll": metrics["student_nll"],
+                  "teacher_nll": metrics["teacher_nll"], "eval_tokens": metrics["tokens"]}
+        if log:
+            log.write(record)
+        return record
+
+    def export(self, export_dir: str | None) -> None:
+        import jax
+
         from bridge.hf_export import hf_tensor
         from bridge.names import tensor_table
         from kept_jax.convert import export_llama
@@ -188,9 +291,12 @@ class Job:
         config = self.student.config
         specs = {s.hf_name: s for s in tensor_table(config)}
         dtype = self.cfg.precision.export
+        if jax.process_count() > 1:  # every host takes part in the gather; only the first one writes
+            params = jax.tree.map(_host_array, params)
+        if export_dir is None:
+            return
         export_llama(export_dir, self.cfg.source, config, lambda n: hf_tensor(params, config, specs[n], dtype), dtype,
                      5 * 2**30)
-
 
 def _verify(export_dir: str, source: str) -> dict:
     """bridge.verify in-process; without torch the check is skipped and says so."""
@@ -204,60 +310,111 @@ def _verify(export_dir: str, source: str) -> dict:
     return {"verified": rc == 0, "exit_code": rc}
 
 
+def _summary_table(summary: dict) -> str:
+    rows = [("KL (nats/tok)", "kl", ".4e"), ("agreement", "agreement", ".2%"), ("student ppl", "student_ppl", ".3f")]
+    lines = [f"\n{'':<16}{'init':>12}{'final':>12}"]
+    lines += [f"{label:<16}{summary[key + '_init']:>12{fmt}}{summary[key + '_final']:>12{fmt}}" for label, key, fmt in rows]
+    lines.append(f"{'teacher ppl':<16}{summary['teacher_ppl']:>12.3f}{summary['teacher_ppl']:>12.3f}")
+    return "\n".join(lines)
+
+
 @cli_entry
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from bridge.hf_export import atomic_output_dir, check_output_dir
     from kept_jax.train_config import DEFAULT_CONFIG, load_config
 
     cfg, raw = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from kept_jax.dry_run import dry_run
+
+        return dry_run(cfg, args.device_memory, args.devices)
+    import jax
+
+    from kept_jax import checkpoint, runlog, sharding
+
+    sharding.initialize_distributed()
+    lead = jax.process_index() == 0  # the first host writes logs, the export and the summary
     name = os.path.splitext(os.path.basename(args.config or DEFAULT_CONFIG))[0]
     out_dir = args.out or os.path.join("runs", name)
-    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-    check_output_dir(out_dir, args.force)
+    config = checkpoint.config_dict(cfg)
+    resume = checkpoint.check_run_dir(out_dir, config, args.force)
+    summary_path = os.path.join(out_dir, "summary.json")
+    if resume and os.path.isfile(summary_path):
+        with open(summary_path, encoding="utf-8") as f:
+            print(_summary_table(json.load(f)))
+        print(f"\nthe run in {out_dir} is complete; use --force to run it again")
+        return 0
     t_start = time.perf_counter()
 
-    job = Job(cfg)
+    job = Job(cfg, out_dir)
     print(f"teacher {cfg.source} -> convert (opm={cfg.opm}) ...", file=sys.stderr, flush=True)
     job.prepare()
-    init = job.evaluate(job.split.trainable)
-    print(f"at init: KL {init['kl']:.4e} nats/token, agreement {init['agreement']:.2%} on {init['tokens']:,} "
-          f"held-out tokens; training {job.split.num_trainable():,} parameters ({cfg.trainable})", file=sys.stderr)
-    job.distill()
-    final = job.evaluate(job.state.trainable)
+    if not resume and lead:
+        checkpoint.create_run_dir(out_dir, config, args.force)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-    with atomic_output_dir(out_dir, args.force) as tmp:
-        export_dir = os.path.join(tmp, "export")
-        os.makedirs(export_dir)
-        job.export(export_dir)
-        verified = _verify(export_dir, cfg.source) if cfg.verify else {"verified": False, "why": "verify=false"}
-        summary = {
-            "opm": cfg.opm,
-            "trainable": cfg.trainable if isinstance(cfg.trainable, str) else list(cfg.trainable),
-            "trainable_params": job.split.num_trainable(),
-            "shared_tensors": len(job.split.shared),
-            "steps": cfg.train.steps,
-            "tokens": cfg.train.steps * cfg.data.batch_size * cfg.data.grad_accum * cfg.data.seq_len,
-            "kl_init": init["kl"], "kl_final": final["kl"],
-            "agreement_init": init["agreement"], "agreement_final": final["agreement"],
-            "student_ppl_init": math.exp(init["student_nll"]), "student_ppl_final": math.exp(final["student_nll"]),
-            "teacher_ppl": math.exp(final["teacher_nll"]),
-            "eval_tokens": final["tokens"],
-            "export_dir": os.path.join(os.path.abspath(out_dir), "export"),
-            "seconds": round(time.perf_counter() - t_start, 1),
-            **verified,
-            "history": job.history,
-            "config": raw,
-        }
-        with open(os.path.join(tmp, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-    print(f"\n{'':<16}{'init':>12}{'final':>12}")
-    print(f"{'KL (nats/tok)':<16}{init['kl']:>12.4e}{final['kl']:>12.4e}")
-    print(f"{'agreement':<16}{init['agreement']:>12.2%}{final['agreement']:>12.2%}")
-    print(f"{'student ppl':<16}{summary['student_ppl_init']:>12.3f}{summary['student_ppl_final']:>12.3f}")
-    print(f"{'teacher ppl':<16}{summary['teacher_ppl']:>12.3f}{summary['teacher_ppl']:>12.3f}")
+        multihost_utils.sync_global_devices("kept_jax run directory")
+    c = cfg.checkpoint
+    checkpoints = checkpoint.Checkpoints(os.path.join(out_dir, "checkpoints"), c.every, c.keep, c.async_save)
+    start = checkpoints.latest_step() or 0
+    # Records up to the restored step stand; later ones (and the final evaluation) are made again.
+    log = runlog.RunLog(out_dir, lambda r: start > 0 and r["step"] <= start and not (
+        r["split"] == "eval" and r["step"] == cfg.train.steps), enabled=lead)
+    try:
+        if start == 0:
+            init = job.log_eval(log, 0, job.evaluate(job.split.trainable))
+            print(f"at init: KL {init['kl']:.4e} nats/token, agreement {init['agreement']:.2%} on "
+                  f"{init['eval_tokens']:,} held-out tokens; training {job.split.num_trainable():,} parameters "
+                  f"({cfg.trainable})", file=sys.stderr)
+        with checkpoint.StopRequest() as stop:
+            job.distill(log, checkpoints, stop)
+        job.log_eval(log, cfg.train.steps, job.evaluate(job.state.trainable))
+    finally:
+        log.close()
+        checkpoints.close()
+    if not lead:
+        job.export(None)  # every host takes part in gathering the weights
+        return 0
+
+    records = runlog.read_metrics(out_dir)
+    evals = [r for r in records if r["split"] == "eval"]
+    init, final = evals[0], evals[-1]
+    train_records = [r for r in records if r["split"] == "train"]
+    from bridge.hf_export import atomic_output_dir
+
+    export_dir = os.path.join(out_dir, "export")
+    with atomic_output_dir(export_dir, force=True) as tmp:
+        job.export(tmp)
+    verified = _verify(export_dir, cfg.source) if cfg.verify else {"verified": False, "why": "verify=false"}
+    summary = {
+        "opm": cfg.opm,
+        "trainable": cfg.trainable if isinstance(cfg.trainable, str) else list(cfg.trainable),
+        "trainable_params": job.num_trainable,
+        "shared_tensors": len(job.split.shared),
+        "steps": cfg.train.steps,
+        "tokens": cfg.train.steps * cfg.data.batch_size * cfg.data.grad_accum * cfg.data.seq_len,
+        "kl_init": init["kl"], "kl_final": final["kl"],
+        "agreement_init": init["agreement"], "agreement_final": final["agreement"],
+        "student_ppl_init": math.exp(init["student_nll"]), "student_ppl_final": math.exp(final["student_nll"]),
+        "teacher_ppl": math.exp(final["teacher_nll"]),
+        "eval_tokens": final["eval_tokens"],
+        "tokens_per_s": train_records[-1]["tokens_per_s"] if train_records else None,
+        "mfu": train_records[-1].get("mfu") if train_records else None,
+        "resumed_from_step": start if resume else None,
+        "export_dir": os.path.abspath(export_dir),
+        "seconds_this_process": round(time.perf_counter() - t_start, 1),
+        **verified,
+        "history": train_records,
+        "config": raw,
+    }
+    runlog.write_report(out_dir, f"{cfg.source} -> Llama: opm={cfg.opm}, trainable={summary['trainable']}")
+    with open(summary_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(summary_path + ".tmp", summary_path)
+    print(_summary_table(summary))
     print(f"\nopm={cfg.opm} trainable={summary['trainable']} steps={cfg.train.steps} tokens={summary['tokens']:,} "
-          f"verified={summary['verified']} time={summary['seconds']:.0f}s\nrun directory: {out_dir}")
+          f"verified={summary['verified']} time={summary['seconds_this_process']:.0f}s\nrun directory: {out_dir}")
     if cfg.verify and not summary["verified"]:
         raise KeptError(f"the exported model did not verify through Transformers ({summary.get('why', 'see above')}); "
                         f"the run directory {out_dir} keeps it for inspection")

@@ -25,9 +25,20 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 @dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    path: str  # a .jsonl, .parquet or text file, or a glob of them; "embedded" is the shipped corpus
+    field: str = "text"  # the JSONL field or Parquet column that holds the text
+    weight: float = 1.0  # mixing weight among the training sources
+
+
+Sources = typing.Union[str, tuple[SourceConfig, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
-    train: str = "embedded"  # "embedded" (the shipped corpus) or a .jsonl / text file
-    eval: str = "embedded"  # held-out text for evaluation and calibration
+    train: Sources = "embedded"  # a path or glob (field "text"), or a list of sources with fields and weights
+    eval: Sources = "embedded"  # held-out text for calibration then evaluation; "split": hold out training documents
+    eval_fraction: float = 0.01  # with eval: split, the share of training documents held out (by the seed)
     seq_len: int = 128
     batch_size: int = 8
     grad_accum: int = 1
@@ -44,6 +55,26 @@ class TrainConfig:
     clip: float = 1.0
     seed: int = 0
     log_every: int = 10
+    eval_every: int = 0  # held-out evaluation every N steps (0: only before and after training)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100  # save every N steps (and on SIGTERM/SIGINT, and at the end)
+    keep: int = 3  # the last N complete checkpoints are kept
+    async_save: bool = True  # write in a background thread while training goes on
+
+
+Rule = typing.Union[str, tuple[str, ...], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: every device the other axes leave
+    fsdp: int = 1
+    tensor: int = 1
+    rules: dict[str, Rule] = dataclasses.field(default_factory=dict)  # logical axis -> mesh axes, over the defaults
+    teacher_rules: dict[str, Rule] = dataclasses.field(default_factory=dict)  # the teacher's, over `rules`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +110,9 @@ class JobConfig:
     lora: LoraConfig = LoraConfig()
     precision: PrecisionConfig = PrecisionConfig()
     model: ModelRuntime = ModelRuntime()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    mesh: MeshConfig = MeshConfig()
+    source_config: str = ""  # the source's config.json when `source` is not on this machine (dry runs only)
 
     def __post_init__(self):
         if isinstance(self.trainable, str) and self.trainable not in TRAINABLE_SETS:
@@ -86,9 +120,21 @@ class JobConfig:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise KeptError(f"trainable must be one of {', '.join(TRAINABLE_SETS)} or a list of path patterns; "
                             f"got {self.trainable!r}{hint}")
-        for name in ("steps", "warmup", "log_every"):
-            if getattr(self.train, name) < (0 if name == "warmup" else 1):
+        for name in ("steps", "warmup", "log_every", "eval_every"):
+            if getattr(self.train, name) < (1 if name in ("steps", "log_every") else 0):
                 raise KeptError(f"train.{name} must be positive, got {getattr(self.train, name)}")
+        if self.checkpoint.every < 1 or self.checkpoint.keep < 1:
+            raise KeptError("checkpoint.every and checkpoint.keep must be positive")
+        if not 0 < self.data.eval_fraction < 1:
+            raise KeptError(f"data.eval_fraction must be between 0 and 1, got {self.data.eval_fraction}")
+        if self.data.train == "split" or isinstance(self.data.eval, tuple) and any(
+                s.path == "split" for s in self.data.eval):
+            raise KeptError("'split' is a value for data.eval alone: it holds out part of data.train")
+        for where, sources in (("data.train", self.data.train), ("data.eval", self.data.eval)):
+            if isinstance(sources, tuple) and not sources:
+                raise KeptError(f"{where} is an empty list; give at least one source")
+            if isinstance(sources, tuple) and any(not s.weight > 0 for s in sources):
+                raise KeptError(f"{where}: every source weight must be positive")
         for name in ("seq_len", "batch_size", "grad_accum", "eval_tokens", "calib_tokens"):
             if getattr(self.data, name) < 1:
                 raise KeptError(f"data.{name} must be positive, got {getattr(self.data, name)}")
@@ -112,6 +158,8 @@ def _type_name(tp) -> str:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
+        if tp is SourceConfig and isinstance(value, str):  # a bare path in a list of sources
+            value = {"path": value}
         if not isinstance(value, dict):
             raise KeptError(f"{where} must be a mapping of its fields, got {value!r}")
         return _build(tp, value, where + ".")
@@ -122,12 +170,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise KeptError(f"{where} must be one of {', '.join(map(str, typing.get_args(tp)))}; got {value!r}{hint}")
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
+        errors = {}
         for option in typing.get_args(tp):
             try:
                 return _coerce(value, option, where)
             except KeptError as e:
-                errors.append(str(e))
+                errors[option] = e
+        for option, error in errors.items():  # a list or mapping: the error of the option of that kind says most
+            if isinstance(value, list) and typing.get_origin(option) is tuple:
+                raise error
         raise KeptError(f"{where}: {value!r} fits none of {' | '.join(_type_name(a) for a in typing.get_args(tp))}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -140,6 +191,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if tp is type(None) and value is None:
+        return None
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise KeptError(f"{where} must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, typing.get_args(tp)[1], f"{where}.{k}") for k, v in value.items()}
     if tp is bool and isinstance(value, bool) or tp in (int, str) and type(value) is tp:
         return value
     raise KeptError(f"{where} must be {_type_name(tp)}, got {value!r}")

@@ -2,18 +2,38 @@
 
 import json
 import os
+import struct
 
+import pytest
 from transformers import AutoModelForCausalLM
 
 from kept_jax import train
+from kept_jax.runlog import read_metrics
+
+def tensorboard_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} read straight from the event files (TFRecord framing of Event protos)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict = {}
+    for name in sorted(os.listdir(log_dir)):
+        with open(os.path.join(log_dir, name), "rb") as f:
+            while header := f.read(12):
+                length = struct.unpack("<Q", header[:8])[0]
+                event = Event.FromString(f.read(length))
+                f.read(4)
+                for value in event.summary.value:
+                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
 
 FAST = ["train.steps=4", "train.log_every=2", "data.seq_len=32", "data.batch_size=4", "data.calib_tokens=512",
         "data.eval_tokens=512"]
 
 
-def test_job_writes_summary_and_a_verified_export(orion_checkpoint, tmp_path, capsys):
+def test_job_writes_summary_logs_and_a_verified_export(orion_checkpoint, tmp_path, capsys):
     out = str(tmp_path / "run")
-    assert train.main(["--out", out, f"source={orion_checkpoint[0]}", "trainable=lora", *FAST]) == 0
+    assert train.main(["--out", out, f"source={orion_checkpoint[0]}", "trainable=lora", "train.eval_every=2",
+                       *FAST]) == 0
     printed = capsys.readouterr().out
     assert "KL (nats/tok)" in printed and "verified=True" in printed
     summary = json.load(open(os.path.join(out, "summary.json")))
@@ -26,14 +46,36 @@ def test_job_writes_summary_and_a_verified_export(orion_checkpoint, tmp_path, ca
     model = AutoModelForCausalLM.from_pretrained(summary["export_dir"], trust_remote_code=False)
     assert type(model).__name__ == "LlamaForCausalLM"
 
+    records = read_metrics(out)
+    assert [(r["split"], r["step"], r["tokens"]) for r in records] == [
+        ("eval", 0, 0), ("train", 2, 256), ("eval", 2, 256), ("train", 4, 512), ("eval", 4, 512)]
+    assert all(0 < r["kl"] and 0 < r["agreement"] <= 1 for r in records)
+    assert records[0]["kl"] == summary["kl_init"] and records[-1]["kl"] == summary["kl_final"]
+    scalars = tensorboard_scalars(os.path.join(out, "tensorboard"))
+    assert [step for step, _ in scalars["train/kl"]] == [2, 4]
+    assert [v for _, v in scalars["eval/agreement"]] == pytest.approx([r["agreement"] for r in records
+                                                                       if r["split"] == "eval"])
+    with open(os.path.join(out, "report.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["4"]  # every=100 > steps: only the last
 
-def test_job_refuses_an_existing_run_directory(tmp_path, capsys):
+    # The same command again finds the finished run; another config is refused without touching it.
+    assert train.main(["--out", out, f"source={orion_checkpoint[0]}", "trainable=lora", "train.eval_every=2",
+                       *FAST]) == 0
+    assert "is complete" in capsys.readouterr().out
+    assert train.main(["--out", out, f"source={orion_checkpoint[0]}", "trainable=lora", *FAST[1:],
+                       "train.steps=5"]) == 2
+    assert "different config (train.steps: 4 -> 5)" in capsys.readouterr().err
+    assert json.load(open(os.path.join(out, "summary.json")))["steps"] == 4
+
+
+def test_job_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "summary.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
     assert train.main(["--out", str(out), *FAST]) == 2
-    assert "exists and is not empty" in capsys.readouterr().err
-    assert (out / "summary.json").read_text() == "{}"
+    assert "is not a kept_jax run directory" in capsys.readouterr().err
+    assert os.listdir(out) == ["notes.txt"]
 
 
 def test_job_user_errors(orion_checkpoint, llama_checkpoint, tmp_path, capsys):
@@ -58,8 +100,10 @@ def test_job_reads_user_text_files(orion_checkpoint, tmp_path, capsys):
             f.write(_json.dumps({"text": doc}) + "\n")
     out = str(tmp_path / "run")
     assert train.main(["--out", out, f"source={orion_checkpoint[0]}", f"data.train={train_file}", "verify=false",
-                       "trainable=norms", *FAST]) == 0
-    assert json.load(open(os.path.join(out, "summary.json")))["config"]["data"]["train"] == str(train_file)
+                       "trainable=norms", "data.eval=split", "data.eval_fraction=0.34", *FAST]) == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["config"]["data"]["train"] == str(train_file)
+    assert summary["eval_tokens"] > 0
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     assert train.main(["--out", str(tmp_path / "run2"), f"source={orion_checkpoint[0]}", f"data.train={empty}",

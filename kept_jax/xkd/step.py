@@ -29,16 +29,32 @@ class TrainState:
     opt_state: Any
 
 
+def make_schedule(lr: float, warmup: int, steps: int) -> optax.Schedule:
+    """Linear warmup then cosine decay to 10%; update k (from 0) uses schedule(k)."""
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr / 10)
+
+
 def make_optimizer(lr: float, warmup: int, steps: int, weight_decay: float, clip: float) -> optax.GradientTransformation:
-    """AdamW with linear warmup then cosine decay to 10%, after global-norm clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr / 10)
-    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(schedule, weight_decay=weight_decay))
+    """AdamW on `make_schedule`, after global-norm clipping."""
+    return optax.chain(optax.clip_by_global_norm(clip),
+                       optax.adamw(make_schedule(lr, warmup, steps), weight_decay=weight_decay))
 
 
-def init_state(split: StudentSplit, optimizer: optax.GradientTransformation) -> TrainState:
-    """A fresh state; the trainable leaves are copied, since the step donates (deletes) the state it is given."""
-    trainable = jax.tree.map(jnp.copy, split.trainable)
+def _fresh_state(trainable: Flat, optimizer: optax.GradientTransformation) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+
+
+def abstract_state(split: StudentSplit, optimizer: optax.GradientTransformation) -> TrainState:
+    """The state's shapes and dtypes, without allocating it (for shardings and checkpoint restore)."""
+    return jax.eval_shape(lambda t: _fresh_state(t, optimizer), split.trainable)
+
+
+def init_state(split: StudentSplit, optimizer: optax.GradientTransformation, shardings=None) -> TrainState:
+    """A fresh state placed by `shardings` (a TrainState of shardings, or None for the default device).
+
+    The trainable leaves are copied (jit outputs new buffers), since the step donates the state it is given.
+    """
+    return jax.jit(lambda t: _fresh_state(t, optimizer), out_shardings=shardings)(split.trainable)
 
 
 def _labels_and_mask(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -67,8 +83,9 @@ def _teacher_forward(teacher: CausalLM, teacher_params, tokens):
 
 def make_train_step(
     teacher: CausalLM, student: CausalLM, split: StudentSplit, optimizer: optax.GradientTransformation,
-    loss_cfg: LossConfig,
+    loss_cfg: LossConfig, state_shardings=None,
 ) -> Callable:
+    """`state_shardings` (from `abstract_state`) pins the new state's layout to the old one's across steps."""
     loss_fn = _student_loss(student, split, loss_cfg)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -88,7 +105,11 @@ def make_train_step(
         metrics = dict(sums, grad_norm=optax.global_norm(grads))
         return TrainState(state.step + 1, trainable, opt_state), metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    out_shardings = None
+    if state_shardings is not None:
+        mesh = jax.tree.leaves(state_shardings)[0].mesh
+        out_shardings = (state_shardings, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
 
 
 def make_eval_step(teacher: CausalLM, student: CausalLM, split: StudentSplit, loss_cfg: LossConfig) -> Callable:

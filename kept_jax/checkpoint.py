@@ -1,0 +1,153 @@
+"""Checkpoints of a training run with orbax's CheckpointManager, and the run directory's life cycle.
+
+A checkpoint holds the train state (trainable leaves, optimizer state, step) and the grain iterator's position.
+The student's frozen weights and the teacher are not saved: they are rebuilt, bit for bit, from the source
+checkpoint by the same deterministic conversion. There is no other randomness to save: the data order lives in the
+iterator state and the LoRA initialisation is in the trainable leaves.
+
+orbax writes each checkpoint to a temporary directory and renames it when complete, so a checkpoint interrupted
+mid-write (a `kill -9`, a lost node) is never listed, and the next start resumes from the last complete one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import threading
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from kept_jax.errors import KeptError
+
+CONFIG_FILE = "config.json"
+# Settings a resumed run may change: they do not touch the trained weights or the data order.
+RESUMABLE_CHANGES = {"verify", "train.log_every", "train.eval_every", "checkpoint.every", "checkpoint.keep",
+                     "checkpoint.async_save"}
+
+
+class Checkpoints:
+    def __init__(self, directory: str, every: int, keep: int, async_save: bool):
+        self.every = every
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
+        """Saves when `step` is due (a multiple of `every`) or when forced; returns whether it saved."""
+        if step % self.every and not force:
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=grain.checkpoint.CheckpointSave(data_iterator))
+        return self.manager.save(step, args=args, force=True)
+
+    def restore(self, step: int, abstract_state, data_iterator):
+        """The state at `step` (with the shardings of `abstract_state`); the iterator is moved to its position."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                  data=grain.checkpoint.CheckpointRestore(data_iterator))
+        return self.manager.restore(step, args=args).state
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs with the given shardings: the restore target."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _diff(old, new, prefix=""):
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            yield from _diff(old.get(key), new.get(key), f"{prefix}{key}.")
+    elif old != new:
+        yield f"{prefix[:-1]}: {old!r} -> {new!r}"
+
+
+def check_run_dir(run_dir: str, config: dict, force: bool) -> bool:
+    """Whether `run_dir` holds this config's run to resume; writes nothing, so a failing start leaves no trace.
+
+    A run directory holds the config it was started with, and the same command resumes it. A different config
+    (beyond logging and checkpoint settings), or a non-empty directory that is not a run directory, is an error
+    unless `force` starts over.
+    """
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise KeptError(f"--out {run_dir!r} is a file; give a directory path")
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    if not os.path.isdir(parent):
+        raise KeptError(f"the parent of the run directory, {parent!r}, does not exist; create it first")
+    if force or not os.path.isdir(run_dir) or not os.listdir(run_dir):
+        return False
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise KeptError(f"{run_dir!r} is not empty and is not a kept_jax run directory; "
+                        f"use --force to replace it or --out for another directory")
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    changes = [c for c in _diff(saved, config) if c.split(":")[0] not in RESUMABLE_CHANGES]
+    if changes:
+        shown = "; ".join(changes[:4]) + ("; ..." if len(changes) > 4 else "")
+        raise KeptError(f"{run_dir!r} holds a run with a different config ({shown}); run the same config to "
+                        f"resume it, or use --force to start over, or --out for a new run directory")
+    return True
+
+
+def create_run_dir(run_dir: str, config: dict, force: bool) -> None:
+    """Starts a fresh run directory (clearing it when forced) that records `config`."""
+    if force and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, CONFIG_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def config_dict(cfg) -> dict:
+    """The validated job config as JSON-compatible data (tuples as lists), for run-directory comparison."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag that the training loop reads between steps, so the state is never cut mid-step.
+
+    A second signal interrupts at once (the last complete checkpoint still stands). Across hosts the flag is
+    agreed on, so every process saves the same step.
+    """
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def requested(self) -> bool:
+        stop = self.signal is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            stop = bool(multihost_utils.process_allgather(stop).any())
+        return stop
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False

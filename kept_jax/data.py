@@ -1,0 +1,263 @@
+"""Training and evaluation data with grain: text, JSONL and Parquet sources -> tokens -> packed fixed-length rows.
+
+    documents (per source, random access) -> shuffle by seed, repeat -> mix by weight -> this host's slice
+      -> tokenize (the teacher's tokenizer; EOS closes every document) -> concat-then-split packing -> batches
+
+Every file is indexed and validated when the pipeline is built, so a bad line fails the job before any training,
+with the file and line named. The training iterator is a grain `DatasetIterator`: its position is saved in every
+checkpoint (`grain.checkpoint.CheckpointSave`) and restored on resume, so no document is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Callable, Sequence
+
+import grain
+import numpy as np
+
+from kept_jax.errors import KeptError
+
+CORPUS_DIR = os.path.join(os.path.dirname(__file__), "assets", "corpus")
+EMBEDDED = {"embedded": os.path.join(CORPUS_DIR, "train.jsonl"),
+            "embedded-heldout": os.path.join(CORPUS_DIR, "heldout.jsonl")}
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One entry of `data.train` / `data.eval`: a file or glob, the JSONL field or Parquet column, a mixing weight."""
+
+    path: str
+    field: str = "text"
+    weight: float = 1.0
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise KeptError(f"{where}: invalid UTF-8 at byte {e.start}; convert the file to UTF-8") from None
+
+
+class _JsonlFile:
+    """Byte offsets of a JSONL file's non-blank lines; each line is validated once, here, and re-read on access."""
+
+    def __init__(self, path: str, field: str):
+        self.path, self.field = path, field
+        offsets, lines = [], []
+        with open(path, "rb") as f:
+            offset = 0
+            for lineno, raw in enumerate(f, start=1):
+                if raw.strip():
+                    text = self._parse(raw, lineno)
+                    if text.strip():
+                        offsets.append(offset)
+                        lines.append(lineno)
+                offset += len(raw)
+        self.offsets = np.asarray(offsets, np.int64)
+        self.lines = np.asarray(lines, np.int64)
+
+    def _parse(self, raw: bytes, lineno: int) -> str:
+        where = f"{self.path}:{lineno}"
+        try:
+            record = json.loads(_utf8(raw, where))
+        except json.JSONDecodeError as e:
+            raise KeptError(f"{where}: not a JSON object ({e.msg}); every line must be one JSON object") from None
+        if not isinstance(record, dict) or not isinstance(record.get(self.field), str):
+            keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+            raise KeptError(f"{where}: no string field {self.field!r} (found: {keys}); set the source's field")
+        return record[self.field]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> str:
+        with open(self.path, "rb") as f:
+            f.seek(int(self.offsets[i]))
+            return self._parse(f.readline(), int(self.lines[i]))
+
+
+class _TextFile:
+    """A plain text file is one document."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f:
+            raw = f.read()
+        for lineno, line in enumerate(raw.split(b"\n"), start=1):
+            _utf8(line, f"{path}:{lineno}")
+        self.count = 1 if raw.strip() else 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> str:
+        with open(self.path, encoding="utf-8") as f:
+            return f.read()
+
+
+class _ParquetFile:
+    """One named string column of a Parquet file, held in memory as an Arrow array."""
+
+    def __init__(self, path: str, field: str):
+        import pyarrow.parquet as pq
+
+        try:
+            schema = pq.read_schema(path)
+        except Exception as e:  # pyarrow raises several types for a corrupt or truncated file
+            raise KeptError(f"{path} is not a readable Parquet file ({e})") from None
+        if field not in schema.names:
+            raise KeptError(f"{path} has no column {field!r} (columns: {', '.join(schema.names)}); set the source's field")
+        column = pq.read_table(path, columns=[field]).column(field).combine_chunks()
+        values = column.to_pylist()
+        keep = []
+        for row, value in enumerate(values):
+            if value is None:
+                continue
+            if isinstance(value, bytes):
+                value = _utf8(value, f"{path}: row {row}")
+            if not isinstance(value, str):
+                raise KeptError(f"{path}: row {row}: column {field!r} holds {type(value).__name__}, not text")
+            if value.strip():
+                keep.append(value)
+        self.values = keep
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, i: int) -> str:
+        return self.values[i]
+
+
+class Documents:
+    """The documents of one source (every file its glob matches), as a grain random-access data source."""
+
+    def __init__(self, source: Source):
+        pattern = EMBEDDED.get(source.path, source.path)
+        paths = sorted(glob.glob(os.path.expanduser(pattern), recursive=True)) if glob.has_magic(pattern) else [pattern]
+        if not paths:
+            raise KeptError(f"data source {source.path!r} matches no file; check the path or glob")
+        self.files = []
+        for path in paths:
+            if not os.path.isfile(path):
+                raise KeptError(f"data file {path!r} does not exist; check data.train / data.eval")
+            kind = FORMATS.get(os.path.splitext(path)[1].lower(), "text")
+            self.files.append(_JsonlFile(path, source.field) if kind == "jsonl"
+                              else _ParquetFile(path, source.field) if kind == "parquet" else _TextFile(path))
+        self.ends = np.cumsum([len(f) for f in self.files])
+        if len(self) == 0:
+            raise KeptError(f"data source {source.path!r} holds no text (every document is empty)")
+        self.name = source.path
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, i: int) -> str:
+        i = int(i)
+        k = int(np.searchsorted(self.ends, i, side="right"))
+        return self.files[k][i - (int(self.ends[k - 1]) if k else 0)]
+
+
+class _Chain:
+    def __init__(self, parts):
+        self.parts, self.ends = parts, np.cumsum([len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    def __getitem__(self, i: int) -> str:
+        k = int(np.searchsorted(self.ends, int(i), side="right"))
+        return self.parts[k][int(i) - (int(self.ends[k - 1]) if k else 0)]
+
+
+class _Subset:
+    def __init__(self, docs, indices: np.ndarray):
+        self.docs, self.indices = docs, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> str:
+        return self.docs[self.indices[int(i)]]
+
+
+def split_heldout(docs: Documents, fraction: float, seed: int) -> tuple[_Subset, _Subset]:
+    """(train, held-out): a seeded choice of whole documents, at least one each, so no text is in both."""
+    n = len(docs)
+    held = min(max(1, round(n * fraction)), n - 1) if n > 1 else 0
+    if held == 0:
+        raise KeptError(f"data source {docs.name!r} has one document, too few to hold some out; give data.eval")
+    order = np.random.default_rng([seed, 0x4E1D]).permutation(n)
+    return _Subset(docs, np.sort(order[held:])), _Subset(docs, np.sort(order[:held]))
+
+
+def _sources(spec) -> tuple:
+    return (Source(spec),) if isinstance(spec, str) else tuple(Source(s.path, s.field, s.weight) for s in spec)
+
+
+def open_sources(data_cfg, seed: int) -> tuple[list, list[float], object]:
+    """(training document sources, their weights, held-out documents) for a `DataConfig`.
+
+    `eval: embedded` with the embedded training text is the shipped held-out split; `eval: split` holds out
+    `eval_fraction` of every training source's documents, chosen by the seed.
+    """
+    train = [Documents(s) for s in _sources(data_cfg.train)]
+    weights = [s.weight for s in _sources(data_cfg.train)]
+    if data_cfg.eval == "split":
+        pairs = [split_heldout(docs, data_cfg.eval_fraction, seed) for docs in train]
+        return [p[0] for p in pairs], weights, _Chain([p[1] for p in pairs])
+    if data_cfg.eval == "embedded":
+        return train, weights, Documents(Source("embedded-heldout"))
+    held = [Documents(s) for s in _sources(data_cfg.eval)]
+    return train, weights, held[0] if len(held) == 1 else _Chain(held)
+
+
+class Tokenize(grain.transforms.Map):
+    """text -> {"tokens": int32 ids}: the tokenizer's own template (e.g. BOS), then EOS unless it already ends so."""
+
+    def __init__(self, encode: Callable[[str], Sequence[int]], eos_id: int | None):
+        self.encode, self.eos_id = encode, eos_id
+
+    def map(self, text: str) -> dict:
+        ids = list(self.encode(text))
+        if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+            ids.append(self.eos_id)
+        return {"tokens": np.asarray(ids, np.int32)}
+
+
+def _pack(ds: grain.MapDataset, tokenize: Tokenize, seq_len: int) -> grain.IterDataset:
+    packed = grain.experimental.ConcatThenSplitIterDataset(ds.map(tokenize).to_iter_dataset(),
+                                                          length_struct={"tokens": seq_len})
+    # A finite stream's last row is zero-padded (segment id 0); only whole rows are used.
+    return packed.filter(lambda row: row["tokens_segment_ids"][-1] != 0).map(lambda row: row["tokens"])
+
+
+def train_dataset(sources: Sequence[Documents], weights: Sequence[float], tokenize: Tokenize, seq_len: int,
+                  rows_per_step: int, seed: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Endless [rows_per_step / process_count, seq_len] int32 batches of this host's share of the training data.
+
+    Each source is shuffled by the seed and reshuffled every epoch; sources are mixed by `weights`. Hosts read
+    disjoint documents: every host shuffles the same way and keeps every `process_count`-th document.
+    """
+    if rows_per_step % process_count:
+        raise KeptError(f"the global batch ({rows_per_step} rows) does not split over {process_count} hosts")
+    parts = [grain.MapDataset.source(docs).seed(seed + i).shuffle().repeat() for i, docs in enumerate(sources)]
+    mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(weights))
+    local = mixed[process_index::process_count] if process_count > 1 else mixed
+    return _pack(local, tokenize, seq_len).batch(rows_per_step // process_count, drop_remainder=True)
+
+
+def first_rows(docs, tokenize: Tokenize, seq_len: int, count: int) -> np.ndarray:
+    """The first `count` packed rows of `docs` in order (fewer if the text runs out), as [rows, seq_len] int32."""
+    rows = []
+    for row in _pack(grain.MapDataset.source(docs), tokenize, seq_len):
+        rows.append(row)
+        if len(rows) == count:
+            break
+    if not rows:
+        raise KeptError(f"the evaluation text has fewer tokens than one sequence of {seq_len}; give more text")
+    return np.stack(rows)

@@ -1,0 +1,88 @@
+"""What a run reports as it goes: `metrics.jsonl` and TensorBoard event files in the run directory; `report.png`.
+
+Each line of `metrics.jsonl` is one JSON object: `{"split": "train" | "eval", "step", "tokens", "kl", "agreement",
+...}`. Train lines average the steps since the previous train line; eval lines cover the whole held-out set. Lines
+are flushed as they are written, so `tail -f` and TensorBoard (`tensorboard --logdir RUN_DIR/tensorboard`) follow a
+live run. On resume, lines past the restored step are dropped, since those steps run again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Callable
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+REPORT_FILE = "report.png"
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class RunLog:
+    def __init__(self, run_dir: str, keep: Callable[[dict], bool], enabled: bool = True):
+        """`keep` selects the records of an earlier process that stand (on resume, those up to the restored step).
+        `enabled` is False on every host but the first, which alone writes."""
+        self.run_dir, self.enabled = run_dir, enabled
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        path = os.path.join(run_dir, METRICS_FILE)
+        kept = [r for r in read_metrics(run_dir) if keep(r)]
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(path + ".tmp", path)
+        self._file = open(path, "a", encoding="utf-8")
+        # purge_step hides events after the last kept step from TensorBoard: those steps run again.
+        last = max((r["step"] for r in kept), default=-1)
+        self._writer = SummaryWriter(os.path.join(run_dir, TENSORBOARD_DIR), purge_step=last + 1, flush_secs=10)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for key, value in record.items():
+            if key not in ("step", "split") and isinstance(value, (int, float)) and math.isfinite(value):
+                self._writer.add_scalar(f"{record['split']}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._writer.close()
+
+
+def write_report(run_dir: str, title: str) -> str:
+    """`report.png`: KL (log scale) and top-1 agreement against training tokens, train and held-out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    fig, (ax_kl, ax_agree) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for split, style in (("train", dict(alpha=0.6, lw=1)), ("eval", dict(marker="o", lw=2))):
+        rows = [r for r in records if r["split"] == split]
+        if rows:
+            tokens = [r["tokens"] for r in rows]
+            ax_kl.plot(tokens, [r["kl"] for r in rows], label=split if split == "train" else "held-out", **style)
+            ax_agree.plot(tokens, [100 * r["agreement"] for r in rows], label=split, **style)
+    ax_kl.set(xlabel="training tokens", ylabel="KL(teacher || student), nats/token", yscale="log")
+    ax_agree.set(xlabel="training tokens", ylabel="top-1 agreement with the teacher (%)")
+    for ax in (ax_kl, ax_agree):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    path = os.path.join(run_dir, REPORT_FILE)
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path
