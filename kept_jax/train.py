@@ -248,17 +248,17 @@ class Job:
                 history.append(record)
                 if log:
                     log.write(record)
-                bar.set_postfix_str(status)
+                bar.set_postfix_str(status, refresh=False)
                 window = {}
             if t.eval_every and i % t.eval_every == 0 and i != t.steps:
                 self.log_eval(log, i, self.evaluate(state.trainable))
             bar.update(1)
-            if checkpoints:
-                checkpoints.save(i, state, iterator, force=i == t.steps)
+            saved = checkpoints.save(i, state, iterator, force=i == t.steps) if checkpoints else False
             if stop is not None and stop.requested():
                 bar.close()
                 if checkpoints:
-                    checkpoints.save(i, state, iterator, force=True)
+                    if not saved:
+                        checkpoints.save(i, state, iterator, force=True)
                     checkpoints.wait()
                 raise KeyboardInterrupt(f"stopped by a signal after step {i}; the checkpoint at step {i} is saved")
         bar.close()

@@ -1,0 +1,50 @@
+"""A few XKD steps of the job on a mesh layout; run as a script under XLA_FLAGS=--xla_force_host_platform_device_count=8.
+
+    python -m tests.sharded_run SOURCE OUT.npz LAYOUT_JSON
+
+writes the per-step metrics and the trained leaves, so that a test can compare layouts with a one-device run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+STEPS = 3
+
+
+def overrides(source: str, layout: dict) -> list[str]:
+    return [f"source={source}", "trainable=all", f"train.steps={STEPS}", "train.log_every=1", "train.warmup=0",
+            "train.lr=1e-3", "data.seq_len=32", "data.batch_size=8", "data.grad_accum=2", "data.calib_tokens=256",
+            "data.eval_tokens=256", *(f"mesh.{k}={json.dumps(v)}" for k, v in layout.items())]
+
+
+def run(source: str, layout: dict) -> dict[str, np.ndarray]:
+    """Metrics per step and every trained leaf after the steps, plus how a few leaves were laid out."""
+    import jax
+
+    from kept_jax.train import Job
+    from kept_jax.train_config import load_config
+
+    cfg, _ = load_config(None, overrides(source, layout))
+    job = Job(cfg)
+    job.prepare()
+    initial = {key: np.asarray(value) for key, value in job.split.trainable.items()}
+    state = job.distill()
+    out = {f"metric/{k}": np.asarray([h[k] for h in job.history]) for k in ("loss", "kl", "agreement", "grad_norm")}
+    out["metric/eval_kl"] = np.asarray(job.evaluate(state.trainable)["kl"])
+    for key, value in state.trainable.items():
+        out["update/" + "/".join(key)] = np.asarray(jax.device_get(value)) - initial[key]
+        # Shape of one device's shard: shows that the layout really split the leaf.
+        out["shard/" + "/".join(key)] = np.asarray(value.addressable_shards[0].data.shape)
+    q = job.teacher_params["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    out["teacher_shard/q_proj"] = np.asarray(q.addressable_shards[0].data.shape)
+    out["devices"] = np.asarray(jax.device_count())
+    return out
+
+
+if __name__ == "__main__":
+    source, path, layout = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    np.savez(path, **run(source, layout))

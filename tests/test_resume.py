@@ -1,0 +1,99 @@
+"""Preemption: SIGTERM saves and stops, kill -9 loses only the steps after the last complete checkpoint, and the
+resumed run is bit-identical to one that was never interrupted (metrics, trained state and export)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from kept_jax import train
+from kept_jax.runlog import read_metrics
+
+STEPS = 150
+
+
+def job_args(source, out):
+    return ["--out", out, f"source={source}", f"train.steps={STEPS}", "train.log_every=3", "train.eval_every=75",
+            "checkpoint.every=3", "checkpoint.keep=2", "verify=false", "trainable=lora", "data.seq_len=32",
+            "data.batch_size=4", "data.calib_tokens=256", "data.eval_tokens=256"]
+
+
+def start(args):
+    return subprocess.Popen([sys.executable, "-m", "kept_jax.train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def steps_saved(out):
+    path = os.path.join(out, "checkpoints")
+    return sorted(int(n) for n in os.listdir(path) if n.isdigit()) if os.path.isdir(path) else []
+
+
+def wait_for_checkpoint(proc, out, at_least, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if any(s >= at_least for s in steps_saved(out)):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint at step >= {at_least}; exit {proc.poll()}: {proc.communicate()[1][-2000:]}")
+
+
+def final_state(out):
+    return ocp.StandardCheckpointer().restore(os.path.join(out, "checkpoints", str(STEPS), "state"))
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in records]
+
+
+def test_interrupted_run_resumes_bit_identically(orion_checkpoint, tmp_path):
+    source = orion_checkpoint[0]
+    reference = str(tmp_path / "reference")
+    assert train.main(job_args(source, reference)) == 0
+
+    out = str(tmp_path / "run")
+    proc = start(job_args(source, out))
+    wait_for_checkpoint(proc, out, 9)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    stopped_at = int(err.split("stopped by a signal after step ")[1].split(";")[0])
+    assert steps_saved(out)[-1] == stopped_at < STEPS  # saved at the step it stopped, off the every-3 grid or not
+
+    proc = start(job_args(source, out))
+    wait_for_checkpoint(proc, out, stopped_at + 9)
+    proc.kill()  # SIGKILL: no handler runs, an async save may be cut mid-write
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    killed_after = steps_saved(out)[-1]
+    assert stopped_at < killed_after < STEPS
+    # A checkpoint directory left mid-write (orbax's temporary name) must never be used.
+    partial = os.path.join(out, "checkpoints", f"{STEPS - 1}.orbax-checkpoint-tmp-1234567890")
+    os.makedirs(os.path.join(partial, "state"))
+    with open(os.path.join(partial, "state", "_METADATA"), "w") as f:
+        f.write("{truncated")
+
+    proc = start(job_args(source, out))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    resumed_from = int(err.split("resuming from the checkpoint at step ")[1].split()[0])
+    assert stopped_at < resumed_from <= killed_after
+
+    assert without_timing(read_metrics(out)) == without_timing(read_metrics(reference))
+    steps = [r["step"] for r in read_metrics(out) if r["split"] == "train"]
+    assert steps == list(range(3, STEPS + 1, 3))  # nothing lost, nothing repeated
+    a, b = final_state(reference), final_state(out)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with open(os.path.join(reference, "export", "model.safetensors"), "rb") as f:
+        exported = f.read()
+    with open(os.path.join(out, "export", "model.safetensors"), "rb") as f:
+        assert f.read() == exported
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["resumed_from_step"] == resumed_from
