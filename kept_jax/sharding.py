@@ -87,15 +87,26 @@ def variable_axes(key: tuple[str, ...], params_axes: Mapping[tuple[str, ...], tu
     return params_axes[key]
 
 
-def _named(mesh: Mesh, rules: Rules, axes: tuple, shape: tuple, where: str) -> NamedSharding:
+def mesh_spec(axes: tuple, shape: tuple, mesh_sizes: Mapping[str, int], rules: Rules, where: str) -> PartitionSpec:
+    """The mesh PartitionSpec of a leaf with logical `axes`; every sharded dimension must split evenly."""
     spec = nn.logical_to_mesh_axes(axes, rules)
     for size, mesh_axes in zip(shape, spec):
         names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-        ways = math.prod(mesh.shape[n] for n in names)
+        ways = math.prod(mesh_sizes[n] for n in names)
         if size % ways:
             raise KeptError(f"{where}: dimension {size} does not split {ways} ways over mesh axes {names}; "
                             f"change the mesh sizes or the sharding rules")
-    return NamedSharding(mesh, spec)
+    return spec
+
+
+def shard_factor(spec: PartitionSpec, mesh_sizes: Mapping[str, int]) -> int:
+    """Into how many pieces the spec cuts a leaf (the rest of the mesh holds replicas)."""
+    names = [n for entry in spec for n in ((entry,) if isinstance(entry, str) else (entry or ()))]
+    return math.prod(mesh_sizes[n] for n in names)
+
+
+def _named(mesh: Mesh, rules: Rules, axes: tuple, shape: tuple, where: str) -> NamedSharding:
+    return NamedSharding(mesh, mesh_spec(axes, shape, dict(mesh.shape), rules, where))
 
 
 def flat_shardings(flat: Mapping[tuple[str, ...], Any], params_axes, mesh: Mesh, rules: Rules) -> dict:

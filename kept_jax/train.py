@@ -96,6 +96,9 @@ class Job:
         source = load_hf_config(cfg.source)
         if source.architecture != "orion":
             raise KeptError(f"source must be an Orion checkpoint; {cfg.source!r} is {source.architecture!r}")
+        if cfg.model.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+            raise KeptError(f"model.attention_impl=cudnn needs an NVIDIA GPU and JAX runs on {jax.default_backend()}; "
+                            f"set model.attention_impl=xla")
         self.mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
         self.rules = sharding.rules_from(cfg.mesh.rules)
         teacher_rules = sharding.rules_from(cfg.mesh.teacher_rules, dict(self.rules))

@@ -1,0 +1,215 @@
+"""`python -m kept_jax.train --config C --dry-run [--device-memory 80GB] [--devices N]`: plan a job on shapes alone.
+
+Nothing is loaded or allocated: the source's config.json gives the layout (or `source_config` when the weights are
+elsewhere), `jax.eval_shape` gives every parameter's shape, and the mapping's rules say which student weights equal
+the teacher's (and so share its buffers). It checks that the mapping covers every tensor of the layout and that every
+sharded dimension splits evenly on the mesh, then prints parameter counts and the memory per device:
+
+  weights        teacher leaves (precision.params) + student leaves that differ from the teacher, / shard factor
+  trainable      fp32 master copies of the trainable leaves, / shard factor
+  optimizer      AdamW m and v: 2 x 4 bytes per trainable value, / shard factor
+  gradients      fp32, one buffer (two with grad_accum > 1: the step's and the running sum), / shard factor
+  activations    per micro-batch of b = batch_size / (data x fsdp) sequences of T tokens, c bytes (compute dtype):
+                   saved for the backward pass, per layer (d hidden, q = heads x head_dim, k = 2 x kv_heads x head_dim,
+                   f = ffn size, H heads):
+                     full, save-dots-no-batch   b T d                 (the layer input only)
+                     save-dots                  b T (3d + q + k + 2f) (input and matmul outputs)
+                     none                       b T (5d + 2q + k + 3f) + attention probabilities b H T^2 in fp32
+                                                (xla attention only; cudnn's fused kernel keeps b H T)
+                   x L layers x c bytes, / tensor where the rules shard those dimensions (not counted: upper bound)
+                 + one layer's working set while it is recomputed and differentiated: 2 x the `none` row x c
+                 + the teacher's and the student's final hidden states: 2 b T d c
+                 + the loss's chunk logits, teacher and student and the gradient: 3 x chunk x vocab x 4 bytes
+  total          the sum; it fits when it is at most 95% of the device memory (XLA needs some room of its own)
+
+The activation rows are estimates of XLA's live set, not its exact allocation: on a GPU, `benchmarks/` measures the
+compiled step's `memory_analysis()` to check them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from kept_jax.errors import KeptError
+
+GIB = 2**30
+FIT_FRACTION = 0.95
+
+
+def parse_memory(text: str) -> int:
+    """'80GB' (10^9), '80GiB' (2^30), '80G' (as GB), or bytes -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(gib|gb|g|mib|mb|m|tib|tb|t|b)?\s*", text.lower())
+    if not m:
+        raise KeptError(f"--device-memory {text!r}: give a size such as 80GB, 141GB or 80GiB")
+    unit = {"gib": GIB, "gb": 1e9, "g": 1e9, "mib": 2**20, "mb": 1e6, "m": 1e6, "tib": 2**40, "tb": 1e12, "t": 1e12,
+            "b": 1, None: 1}[m.group(2)]
+    return int(float(m.group(1)) * unit)
+
+
+def _source_layout(cfg):
+    from kept_jax.config import ModelConfig
+    from kept_jax.train_config import CONFIG_DIR
+
+    candidates = [os.path.join(cfg.source, "config.json")]
+    if cfg.source_config:
+        candidates += [cfg.source_config, os.path.join(os.path.dirname(CONFIG_DIR), cfg.source_config)]
+    for path in candidates:
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                hf = json.load(f)
+            runtime = dict(compute_dtype=cfg.precision.compute, param_dtype=cfg.precision.params,
+                           scan_layers=cfg.model.scan_layers, remat_policy=cfg.model.remat,
+                           attention_impl=cfg.model.attention_impl)
+            return path, ModelConfig.from_hf_dict(hf, **runtime)
+    raise KeptError(f"no config.json at {cfg.source!r} and no source_config set; give the source's config.json "
+                    f"with source_config=PATH to plan without the weights")
+
+
+def _nbytes(x) -> int:
+    return int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+
+
+def activation_bytes(cfg, config, micro_batch: int, mesh_sizes: dict) -> dict[str, float]:
+    """The activation rows of the module docstring, in bytes per device."""
+    b, t = micro_batch, cfg.data.seq_len
+    d, f, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    q, k = heads * config.head_dim, 2 * config.num_key_value_heads * config.head_dim
+    c = jnp.dtype(cfg.precision.compute).itemsize
+    attention_probs = b * heads * (t * t if cfg.model.attention_impl == "xla" else t) * 4  # fp32 softmax
+    layer_none = b * t * (5 * d + 2 * q + k + 3 * f) * c + attention_probs
+    saved_per_layer = {"full": b * t * d * c, "save-dots-no-batch": b * t * d * c,
+                       "save-dots": b * t * (3 * d + q + k + 2 * f) * c, "none": layer_none}[cfg.model.remat]
+    return {
+        f"saved for backward ({cfg.model.remat}, {config.num_hidden_layers} layers)":
+            saved_per_layer * config.num_hidden_layers,
+        "one layer's recompute + gradients": 2 * layer_none,
+        "final hidden states (teacher, student)": 2 * b * t * d * c,
+        f"loss chunk logits ({cfg.loss.chunk_size} x {config.vocab_size})": 3 * cfg.loss.chunk_size * config.vocab_size * 4,
+    }
+
+
+def plan(cfg, devices: int | None = None) -> dict:
+    """Everything the dry run prints, as data (tests read it)."""
+    from bridge.names import tensor_table
+    from kept_jax import sharding
+    from kept_jax.mapping import build_mapping, target_config
+    from kept_jax.models import init_params
+    from kept_jax.xkd.trainable import init_lora, is_trainable
+
+    layout_path, teacher_config = _source_layout(cfg)
+    if teacher_config.architecture != "orion":
+        raise KeptError(f"source must be an Orion checkpoint; {layout_path} describes {teacher_config.architecture!r}")
+    mapping = build_mapping(cfg.opm, teacher_config, stats={})  # rules only: statistics are read when applied
+    mapping.check()
+    student_config = target_config(teacher_config, cfg.opm).replace(lora_scale=cfg.lora.alpha / cfg.lora.rank)
+    # Shapes do not depend on the attention kernel, and cudnn cannot even be traced without a GPU.
+    teacher_config, student_config = (c.replace(attention_impl="xla") for c in (teacher_config, student_config))
+
+    teacher = jax.eval_shape(lambda: init_params(teacher_config, jax.random.key(0), seq_len=1))
+    student = {"params": jax.eval_shape(lambda: init_params(student_config, jax.random.key(0), seq_len=1))}
+    if cfg.trainable == "lora":
+        student["lora"] = jax.eval_shape(lambda p: init_lora(p, cfg.lora.rank, cfg.lora.targets, jax.random.key(0)),
+                                         student["params"])
+    student_flat = traverse_util.flatten_dict(student)
+    teacher_flat = traverse_util.flatten_dict({"params": teacher})
+
+    # A student leaf shares the teacher's buffer when every HF tensor in it is copied unchanged (or recentered, which
+    # the teacher reads too) and it does not train.
+    keeps_teacher_value: dict[tuple, bool] = {}
+    rules = {r.target: r for r in mapping.rules}
+    for spec in tensor_table(student_config):
+        key = ("params", *spec.params_path(student_config.scan_layers))
+        rule = rules[spec.hf_name]
+        same = rule.transform == "identity" or rule.transform.startswith("recenter")
+        keeps_teacher_value[key] = keeps_teacher_value.get(key, True) and same
+    trainable = {k: v for k, v in student_flat.items() if is_trainable(k, cfg.trainable)}
+    if not trainable:
+        raise KeptError(f"trainable={cfg.trainable!r} selects no parameter of the student; check the patterns")
+    shared = {k for k, v in student_flat.items() if k not in trainable and keeps_teacher_value.get(k, False)
+              and k in teacher_flat and teacher_flat[k].shape == v.shape}
+    own = {k: v for k, v in student_flat.items() if k not in trainable and k not in shared}
+
+    m = cfg.mesh
+    if devices is None:
+        devices = math.prod(s for s in (m.data, m.fsdp, m.tensor) if s != -1)
+    mesh_sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(m.data, m.fsdp, m.tensor, devices)))
+    student_rules = sharding.rules_from(m.rules)
+    teacher_rules = sharding.rules_from(m.teacher_rules, dict(student_rules))
+    student_axes, teacher_axes = sharding.logical_axes(student_config), sharding.logical_axes(teacher_config)
+
+    def per_device(flat, axes, rules, itemsize=None):
+        total = 0.0
+        for key, value in flat.items():
+            spec = sharding.mesh_spec(sharding.variable_axes(key, axes), tuple(value.shape), mesh_sizes, rules,
+                                      "/".join(key))
+            size = _nbytes(value) if itemsize is None else int(np.prod(value.shape)) * itemsize
+            total += size / sharding.shard_factor(spec, mesh_sizes)
+        return total
+
+    batch_ways = mesh_sizes["data"] * mesh_sizes["fsdp"]
+    if cfg.data.batch_size % batch_ways:
+        raise KeptError(f"data.batch_size {cfg.data.batch_size} does not split over data x fsdp = {batch_ways}")
+    n_trainable = sum(int(np.prod(v.shape)) for v in trainable.values())
+    trainable_fp32 = per_device(trainable, student_axes, student_rules, itemsize=4)
+    memory = {
+        f"teacher weights ({cfg.precision.params})": per_device(teacher_flat, teacher_axes, teacher_rules),
+        f"student weights not shared with the teacher ({len(own)} leaves)": per_device(own, student_axes, student_rules),
+        "trainable leaves, fp32 master copies": trainable_fp32,
+        "optimizer state (AdamW m and v, fp32)": 2 * trainable_fp32,
+        "gradients (fp32" + (", and the accumulation sum)" if cfg.data.grad_accum > 1 else ")"):
+            trainable_fp32 * (2 if cfg.data.grad_accum > 1 else 1),
+    }
+    micro_batch = cfg.data.batch_size // batch_ways
+    memory.update(activation_bytes(cfg, student_config, micro_batch, mesh_sizes))
+    count = lambda flat: sum(int(np.prod(v.shape)) for v in flat.values())  # noqa: E731
+    return {
+        "layout": layout_path, "teacher_config": teacher_config, "mapping": mapping, "mesh": mesh_sizes,
+        "devices": devices, "micro_batch": micro_batch,
+        "teacher_params": count(teacher_flat), "student_params": count(traverse_util.flatten_dict(
+            {"params": student["params"]})), "trainable_params": n_trainable,
+        "shared_leaves": len(shared), "student_leaves": len(student_flat), "memory": memory,
+        "total": sum(memory.values()),
+    }
+
+
+def dry_run(cfg, device_memory: str | None, devices: int | None) -> int:
+    """Prints the plan; returns 0, or 1 when `device_memory` is given and the job does not fit."""
+    p = plan(cfg, devices)
+    c = p["teacher_config"]
+    mesh = p["mesh"]
+    out = sys.stdout
+    rules = p["mapping"].rules
+    print(f"dry run: abstract shapes only, no weights read\n"
+          f"source layout  {p['layout']}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+          f"{c.num_attention_heads} heads x {c.head_dim}, ffn {c.intermediate_size}, vocab {c.vocab_size}\n"
+          f"mapping        opm={cfg.opm}: {len(rules)} target tensors, {len(p['mapping'].dropped)} source tensors "
+          f"dropped on purpose; every tensor covered\n"
+          f"mesh           data={mesh['data']} x fsdp={mesh['fsdp']} x tensor={mesh['tensor']} = {p['devices']} "
+          f"device(s); every sharded dimension splits evenly\n"
+          f"parameters     teacher {p['teacher_params'] / 1e9:.2f}B, student {p['student_params'] / 1e9:.2f}B, "
+          f"trainable {p['trainable_params'] / 1e6:.1f}M ({cfg.trainable}); "
+          f"{p['shared_leaves']} of {p['student_leaves']} student leaves share the teacher's buffers\n"
+          f"batch          {cfg.data.batch_size} x {cfg.data.seq_len} tokens per micro-step ({p['micro_batch']} "
+          f"sequences per device), {cfg.data.grad_accum} micro-steps per step", file=out)
+    print(f"\n{'memory per device':<60}{'GiB':>8}", file=out)
+    for name, value in p["memory"].items():
+        print(f"  {name:<58}{value / GIB:>8.2f}", file=out)
+    print(f"  {'total':<58}{p['total'] / GIB:>8.2f}", file=out)
+    if device_memory is None:
+        return 0
+    capacity = parse_memory(device_memory)
+    fits = p["total"] <= FIT_FRACTION * capacity
+    print(f"\ndevice memory {device_memory} = {capacity / GIB:.1f} GiB: "
+          f"{'fits' if fits else 'does NOT fit'} ({p['total'] / capacity:.0%} of it; the limit is "
+          f"{FIT_FRACTION:.0%}). JAX preallocates 75% of a GPU by default: run with "
+          f"XLA_PYTHON_CLIENT_MEM_FRACTION=0.95.", file=out)
+    return 0 if fits else 1

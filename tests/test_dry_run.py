@@ -1,0 +1,59 @@
+"""`--dry-run`: the 14B jobs planned from shapes alone, with counts checked against Orion-14B's published layout."""
+
+import pytest
+
+from kept_jax import train
+from kept_jax.dry_run import GIB, parse_memory, plan
+from kept_jax.errors import KeptError
+from kept_jax.train_config import load_config
+
+# Orion-14B (DESIGN.md): 40 layers, d 5120, ffn 15360, 40 heads x 128 (MHA), vocab 84608, untied, LayerNorm with bias.
+L, D, F, V = 40, 5120, 15360, 84608
+ORION_PARAMS = L * (4 * D * D + 3 * D * F + 2 * 2 * D) + 2 * V * D + 2 * D
+
+
+@pytest.mark.parametrize("name", ["orion-14b-base", "orion-14b-chat", "orion-14b-longchat"])
+def test_14b_configs_plan_and_fit_one_80gb_gpu(name, capsys):
+    cfg, _ = load_config(f"configs/{name}.yaml")
+    p = plan(cfg)
+    assert p["teacher_params"] == ORION_PARAMS
+    assert p["student_params"] == ORION_PARAMS - L * 2 * D - D  # Llama norms have no bias
+    lora = cfg.lora.rank * L * (4 * 2 * D + 2 * (D + F) + (F + D))  # q,k,v,o; gate, up; down
+    assert p["trainable_params"] == lora
+    memory = p["memory"]
+    assert memory["teacher weights (bfloat16)"] == 2 * ORION_PARAMS
+    # absorb edits q, k, v, gate, up and lm_head: the student keeps its own copy of those (and its three gains).
+    own = 2 * (L * (3 * D * D + 2 * D * F) + D * V + 2 * L * D + D)
+    assert memory["student weights not shared with the teacher (9 leaves)"] == own
+    assert memory["optimizer state (AdamW m and v, fp32)"] == 8 * lora
+    assert train.main(["--config", f"configs/{name}.yaml", "--dry-run", "--device-memory", "80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "every tensor covered" in out and ": fits (" in out and f"{p['total'] / GIB:.2f}" in out
+    assert train.main(["--config", f"configs/{name}.yaml", "--dry-run", "--device-memory", "40GB"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
+
+
+def test_shardings_divide_memory_and_are_checked():
+    one, _ = load_config("configs/orion-14b-base.yaml")
+    eight, _ = load_config("configs/orion-14b-base.yaml", ["mesh.fsdp=8"])
+    p1, p8 = plan(one), plan(eight, devices=8)
+    assert p8["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and p8["micro_batch"] == 1
+    assert p8["memory"]["teacher weights (bfloat16)"] < p1["memory"]["teacher weights (bfloat16)"] / 7.9
+    bad, _ = load_config("configs/orion-14b-base.yaml", ["mesh.tensor=3", "data.batch_size=9"])
+    with pytest.raises(KeptError, match="does not split 3 ways over mesh axes"):
+        plan(bad, devices=3)
+    with pytest.raises(KeptError, match="does not split over data x fsdp = 3"):
+        plan(load_config("configs/orion-14b-base.yaml", ["mesh.fsdp=3"])[0], devices=3)
+
+
+def test_dry_run_needs_a_layout(tmp_path, capsys):
+    assert train.main(["--config", "configs/orion-14b-base.yaml", "--dry-run", "source_config=",
+                       f"source={tmp_path}"]) == 2
+    assert "no source_config set" in capsys.readouterr().err
+
+
+def test_memory_sizes_parse():
+    assert parse_memory("80GB") == 80 * 10**9 and parse_memory("80GiB") == 80 * GIB
+    assert parse_memory("141 gb") == 141 * 10**9 and parse_memory("1024") == 1024
+    with pytest.raises(KeptError, match="give a size such as 80GB"):
+        parse_memory("eighty")
