@@ -86,33 +86,17 @@ def gather(out_dir: str = CORPUS_DIR) -> tuple[int, int]:
 
 
 def read_documents(path: str, field: str = "text") -> list[str]:
-    """Documents of a JSONL file (one object per line with a text `field`) or of a plain text file (one document)."""
-    if not os.path.isfile(path):
-        raise KeptError(f"text file {path!r} does not exist")
-    docs = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            if not path.endswith(".jsonl"):
-                docs = [f.read()]
-            else:
-                for lineno, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        docs.append(json.loads(line)[field])
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise KeptError(f"{path}:{lineno}: expected a JSON object with a {field!r} string") from None
-    except UnicodeDecodeError as e:
-        raise KeptError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise KeptError(f"{path} holds no text")
-    return docs
+    """The non-empty documents of a JSONL file (a text `field` per line), a Parquet column or a text file."""
+    from kept_jax.data import Documents, Source
+
+    return list(Documents(Source(path, field)))
 
 
 def token_rows(path: str, encode: Callable[[str], Sequence[int]], seq_len: int, eos_id: int | None) -> np.ndarray:
-    """The documents of a text or JSONL file, tokenized with `encode` and packed into [rows, seq_len]."""
-    return pack((encode(doc) for doc in read_documents(path)), seq_len, eos_id)
+    """The documents of a file, tokenized with `encode` (EOS after each) and packed into [rows, seq_len] int32."""
+    from kept_jax.data import Documents, Source, Tokenize, first_rows
+
+    return first_rows(Documents(Source(path)), Tokenize(encode, eos_id), seq_len, count=sys.maxsize)
 
 
 def pack(token_docs: Iterable[Sequence[int]], seq_len: int, eos_id: int | None) -> np.ndarray:

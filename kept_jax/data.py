@@ -252,12 +252,12 @@ def train_dataset(sources: Sequence[Documents], weights: Sequence[float], tokeni
 
 
 def first_rows(docs, tokenize: Tokenize, seq_len: int, count: int) -> np.ndarray:
-    """The first `count` packed rows of `docs` in order (fewer if the text runs out), as [rows, seq_len] int32."""
+    """The first `count` packed rows of `docs` in order (all of them if the text runs out first), [rows, seq_len]."""
     rows = []
     for row in _pack(grain.MapDataset.source(docs), tokenize, seq_len):
         rows.append(row)
         if len(rows) == count:
             break
     if not rows:
-        raise KeptError(f"the evaluation text has fewer tokens than one sequence of {seq_len}; give more text")
+        raise KeptError(f"the text has fewer tokens than one sequence of {seq_len}; give more text")
     return np.stack(rows)

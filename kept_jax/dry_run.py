@@ -20,6 +20,7 @@ sharded dimension splits evenly on the mesh, then prints parameter counts and th
                  + one layer's working set while it is recomputed and differentiated: 2 x the `none` row x c
                  + the teacher's and the student's final hidden states: 2 b T d c
                  + the loss's chunk logits, teacher and student and the gradient: 3 x chunk x vocab x 4 bytes
+  fsdp gather    with fsdp > 1, one layer's and the head's weights, whole, for teacher and student, / tensor
   total          the sum; it fits when it is at most 95% of the device memory (XLA needs some room of its own)
 
 The activation rows are estimates of XLA's live set, not its exact allocation: on a GPU, `benchmarks/` measures the
@@ -170,6 +171,13 @@ def plan(cfg, devices: int | None = None) -> dict:
     }
     micro_batch = cfg.data.batch_size // batch_ways
     memory.update(activation_bytes(cfg, student_config, micro_batch, mesh_sizes))
+    if mesh_sizes["fsdp"] > 1:  # XLA gathers a layer's fsdp-sharded weights (teacher's and student's) to use them
+        from kept_jax.flops import matmul_params
+
+        c = teacher_config
+        layer_and_head = (matmul_params(c) - c.hidden_size * c.vocab_size) / c.num_hidden_layers + c.hidden_size * c.vocab_size
+        memory["one layer's and the head's weights, gathered (fsdp)"] = (
+            2 * layer_and_head * jnp.dtype(cfg.precision.params).itemsize / mesh_sizes["tensor"])
     count = lambda flat: sum(int(np.prod(v.shape)) for v in flat.values())  # noqa: E731
     return {
         "layout": layout_path, "teacher_config": teacher_config, "mapping": mapping, "mesh": mesh_sizes,

@@ -181,6 +181,16 @@ class Job:
                                        d.batch_size * d.grad_accum, self.cfg.train.seed,
                                        jax.process_index(), jax.process_count()))
 
+    def batches(self, iterator=None):
+        """Global [grad_accum, batch, seq] token arrays, placed on the mesh, from `iterator` (default: a fresh one)."""
+        from kept_jax import sharding
+
+        d = self.cfg.data
+        iterator = self.train_iterator() if iterator is None else iterator
+        while True:
+            local = next(iterator).reshape(d.grad_accum, -1, d.seq_len)
+            yield sharding.global_batch(local, self.batch_sharding)
+
     def step_flops(self) -> float:
         from kept_jax.flops import step_flops_per_token
 
@@ -224,11 +234,9 @@ class Job:
         history, window, timed_steps, t0 = [], {}, 0, None
         bar = tqdm(total=t.steps, initial=start, desc="distill", unit="step", file=sys.stderr, dynamic_ncols=True,
                    mininterval=1.0, disable=jax.process_index() != 0)
-        i = start
+        batches = self.batches(iterator)
         for i in range(start + 1, t.steps + 1):
-            local = next(iterator).reshape(d.grad_accum, -1, d.seq_len)
-            state, metrics = step_fn(state, self.teacher_params, self.split.frozen,
-                                     sharding.global_batch(local, self.batch_sharding))
+            state, metrics = step_fn(state, self.teacher_params, self.split.frozen, next(batches))
             metrics = {k: float(v) for k, v in metrics.items()}
             if t0 is None:
                 t0 = time.perf_counter()  # after the first step: compilation is not throughput

@@ -80,7 +80,7 @@ def test_convert_user_errors(tmp_path, capsys, llama_checkpoint):
     assert "holds no text" in _fails(["--out", str(tmp_path / "o2"), "--calib", str(empty)], capsys)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
-    assert "bad.jsonl:2: expected a JSON object with a 'text' string" in _fails(
+    assert "bad.jsonl:2: no string field 'text' (found: body)" in _fails(
         ["--out", str(tmp_path / "o3"), "--calib", str(bad)], capsys)
     assert "must be positive" in _fails(["--out", str(tmp_path / "o4"), "--calib-tokens", "0"], capsys)
     assert not os.path.exists(tmp_path / "o2") and not os.path.exists(tmp_path / "o3")

@@ -102,7 +102,8 @@ def test_optimizer_state_covers_only_trainable_leaves(job_exact_norms):
 
 def test_gradient_accumulation_equals_one_big_batch(orion_checkpoint):
     job = _job(orion_checkpoint[0], "opm=center", "trainable=norms")
-    rows = job.train_rows[:8]
+    batches = job.batches()
+    rows = np.concatenate([np.asarray(next(batches)).reshape(-1, 32) for _ in range(2)])  # 2 x 4 rows
     one, m1 = _run(job, 1, rows.reshape(1, 8, -1))
     accumulated, m2 = _run(job, 1, rows.reshape(2, 4, -1))
     assert float(m1["tokens"]) == float(m2["tokens"])
