@@ -227,11 +227,11 @@ class Job:
         else:
             state = checkpoints.restore(start, abstract_like(shapes, state_sh), iterator)
             print(f"resuming from the checkpoint at step {start}", file=sys.stderr)
+        flops, peak = self.step_flops(), peak_flops(jax.devices()[0].device_kind, cfg.precision.compute)
         self.split = dataclasses.replace(self.split, trainable={})  # the state holds them now
         step_fn = make_train_step(self.teacher, self.student, self.split, optimizer, cfg.loss, state_sh)
         tokens_per_step = d.batch_size * d.grad_accum * d.seq_len
-        flops, peak = self.step_flops(), peak_flops(jax.devices()[0].device_kind, cfg.precision.compute)
-        history, window, timed_steps, t0 = [], {}, 0, None
+        history, window, timed_steps, t0, eval_seconds = [], {}, 0, None, 0.0
         bar = tqdm(total=t.steps, initial=start, desc="distill", unit="step", file=sys.stderr, dynamic_ncols=True,
                    mininterval=1.0, disable=jax.process_index() != 0)
         batches = self.batches(iterator)
@@ -247,7 +247,7 @@ class Job:
             window["steps"] = window.get("steps", 0) + 1
             if i % t.log_every == 0 or i == t.steps:
                 m = _sums_to_metrics(window)
-                seconds = max(time.perf_counter() - t0, 1e-9)
+                seconds = max(time.perf_counter() - t0 - eval_seconds, 1e-9)  # training time only
                 record = {"split": "train", "step": i, "tokens": i * tokens_per_step, "kl": m["kl"],
                           "agreement": m["agreement"], "loss": m["loss"], "student_nll": m["student_nll"],
                           "teacher_nll": m["teacher_nll"], "grad_norm": window["grad_norm"] / window["steps"],
@@ -262,7 +262,9 @@ class Job:
                 bar.set_postfix_str(status, refresh=False)
                 window = {}
             if t.eval_every and i % t.eval_every == 0 and i != t.steps:
+                t_eval = time.perf_counter()
                 self.log_eval(log, i, self.evaluate(state.trainable))
+                eval_seconds += time.perf_counter() - t_eval
             bar.update(1)
             saved = checkpoints.save(i, state, iterator, force=i == t.steps) if checkpoints else False
             if stop is not None and stop.requested():
