@@ -82,9 +82,6 @@ def check_run_dir(run_dir: str, config: dict, force: bool) -> bool:
     """
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise KeptError(f"--out {run_dir!r} is a file; give a directory path")
-    parent = os.path.dirname(os.path.abspath(run_dir))
-    if not os.path.isdir(parent):
-        raise KeptError(f"the parent of the run directory, {parent!r}, does not exist; create it first")
     if force or not os.path.isdir(run_dir) or not os.listdir(run_dir):
         return False
     path = os.path.join(run_dir, CONFIG_FILE)

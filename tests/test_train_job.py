@@ -69,6 +69,15 @@ def test_job_writes_summary_logs_and_a_verified_export(orion_checkpoint, tmp_pat
     assert json.load(open(os.path.join(out, "summary.json")))["steps"] == 4
 
 
+def test_a_new_run_directory_is_created_with_its_parents(tmp_path):
+    from kept_jax import checkpoint
+
+    run = str(tmp_path / "runs" / "tiny")  # the default --out, runs/<config>, on a fresh clone
+    assert checkpoint.check_run_dir(run, {"a": 1}, force=False) is False
+    checkpoint.create_run_dir(run, {"a": 1}, force=False)
+    assert checkpoint.check_run_dir(run, {"a": 1}, force=False) is True
+
+
 def test_job_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
