@@ -122,9 +122,7 @@ def atomic_output_dir(out_dir: str, force: bool) -> Iterator[str]:
     check_output_dir(out_dir, force)
     out_dir = os.path.abspath(out_dir)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other directory
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any other directory
     try:
         yield tmp
     except BaseException:
@@ -137,6 +135,30 @@ def atomic_output_dir(out_dir: str, force: bool) -> Iterator[str]:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, out_dir)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w") -> Iterator[Any]:
+    """An open file at a temporary path beside `path`, renamed to `path` when the block succeeds, removed if not.
+
+    Readers see the old file or the whole new one, never a half-written one (a summary, a log rewrite, a plot).
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result should look like any other file
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def write_config(out_dir: str, config: ModelConfig) -> None:

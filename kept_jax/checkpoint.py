@@ -22,6 +22,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from bridge.hf_export import atomic_file
 from kept_jax.errors import KeptError
 
 CONFIG_FILE = "config.json"
@@ -103,10 +104,8 @@ def create_run_dir(run_dir: str, config: dict, force: bool) -> None:
     if force and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, CONFIG_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_file(os.path.join(run_dir, CONFIG_FILE)) as f:
         json.dump(config, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def config_dict(cfg) -> dict:

@@ -13,6 +13,8 @@ import math
 import os
 from typing import Callable
 
+from bridge.hf_export import atomic_file
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 REPORT_FILE = "report.png"
@@ -37,9 +39,8 @@ class RunLog:
 
         path = os.path.join(run_dir, METRICS_FILE)
         kept = [r for r in read_metrics(run_dir) if keep(r)]
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
+        with atomic_file(path) as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(path + ".tmp", path)
         self._file = open(path, "a", encoding="utf-8")
         # purge_step hides events after the last kept step from TensorBoard: those steps run again.
         last = max((r["step"] for r in kept), default=-1)
@@ -82,7 +83,7 @@ def write_report(run_dir: str, title: str) -> str:
         ax.legend()
     fig.suptitle(title)
     path = os.path.join(run_dir, REPORT_FILE)
-    fig.savefig(path + ".tmp.png", dpi=110)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
     return path

@@ -6,7 +6,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 
 from kept_jax.errors import KeptError, cli_entry
 
@@ -58,19 +57,6 @@ def _check_output(path: str, force: bool) -> None:
         raise KeptError(f"--save-logits: {path!r} already exists; choose another path or pass --force")
 
 
-def _save_atomic(path: str, array) -> None:
-    import numpy as np
-
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -113,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mean NLL:   {nll:.6f} nats/token")
     print(f"perplexity: {math.exp(nll):.4f}")
     if args.save_logits:
-        _save_atomic(args.save_logits, np.asarray(logits, dtype=np.float32))
+        from bridge.hf_export import atomic_file
+
+        with atomic_file(args.save_logits, "wb") as f:
+            np.save(f, np.asarray(logits, dtype=np.float32))
         print(f"logits:     {args.save_logits} {tuple(logits.shape)} float32")
     return 0
 

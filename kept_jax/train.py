@@ -394,7 +394,7 @@ def main(argv=None) -> int:
     evals = [r for r in records if r["split"] == "eval"]
     init, final = evals[0], evals[-1]
     train_records = [r for r in records if r["split"] == "train"]
-    from bridge.hf_export import atomic_output_dir
+    from bridge.hf_export import atomic_file, atomic_output_dir
 
     export_dir = os.path.join(out_dir, "export")
     with atomic_output_dir(export_dir, force=True) as tmp:
@@ -422,9 +422,8 @@ def main(argv=None) -> int:
         "config": raw,
     }
     runlog.write_report(out_dir, f"{cfg.source} -> Llama: opm={cfg.opm}, trainable={summary['trainable']}")
-    with open(summary_path + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_file(summary_path) as f:
         json.dump(summary, f, indent=2)
-    os.replace(summary_path + ".tmp", summary_path)
     print(_summary_table(summary))
     print(f"\nopm={cfg.opm} trainable={summary['trainable']} steps={cfg.train.steps} tokens={summary['tokens']:,} "
           f"verified={summary['verified']} time={summary['seconds_this_process']:.0f}s\nrun directory: {out_dir}")

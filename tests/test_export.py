@@ -12,7 +12,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from bridge.hf_export import atomic_output_dir, write_params
+from bridge.hf_export import atomic_file, atomic_output_dir, write_params
 from bridge.hf_import import load_hf_checkpoint
 from bridge.tokenizer_export import export_tokenizer
 from kept_jax import corpus
@@ -111,3 +111,19 @@ def test_output_directory_is_refused_unless_forced_and_never_partial(tmp_path):
         (open(os.path.join(tmp, "new.txt"), "w")).write("new")
     assert os.listdir(out) == ["new.txt"]
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(str(path)) as f:
+            f.write("half")
+            raise RuntimeError("stopped mid-write")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["summary.json"]
+    with atomic_file(str(path)) as f:
+        f.write("new")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["summary.json"]
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
