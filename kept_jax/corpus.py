@@ -87,16 +87,18 @@ def gather(out_dir: str = CORPUS_DIR) -> tuple[int, int]:
 
 def read_documents(path: str, field: str = "text") -> list[str]:
     """The non-empty documents of a JSONL file (a text `field` per line), a Parquet column or a text file."""
-    from kept_jax.data import Documents, Source
+    from kept_jax.data import Documents
+    from kept_jax.train_config import SourceConfig
 
-    return list(Documents(Source(path, field)))
+    return list(Documents(SourceConfig(path, field)))
 
 
 def token_rows(path: str, encode: Callable[[str], Sequence[int]], seq_len: int, eos_id: int | None) -> np.ndarray:
     """The documents of a file, tokenized with `encode` (EOS after each) and packed into [rows, seq_len] int32."""
-    from kept_jax.data import Documents, Source, Tokenize, first_rows
+    from kept_jax.data import Documents, Tokenize, first_rows
+    from kept_jax.train_config import SourceConfig
 
-    return first_rows(Documents(Source(path)), Tokenize(encode, eos_id), seq_len, count=sys.maxsize)
+    return first_rows(Documents(SourceConfig(path)), Tokenize(encode, eos_id), seq_len, count=sys.maxsize)
 
 
 def pack(token_docs: Iterable[Sequence[int]], seq_len: int, eos_id: int | None) -> np.ndarray:

@@ -10,8 +10,8 @@ checkpoint (`grain.checkpoint.CheckpointSave`) and restored on resume, so no doc
 
 from __future__ import annotations
 
-import dataclasses
 import glob
+import itertools
 import json
 import os
 from typing import Callable, Sequence
@@ -20,20 +20,12 @@ import grain
 import numpy as np
 
 from kept_jax.errors import KeptError
+from kept_jax.train_config import SourceConfig
 
 CORPUS_DIR = os.path.join(os.path.dirname(__file__), "assets", "corpus")
 EMBEDDED = {"embedded": os.path.join(CORPUS_DIR, "train.jsonl"),
             "embedded-heldout": os.path.join(CORPUS_DIR, "heldout.jsonl")}
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """One entry of `data.train` / `data.eval`: a file or glob, the JSONL field or Parquet column, a mixing weight."""
-
-    path: str
-    field: str = "text"
-    weight: float = 1.0
 
 
 def _utf8(raw: bytes, where: str) -> str:
@@ -101,7 +93,7 @@ class _TextFile:
 
 
 class _ParquetFile:
-    """One named string column of a Parquet file, held in memory as an Arrow array."""
+    """One named string column of a Parquet file, held in memory as Python strings."""
 
     def __init__(self, path: str, field: str):
         import pyarrow.parquet as pq
@@ -112,10 +104,8 @@ class _ParquetFile:
             raise KeptError(f"{path} is not a readable Parquet file ({e})") from None
         if field not in schema.names:
             raise KeptError(f"{path} has no column {field!r} (columns: {', '.join(schema.names)}); set the source's field")
-        column = pq.read_table(path, columns=[field]).column(field).combine_chunks()
-        values = column.to_pylist()
         keep = []
-        for row, value in enumerate(values):
+        for row, value in enumerate(pq.read_table(path, columns=[field]).column(field).to_pylist()):
             if value is None:
                 continue
             if isinstance(value, bytes):
@@ -133,36 +123,9 @@ class _ParquetFile:
         return self.values[i]
 
 
-class Documents:
-    """The documents of one source (every file its glob matches), as a grain random-access data source."""
-
-    def __init__(self, source: Source):
-        pattern = EMBEDDED.get(source.path, source.path)
-        paths = sorted(glob.glob(os.path.expanduser(pattern), recursive=True)) if glob.has_magic(pattern) else [pattern]
-        if not paths:
-            raise KeptError(f"data source {source.path!r} matches no file; check the path or glob")
-        self.files = []
-        for path in paths:
-            if not os.path.isfile(path):
-                raise KeptError(f"data file {path!r} does not exist; check data.train / data.eval")
-            kind = FORMATS.get(os.path.splitext(path)[1].lower(), "text")
-            self.files.append(_JsonlFile(path, source.field) if kind == "jsonl"
-                              else _ParquetFile(path, source.field) if kind == "parquet" else _TextFile(path))
-        self.ends = np.cumsum([len(f) for f in self.files])
-        if len(self) == 0:
-            raise KeptError(f"data source {source.path!r} holds no text (every document is empty)")
-        self.name = source.path
-
-    def __len__(self) -> int:
-        return int(self.ends[-1]) if len(self.ends) else 0
-
-    def __getitem__(self, i: int) -> str:
-        i = int(i)
-        k = int(np.searchsorted(self.ends, i, side="right"))
-        return self.files[k][i - (int(self.ends[k - 1]) if k else 0)]
-
-
 class _Chain:
+    """Documents of several parts (files, sources) as one random-access sequence."""
+
     def __init__(self, parts):
         self.parts, self.ends = parts, np.cumsum([len(p) for p in parts])
 
@@ -172,6 +135,27 @@ class _Chain:
     def __getitem__(self, i: int) -> str:
         k = int(np.searchsorted(self.ends, int(i), side="right"))
         return self.parts[k][int(i) - (int(self.ends[k - 1]) if k else 0)]
+
+
+class Documents(_Chain):
+    """The documents of one source (every file its glob matches), as a grain random-access data source."""
+
+    def __init__(self, source: SourceConfig):
+        pattern = EMBEDDED.get(source.path, source.path)
+        paths = sorted(glob.glob(os.path.expanduser(pattern), recursive=True)) if glob.has_magic(pattern) else [pattern]
+        if not paths:
+            raise KeptError(f"data source {source.path!r} matches no file; check the path or glob")
+        files = []
+        for path in paths:
+            if not os.path.isfile(path):
+                raise KeptError(f"data file {path!r} does not exist; check data.train / data.eval")
+            kind = FORMATS.get(os.path.splitext(path)[1].lower(), "text")
+            files.append(_JsonlFile(path, source.field) if kind == "jsonl"
+                         else _ParquetFile(path, source.field) if kind == "parquet" else _TextFile(path))
+        super().__init__(files)
+        if len(self) == 0:
+            raise KeptError(f"data source {source.path!r} holds no text (every document is empty)")
+        self.name = source.path
 
 
 class _Subset:
@@ -195,8 +179,8 @@ def split_heldout(docs: Documents, fraction: float, seed: int) -> tuple[_Subset,
     return _Subset(docs, np.sort(order[held:])), _Subset(docs, np.sort(order[:held]))
 
 
-def _sources(spec) -> tuple:
-    return (Source(spec),) if isinstance(spec, str) else tuple(Source(s.path, s.field, s.weight) for s in spec)
+def _sources(spec) -> tuple[SourceConfig, ...]:
+    return (SourceConfig(spec),) if isinstance(spec, str) else spec
 
 
 def open_sources(data_cfg, seed: int) -> tuple[list, list[float], object]:
@@ -205,13 +189,14 @@ def open_sources(data_cfg, seed: int) -> tuple[list, list[float], object]:
     `eval: embedded` with the embedded training text is the shipped held-out split; `eval: split` holds out
     `eval_fraction` of every training source's documents, chosen by the seed.
     """
-    train = [Documents(s) for s in _sources(data_cfg.train)]
-    weights = [s.weight for s in _sources(data_cfg.train)]
+    sources = _sources(data_cfg.train)
+    train = [Documents(s) for s in sources]
+    weights = [s.weight for s in sources]
     if data_cfg.eval == "split":
         pairs = [split_heldout(docs, data_cfg.eval_fraction, seed) for docs in train]
         return [p[0] for p in pairs], weights, _Chain([p[1] for p in pairs])
     if data_cfg.eval == "embedded":
-        return train, weights, Documents(Source("embedded-heldout"))
+        return train, weights, Documents(SourceConfig("embedded-heldout"))
     held = [Documents(s) for s in _sources(data_cfg.eval)]
     return train, weights, held[0] if len(held) == 1 else _Chain(held)
 
@@ -253,11 +238,7 @@ def train_dataset(sources: Sequence[Documents], weights: Sequence[float], tokeni
 
 def first_rows(docs, tokenize: Tokenize, seq_len: int, count: int) -> np.ndarray:
     """The first `count` packed rows of `docs` in order (all of them if the text runs out first), [rows, seq_len]."""
-    rows = []
-    for row in _pack(grain.MapDataset.source(docs), tokenize, seq_len):
-        rows.append(row)
-        if len(rows) == count:
-            break
+    rows = list(itertools.islice(_pack(grain.MapDataset.source(docs), tokenize, seq_len), count))
     if not rows:
         raise KeptError(f"the text has fewer tokens than one sequence of {seq_len}; give more text")
     return np.stack(rows)

@@ -40,9 +40,9 @@ def test_sources_of_every_format_read_the_same_documents(tmp_path):
     for i, t in enumerate(texts):
         (tmp_path / f"part{i}.txt").write_text(t, encoding="utf-8")
     expected = [t for t in texts if t]  # empty documents are skipped
-    assert list(data.Documents(data.Source(jsonl, field="body"))) == expected
-    assert list(data.Documents(data.Source(str(tmp_path / "a.parquet"), field="content"))) == expected
-    assert list(data.Documents(data.Source(str(tmp_path / "part*.txt")))) == expected
+    assert list(data.Documents(data.SourceConfig(jsonl, field="body"))) == expected
+    assert list(data.Documents(data.SourceConfig(str(tmp_path / "a.parquet"), field="content"))) == expected
+    assert list(data.Documents(data.SourceConfig(str(tmp_path / "part*.txt")))) == expected
 
 
 def test_packing_concatenates_documents_with_eos_and_cuts_whole_rows():
@@ -65,7 +65,7 @@ def first_batches(ds, n):
 
 
 def test_shuffle_is_deterministic_by_seed_and_covers_every_document(tmp_path):
-    source = [data.Documents(data.Source(docs(tmp_path, "a.jsonl", 40)))]
+    source = [data.Documents(data.SourceConfig(docs(tmp_path, "a.jsonl", 40)))]
     same = [first_batches(data.train_dataset(source, [1.0], TOKENIZE, 16, 4, seed=0), 6) for _ in range(2)]
     other = first_batches(data.train_dataset(source, [1.0], TOKENIZE, 16, 4, seed=1), 6)
     assert all(np.array_equal(a, b) for a, b in zip(*same))
@@ -77,7 +77,7 @@ def test_shuffle_is_deterministic_by_seed_and_covers_every_document(tmp_path):
 
 
 def test_iterator_position_restores_exactly(tmp_path):
-    source = [data.Documents(data.Source(docs(tmp_path, "a.jsonl", 30)))]
+    source = [data.Documents(data.SourceConfig(docs(tmp_path, "a.jsonl", 30)))]
     ds = data.train_dataset(source, [1.0], TOKENIZE, 16, 4, seed=0)
     it = iter(ds)
     for _ in range(7):
@@ -90,8 +90,8 @@ def test_iterator_position_restores_exactly(tmp_path):
 
 
 def test_mixture_follows_weights(tmp_path):
-    a = data.Documents(data.Source(write_jsonl(tmp_path / "a.jsonl", ["a"] * 50)))
-    b = data.Documents(data.Source(write_jsonl(tmp_path / "b.jsonl", ["b"] * 50)))
+    a = data.Documents(data.SourceConfig(write_jsonl(tmp_path / "a.jsonl", ["a"] * 50)))
+    b = data.Documents(data.SourceConfig(write_jsonl(tmp_path / "b.jsonl", ["b"] * 50)))
     rows = np.concatenate(first_batches(data.train_dataset([a, b], [3.0, 1.0], TOKENIZE, 2, 10, seed=0), 40))
     share_a = np.mean(rows[:, 0] == encode("a")[0])
     assert share_a == pytest.approx(0.75, abs=0.03)
@@ -99,7 +99,7 @@ def test_mixture_follows_weights(tmp_path):
 
 def test_hosts_read_disjoint_halves(tmp_path):
     texts = [f"doc{i:03d}" for i in range(64)]
-    source = [data.Documents(data.Source(write_jsonl(tmp_path / "a.jsonl", texts)))]
+    source = [data.Documents(data.SourceConfig(write_jsonl(tmp_path / "a.jsonl", texts)))]
     seen = []
     for host in range(2):
         ds = data.train_dataset(source, [1.0], TOKENIZE, 7, 2, seed=0, process_index=host, process_count=2)
@@ -145,4 +145,4 @@ def test_config_accepts_paths_and_weighted_sources(tmp_path):
 ])
 def test_bad_data_is_reported_with_file_and_line(tmp_path, make, message):
     with pytest.raises(KeptError, match=message):
-        data.Documents(data.Source(make(tmp_path)))
+        data.Documents(data.SourceConfig(make(tmp_path)))
