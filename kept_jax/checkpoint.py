@@ -67,11 +67,12 @@ def abstract_like(tree, shardings):
 
 
 def _diff(old, new, prefix=""):
+    """(dotted key, old value, new value) for every leaf that differs."""
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):
             yield from _diff(old.get(key), new.get(key), f"{prefix}{key}.")
     elif old != new:
-        yield f"{prefix[:-1]}: {old!r} -> {new!r}"
+        yield prefix[:-1], old, new
 
 
 def check_run_dir(run_dir: str, config: dict, force: bool) -> bool:
@@ -91,7 +92,7 @@ def check_run_dir(run_dir: str, config: dict, force: bool) -> bool:
                         f"use --force to replace it or --out for another directory")
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
-    changes = [c for c in _diff(saved, config) if c.split(":")[0] not in RESUMABLE_CHANGES]
+    changes = [f"{key}: {old!r} -> {new!r}" for key, old, new in _diff(saved, config) if key not in RESUMABLE_CHANGES]
     if changes:
         shown = "; ".join(changes[:4]) + ("; ..." if len(changes) > 4 else "")
         raise KeptError(f"{run_dir!r} holds a run with a different config ({shown}); run the same config to "

@@ -67,16 +67,17 @@ def _source_layout(cfg):
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 hf = json.load(f)
-            runtime = dict(compute_dtype=cfg.precision.compute, param_dtype=cfg.precision.params,
-                           scan_layers=cfg.model.scan_layers, remat_policy=cfg.model.remat,
-                           attention_impl=cfg.model.attention_impl)
-            return path, ModelConfig.from_hf_dict(hf, **runtime)
+            return path, ModelConfig.from_hf_dict(hf, **cfg.runtime())
     raise KeptError(f"no config.json at {cfg.source!r} and no source_config set; give the source's config.json "
                     f"with source_config=PATH to plan without the weights")
 
 
 def _nbytes(x) -> int:
     return int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+
+
+def _count(flat: dict) -> int:
+    return sum(int(np.prod(v.shape)) for v in flat.values())
 
 
 def activation_bytes(cfg, config, micro_batch: int, mesh_sizes: dict) -> dict[str, float]:
@@ -156,10 +157,7 @@ def plan(cfg, devices: int | None = None) -> dict:
             total += size / sharding.shard_factor(spec, mesh_sizes)
         return total
 
-    batch_ways = mesh_sizes["data"] * mesh_sizes["fsdp"]
-    if cfg.data.batch_size % batch_ways:
-        raise KeptError(f"data.batch_size {cfg.data.batch_size} does not split over data x fsdp = {batch_ways}")
-    n_trainable = sum(int(np.prod(v.shape)) for v in trainable.values())
+    micro_batch = sharding.per_device_batch(cfg.data.batch_size, mesh_sizes)
     trainable_fp32 = per_device(trainable, student_axes, student_rules, itemsize=4)
     memory = {
         f"teacher weights ({cfg.precision.params})": per_device(teacher_flat, teacher_axes, teacher_rules),
@@ -169,7 +167,6 @@ def plan(cfg, devices: int | None = None) -> dict:
         "gradients (fp32" + (", and the accumulation sum)" if cfg.data.grad_accum > 1 else ")"):
             trainable_fp32 * (2 if cfg.data.grad_accum > 1 else 1),
     }
-    micro_batch = cfg.data.batch_size // batch_ways
     memory.update(activation_bytes(cfg, student_config, micro_batch, mesh_sizes))
     if mesh_sizes["fsdp"] > 1:  # XLA gathers a layer's fsdp-sharded weights (teacher's and student's) to use them
         from kept_jax.flops import matmul_params
@@ -178,12 +175,11 @@ def plan(cfg, devices: int | None = None) -> dict:
         layer_and_head = (matmul_params(c) - c.hidden_size * c.vocab_size) / c.num_hidden_layers + c.hidden_size * c.vocab_size
         memory["one layer's and the head's weights, gathered (fsdp)"] = (
             2 * layer_and_head * jnp.dtype(cfg.precision.params).itemsize / mesh_sizes["tensor"])
-    count = lambda flat: sum(int(np.prod(v.shape)) for v in flat.values())  # noqa: E731
     return {
         "layout": layout_path, "teacher_config": teacher_config, "mapping": mapping, "mesh": mesh_sizes,
         "devices": devices, "micro_batch": micro_batch,
-        "teacher_params": count(teacher_flat), "student_params": count(traverse_util.flatten_dict(
-            {"params": student["params"]})), "trainable_params": n_trainable,
+        "teacher_params": _count(teacher_flat), "student_params": _count(traverse_util.flatten_dict(
+            {"params": student["params"]})), "trainable_params": _count(trainable),
         "shared_leaves": len(shared), "student_leaves": len(student_flat), "memory": memory,
         "total": sum(memory.values()),
     }

@@ -87,11 +87,16 @@ def variable_axes(key: tuple[str, ...], params_axes: Mapping[tuple[str, ...], tu
     return params_axes[key]
 
 
+def _axis_names(entry) -> tuple[str, ...]:
+    """One PartitionSpec entry (None, an axis name, or a tuple of them) as a tuple of mesh axis names."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 def mesh_spec(axes: tuple, shape: tuple, mesh_sizes: Mapping[str, int], rules: Rules, where: str) -> PartitionSpec:
     """The mesh PartitionSpec of a leaf with logical `axes`; every sharded dimension must split evenly."""
     spec = nn.logical_to_mesh_axes(axes, rules)
     for size, mesh_axes in zip(shape, spec):
-        names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        names = _axis_names(mesh_axes)
         ways = math.prod(mesh_sizes[n] for n in names)
         if size % ways:
             raise KeptError(f"{where}: dimension {size} does not split {ways} ways over mesh axes {names}; "
@@ -101,8 +106,7 @@ def mesh_spec(axes: tuple, shape: tuple, mesh_sizes: Mapping[str, int], rules: R
 
 def shard_factor(spec: PartitionSpec, mesh_sizes: Mapping[str, int]) -> int:
     """Into how many pieces the spec cuts a leaf (the rest of the mesh holds replicas)."""
-    names = [n for entry in spec for n in ((entry,) if isinstance(entry, str) else (entry or ()))]
-    return math.prod(mesh_sizes[n] for n in names)
+    return math.prod(mesh_sizes[n] for entry in spec for n in _axis_names(entry))
 
 
 def _named(mesh: Mesh, rules: Rules, axes: tuple, shape: tuple, where: str) -> NamedSharding:
@@ -140,8 +144,13 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     return NamedSharding(mesh, nn.logical_to_mesh_axes((None, "batch", None), rules))
 
 
-def put(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+def per_device_batch(batch_size: int, mesh_sizes: Mapping[str, int]) -> int:
+    """Sequences per device of a [batch, seq] array split over the data and fsdp axes."""
+    ways = mesh_sizes["data"] * mesh_sizes["fsdp"]
+    if batch_size % ways:
+        raise KeptError(f"data.batch_size {batch_size} does not split over data x fsdp = {ways} devices; "
+                        f"change the batch size or mesh.data / mesh.fsdp")
+    return batch_size // ways
 
 
 def global_batch(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -159,13 +168,11 @@ def global_rows(rows: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 def launched_distributed(environ: Mapping[str, str] = os.environ) -> bool:
-    """True when a launcher started several processes: an explicit coordinator, SLURM, Open MPI, or Cloud TPU."""
+    """True when a launcher started several processes: an explicit coordinator, SLURM, or Open MPI."""
     if environ.get("JAX_COORDINATOR_ADDRESS"):
         return True
-    for count in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES"):
-        if environ.get(count, "1").isdigit() and int(environ.get(count, "1")) > 1:
-            return True
-    return False
+    counts = (environ.get(name, "1") for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES"))
+    return any(count.isdigit() and int(count) > 1 for count in counts)
 
 
 def initialize_distributed() -> None:

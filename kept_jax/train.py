@@ -1,10 +1,10 @@
-"""`python -m kept_jax.train [--config FILE] [--out DIR] [key=value ...]`: the KEPT job, end to end.
+"""`python -m kept_jax.train [--config FILE] [--out DIR] [--force] [key=value ...]`: the KEPT job, end to end.
 
-Load the Orion teacher -> convert it (NPM + OPM) -> evaluate KL/agreement on held-out text -> distill (XKD) ->
-evaluate again -> export the student as a Hugging Face Llama directory -> verify it through Transformers ->
-write `summary.json` in the run directory. With no arguments it runs `configs/tiny.yaml`: the embedded tiny Orion
-on the embedded corpus, a few minutes on a laptop CPU.
-"""
+Load the Orion teacher -> convert it (NPM + OPM) -> evaluate KL/agreement on held-out text -> distill (XKD), with
+checkpoints, periodic evaluation and logs in the run directory -> evaluate again -> export the student as a Hugging
+Face Llama directory -> verify it through Transformers -> write `summary.json` and `report.png`. The same command
+resumes an interrupted run. `--dry-run` plans the job from shapes alone (kept_jax/dry_run.py). With no arguments it
+runs `configs/tiny.yaml`: the embedded tiny Orion on the embedded corpus, a few minutes on a laptop CPU."""
 
 from __future__ import annotations
 
@@ -76,8 +76,8 @@ def _host_array(x):
 class Job:
     """The pieces of one run, built in order; each stage is a method so that tests can drive them."""
 
-    def __init__(self, cfg, run_dir: str | None = None):
-        self.cfg, self.run_dir = cfg, run_dir
+    def __init__(self, cfg):
+        self.cfg = cfg
 
     def prepare(self) -> None:
         import jax
@@ -102,12 +102,7 @@ class Job:
         self.mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
         self.rules = sharding.rules_from(cfg.mesh.rules)
         teacher_rules = sharding.rules_from(cfg.mesh.teacher_rules, dict(self.rules))
-        if (d.batch_size % (self.mesh.shape["data"] * self.mesh.shape["fsdp"])):
-            raise KeptError(f"data.batch_size {d.batch_size} does not split over mesh.data x mesh.fsdp = "
-                            f"{self.mesh.shape['data'] * self.mesh.shape['fsdp']} devices; change one of them")
-        runtime = dict(compute_dtype=cfg.precision.compute, param_dtype=cfg.precision.params,
-                       scan_layers=cfg.model.scan_layers, remat_policy=cfg.model.remat,
-                       attention_impl=cfg.model.attention_impl)
+        sharding.per_device_batch(d.batch_size, dict(self.mesh.shape))
 
         # Data: every source is indexed and checked now, before the model is loaded.
         tokenizer = load_tokenizer(cfg.source, "orion")
@@ -124,7 +119,7 @@ class Job:
                             f"give more held-out text")
         self.eval_rows = heldout[n_calib : n_calib + n_eval]
 
-        teacher_config, teacher_params, _ = load_hf_checkpoint(cfg.source, **runtime)
+        teacher_config, teacher_params, _ = load_hf_checkpoint(cfg.source, **cfg.runtime())
         self.teacher = CausalLM(teacher_config)
         stats = calibrate(self.teacher, teacher_params, batches_of(calib_rows, d.batch_size),
                           outer_sites=outer_sites(cfg.opm, teacher_config))
@@ -147,10 +142,10 @@ class Job:
 
         # Placement on the mesh. Shared leaves live in the teacher's tree, with the teacher's sharding.
         student_axes = sharding.logical_axes(student_config)
-        self.teacher_params = sharding.put(teacher_params, sharding.tree_shardings(
+        self.teacher_params = jax.device_put(teacher_params, sharding.tree_shardings(
             teacher_params, sharding.logical_axes(teacher_config), self.mesh, teacher_rules))
         self.trainable_shardings = sharding.flat_shardings(split.trainable, student_axes, self.mesh, self.rules)
-        frozen = sharding.put(split.frozen, sharding.flat_shardings(split.frozen, student_axes, self.mesh, self.rules))
+        frozen = jax.device_put(split.frozen, sharding.flat_shardings(split.frozen, student_axes, self.mesh, self.rules))
         self.split = dataclasses.replace(split, frozen=frozen)  # trainable stays on the host until init_state
         self.num_trainable = split.num_trainable()
         self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
@@ -198,8 +193,8 @@ class Job:
         trainable_matmul = sum(int(math.prod(v.shape)) for k, v in self.split.trainable.items()
                                if k[-1] in matmul_leaves)
         d = self.cfg.data
-        tokens = d.batch_size * d.grad_accum * d.seq_len
-        return tokens * step_flops_per_token(self.teacher.config, self.student.config, d.seq_len, trainable_matmul)
+        return d.tokens_per_step * step_flops_per_token(self.teacher.config, self.student.config, d.seq_len,
+                                                        trainable_matmul)
 
     def distill(self, log=None, checkpoints=None, stop=None):
         """Trains from the latest checkpoint (if any) to `train.steps`; returns the final state.
@@ -230,7 +225,7 @@ class Job:
         flops, peak = self.step_flops(), peak_flops(jax.devices()[0].device_kind, cfg.precision.compute)
         self.split = dataclasses.replace(self.split, trainable={})  # the state holds them now
         step_fn = make_train_step(self.teacher, self.student, self.split, optimizer, cfg.loss, state_sh)
-        tokens_per_step = d.batch_size * d.grad_accum * d.seq_len
+        tokens_per_step = d.tokens_per_step
         history, window, timed_steps, t0, eval_seconds = [], {}, 0, None, 0.0
         bar = tqdm(total=t.steps, initial=start, desc="distill", unit="step", file=sys.stderr, dynamic_ncols=True,
                    mininterval=1.0, disable=jax.process_index() != 0)
@@ -281,8 +276,7 @@ class Job:
         return state
 
     def log_eval(self, log, step: int, metrics: dict) -> dict:
-        d = self.cfg.data
-        record = {"split": "eval", "step": step, "tokens": step * d.batch_size * d.grad_accum * d.seq_len,
+        record = {"split": "eval", "step": step, "tokens": step * self.cfg.data.tokens_per_step,
                   "kl": metrics["kl"], "agreement": metrics["agreement"], "student_nll": metrics["student_nll"],
                   "teacher_nll": metrics["teacher_nll"], "eval_tokens": metrics["tokens"]}
         if log:
@@ -359,7 +353,7 @@ def main(argv=None) -> int:
         return 0
     t_start = time.perf_counter()
 
-    job = Job(cfg, out_dir)
+    job = Job(cfg)
     print(f"teacher {cfg.source} -> convert (opm={cfg.opm}) ...", file=sys.stderr, flush=True)
     job.prepare()
     if not resume and lead:
@@ -378,7 +372,7 @@ def main(argv=None) -> int:
         if start == 0:
             init = job.log_eval(log, 0, job.evaluate(job.split.trainable))
             print(f"at init: KL {init['kl']:.4e} nats/token, agreement {init['agreement']:.2%} on "
-                  f"{init['eval_tokens']:,} held-out tokens; training {job.split.num_trainable():,} parameters "
+                  f"{init['eval_tokens']:,} held-out tokens; training {job.num_trainable:,} parameters "
                   f"({cfg.trainable})", file=sys.stderr)
         with checkpoint.StopRequest() as stop:
             job.distill(log, checkpoints, stop)
@@ -406,7 +400,7 @@ def main(argv=None) -> int:
         "trainable_params": job.num_trainable,
         "shared_tensors": len(job.split.shared),
         "steps": cfg.train.steps,
-        "tokens": cfg.train.steps * cfg.data.batch_size * cfg.data.grad_accum * cfg.data.seq_len,
+        "tokens": cfg.train.steps * cfg.data.tokens_per_step,
         "kl_init": init["kl"], "kl_final": final["kl"],
         "agreement_init": init["agreement"], "agreement_final": final["agreement"],
         "student_ppl_init": math.exp(init["student_nll"]), "student_ppl_final": math.exp(final["student_nll"]),

@@ -45,6 +45,10 @@ class DataConfig:
     eval_tokens: int = 16384
     calib_tokens: int = 8192
 
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -113,6 +117,12 @@ class JobConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     mesh: MeshConfig = MeshConfig()
     source_config: str = ""  # the source's config.json when `source` is not on this machine (dry runs only)
+
+    def runtime(self) -> dict:
+        """The ModelConfig runtime fields this job sets (dtypes, layer scan, remat, attention kernel)."""
+        return dict(compute_dtype=self.precision.compute, param_dtype=self.precision.params,
+                    scan_layers=self.model.scan_layers, remat_policy=self.model.remat,
+                    attention_impl=self.model.attention_impl)
 
     def __post_init__(self):
         if isinstance(self.trainable, str) and self.trainable not in TRAINABLE_SETS:
