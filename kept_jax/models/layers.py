@@ -42,7 +42,10 @@ class Linear(nn.Module):
             (x.shape[-1], self.features),
             self.param_dtype,
         )
-        x = x.astype(self.dtype)
+        # [..., in] -> [tokens, in]: a plain 2-D matmul, whose weight gradient XLA:CPU computes without the
+        # transposes a [batch, seq, in] contraction costs (benchmarks/xkd_step.py; a bitcast on every backend).
+        lead = x.shape[:-1]
+        x = x.astype(self.dtype).reshape(-1, x.shape[-1])
         y = jnp.dot(x, kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
         if self.has_variable("lora", "a"):  # LoRA adapter: y += scale * (x a) b, with a [in, r] and b [r, out]
             a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
@@ -50,7 +53,7 @@ class Linear(nn.Module):
         if self.use_bias:
             bias = self.param("bias", _init(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
-        return y
+        return y.reshape(*lead, self.features)
 
 
 class Embed(nn.Module):
@@ -164,6 +167,34 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 # ---- Attention and MLP --------------------------------------------------------------------------
 
+QUERY_BLOCK = 128  # the smallest query block of `causal_attention`
+MAX_QUERY_BLOCKS = 16  # and at most this many blocks, so long sequences do not unroll into a huge graph
+
+
+def causal_attention(q: Array, k: Array, v: Array) -> Array:
+    """softmax(q k^T / sqrt(head_dim), causal) v, with logits and softmax in fp32, in query blocks.
+
+    q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] (heads a multiple of kv_heads).
+    Each block of queries attends only to the keys up to its own end, which skips about half of the T x T work
+    and memory that a full masked product spends; `jax.nn.dot_product_attention(implementation="xla")` computes
+    the full square and is about 2.5x slower forward + backward on a CPU (benchmarks/xkd_step.py).
+    """
+    batch, seq, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
+    scale = 1.0 / np.sqrt(head_dim)
+    block = max(QUERY_BLOCK, -(-seq // MAX_QUERY_BLOCKS))
+    outputs = []
+    for start in range(0, seq, block):
+        end = min(start + block, seq)
+        logits = jnp.einsum("bqkgd,bskd->bkgqs", q[:, start:end], k[:, :end], preferred_element_type=jnp.float32)
+        visible = np.arange(end)[None, :] <= np.arange(start, end)[:, None]
+        logits = jnp.where(visible, logits * scale, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        outputs.append(jnp.einsum("bkgqs,bskd->bqkgd", probs, v[:, :end]))
+    return jnp.concatenate(outputs, axis=1).reshape(batch, seq, heads, head_dim)
+
+
 
 class Attention(nn.Module):
     """Causal multi-head attention with grouped KV heads (MHA, GQA and MQA are the same code)."""
@@ -185,8 +216,10 @@ class Attention(nn.Module):
         k = proj(kv_dim, ("embed", "kv_heads"), "k_proj")(x).reshape(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
         v = proj(kv_dim, ("embed", "kv_heads"), "v_proj")(x).reshape(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # Logits and softmax in fp32 inside; `cudnn` selects the fused flash kernel on NVIDIA GPUs.
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention_impl)
+        if cfg.attention_impl == "cudnn":  # the fused flash kernel on NVIDIA GPUs
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        else:
+            out = causal_attention(q, k, v)
         out = out.reshape(batch, seq, q_dim)
         return proj(cfg.hidden_size, ("q_heads", "embed"), "o_proj")(out)
 
