@@ -98,7 +98,10 @@ def make_train_step(
 
         zero_grads = jax.tree.map(jnp.zeros_like, state.trainable)
         zero_sums = {k: jnp.zeros((), jnp.float32) for k in METRICS}
-        (grads, sums), _ = jax.lax.scan(micro, (zero_grads, zero_sums), batch)
+        if batch.shape[0] == 1:  # no accumulation loop: it would zero and add a gradient-sized buffer for nothing
+            grads, sums = micro((zero_grads, zero_sums), batch[0])[0]
+        else:
+            (grads, sums), _ = jax.lax.scan(micro, (zero_grads, zero_sums), batch)
         grads = jax.tree.map(lambda g: g / sums["tokens"], grads)  # the gradient of the mean loss per token
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
