@@ -39,7 +39,7 @@ from kept_jax.errors import KeptError, cli_entry
 
 MB = 1e6
 TINY_ORION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kept_jax", "assets", "tiny-orion")
-CALIB_TOKENS, CALIB_SEQ = 4096, 512  # statistics only: this phase is not I/O, and is timed apart
+CALIB_TOKENS, CALIB_SEQ = 4096, 256  # statistics only: this phase is not I/O, and is timed apart
 
 
 def synthetic_config(size_bytes: int) -> ModelConfig:

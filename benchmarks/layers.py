@@ -1,6 +1,6 @@
 """Scanned vs unrolled layers and remat policies: compile time by depth, step time, compiled temp memory.
 
-    python benchmarks/layers.py [--depths 2,8,32] [--seq 256] [--batch 4]
+    python -m benchmarks.layers [--depths 2,8,32] [--seq 256] [--batch 4]
 
 Uses a ~random Llama of hidden 256 (a shape benchmark: the values do not matter). Writes
 benchmarks/results/layers-<host>-<date>.json. Times are medians of 5 runs after a warm-up, on this process's device.
@@ -9,16 +9,13 @@ benchmarks/results/layers-<host>-<date>.json. Times are medians of 5 runs after 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.common import environment, write_result
 from kept_jax.config import REMAT_POLICIES, ModelConfig
 from kept_jax.models import CausalLM, init_params
 
@@ -80,21 +77,8 @@ def main() -> None:
     for policy in REMAT_POLICIES:
         rows.append(measure(_config(depths[-1], remat_policy=policy), args.batch, args.seq))
         print(rows[-1], flush=True)
-    result = {
-        "benchmark": "layers",
-        "date": datetime.date.today().isoformat(),
-        "device": str(jax.devices()[0].device_kind),
-        "host": platform.node(),
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "batch": args.batch,
-        "seq": args.seq,
-        "rows": rows,
-    }
-    out = os.path.join(os.path.dirname(__file__), "results", f"layers-{result['device'].replace(' ', '_')}-{result['date']}.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {out}")
+    result = {"benchmark": "layers", "environment": environment(), "batch": args.batch, "seq": args.seq, "rows": rows}
+    print(f"wrote {write_result('layers', result)}")
 
 
 if __name__ == "__main__":

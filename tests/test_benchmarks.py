@@ -1,0 +1,59 @@
+"""The benchmark scripts run, and their checks can fail: kept_jax's XKD step against the PyTorch step on the same
+weights (loss and gradient norm), and the conversion I/O phases on a small synthetic checkpoint."""
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import convert_io, xkd_step
+from kept_jax.errors import KeptError
+
+TINY = ["--size", "tiny", "--seq-len", "32", "--batch", "2", "--reps", "1", "--no-save"]
+
+
+@pytest.mark.parametrize("trainable", ["all", "norms"])
+def test_xkd_step_matches_torch_and_reports_a_ratio(trainable, capsys):
+    result = xkd_step.run(xkd_step.parse_args(TINY + ["--trainable", trainable, "--vs", "torch"]))
+    check = result["check"]
+    for key in ("loss", "grad_norm"):
+        assert check["kept_jax"][key] == pytest.approx(check["torch"][key], rel=1e-4)
+    assert check["kept_jax"]["loss"] > 0
+    assert result["ratio"] == pytest.approx(result["kept_jax"]["tokens_per_s"] / result["torch"]["tokens_per_s"], rel=1e-2)
+    assert result["kept_jax"]["step_flops"] == result["torch"]["step_flops"] > 0
+
+
+def test_the_same_step_check_fails_when_the_steps_differ():
+    args = xkd_step.parse_args(TINY)
+    config = xkd_step.teacher_config(args)
+    teacher, student = xkd_step.random_weights(config)
+    tokens = xkd_step.random_tokens(config, 2, 32)
+    other_student = jax.tree.map(lambda x: x * 1.01, student)  # the PyTorch student gets other weights
+    reference = xkd_step.TorchStep(config, "all", teacher, other_student, tokens, "float32")
+    kept = xkd_step.KeptStep.build(config, xkd_step.student_variables(student, "all"), teacher,
+                                   np.asarray(tokens)[None], "all", 1024)
+    kept.init()
+    with pytest.raises(KeptError, match="disagree"):
+        xkd_step.check_same_step(kept, reference)
+
+
+def test_xkd_step_lora_and_compile_only(capsys):
+    result = xkd_step.run(xkd_step.parse_args(TINY + ["--trainable", "lora"]))
+    assert result["kept_jax"]["tokens_per_s"] > 0 and "torch" not in result
+    result = xkd_step.run(xkd_step.parse_args(TINY + ["--trainable", "lora", "--compile-only"]))
+    memory = result["compile"]["memory_GiB"]
+    assert memory["argument"] > 0 and memory["total"] >= memory["temp"]
+
+
+def test_xkd_step_refuses_lora_against_torch():
+    with pytest.raises(SystemExit):
+        xkd_step.parse_args(TINY + ["--trainable", "lora", "--vs", "torch"])
+
+
+def test_convert_io_phases(tmp_path, capsys):
+    result = convert_io.run(300_000_000, 2, str(tmp_path))
+    assert result["layers"] == 1 and result["shards"] >= 2
+    assert set(result["phases"]) == {"import", "calibrate", "convert", "export"}
+    assert result["peak_rss_MB"] >= max(p["peak_rss_MB"] for p in result["phases"].values())
+    assert result["target_MB"] == pytest.approx(1.25 * result["checkpoint_MB"] + 300, abs=0.2)
+    exported = sorted(p.name for p in (tmp_path / "llama").iterdir())
+    assert "model.safetensors.index.json" in exported and "config.json" in exported
