@@ -90,18 +90,19 @@ def make_train_step(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, teacher_params, frozen, batch):
-        def micro(carry, tokens):
-            grads_acc, sums_acc = carry
+        def micro(tokens):
             teacher_hidden, teacher_head = _teacher_forward(teacher, teacher_params, tokens)
             (_, sums), grads = grad_fn(state.trainable, teacher_params, frozen, tokens, teacher_hidden, teacher_head)
-            return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
+            return grads, sums
 
-        zero_grads = jax.tree.map(jnp.zeros_like, state.trainable)
-        zero_sums = {k: jnp.zeros((), jnp.float32) for k in METRICS}
-        if batch.shape[0] == 1:  # no accumulation loop: it would zero and add a gradient-sized buffer for nothing
-            grads, sums = micro((zero_grads, zero_sums), batch[0])[0]
+        if batch.shape[0] == 1:  # no accumulation loop, and no gradient-sized running sum
+            grads, sums = micro(batch[0])
         else:
-            (grads, sums), _ = jax.lax.scan(micro, (zero_grads, zero_sums), batch)
+            def accumulate(total, tokens):
+                return jax.tree.map(jnp.add, total, micro(tokens)), None
+
+            zero = (jax.tree.map(jnp.zeros_like, state.trainable), {k: jnp.zeros((), jnp.float32) for k in METRICS})
+            (grads, sums), _ = jax.lax.scan(accumulate, zero, batch)
         grads = jax.tree.map(lambda g: g / sums["tokens"], grads)  # the gradient of the mean loss per token
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
