@@ -49,12 +49,12 @@ from benchmarks.common import environment, median_seconds, write_result
 from kept_jax.config import ModelConfig
 from kept_jax.errors import KeptError, cli_entry
 from kept_jax.flops import peak_flops, step_flops_per_token
-from kept_jax.mapping import target_config
+from kept_jax.mapping import build_mapping, target_config
 from kept_jax.models import CausalLM
 from kept_jax.models.params import abstract_params, init_params
 from kept_jax.xkd.losses import LossConfig
 from kept_jax.xkd.step import TrainState, abstract_state, init_state, make_optimizer, make_train_step
-from kept_jax.xkd.trainable import StudentSplit, init_lora, is_trainable
+from kept_jax.xkd.trainable import StudentSplit, init_lora, split_by_paths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,9 +79,6 @@ SIZES = {
                       num_attention_heads=16, num_key_value_heads=16, head_dim=128),
     "14b": lambda: _read_json("configs", "models", "orion-14b.json"),
 }
-# The student's leaves that `opm=absorb` leaves equal to the teacher's (recentered writers): shared buffers.
-SHARED_WRITERS = (("model", "embed_tokens", "embedding"), ("model", "layers", "self_attn", "o_proj", "kernel"),
-                  ("model", "layers", "mlp", "down_proj", "kernel"))
 TORCH_TRAINABLE = ("all", "norms")
 LORA_RANK, LORA_ALPHA = 16, 32.0
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -129,23 +126,15 @@ def teacher_config(args) -> ModelConfig:
 # ---- kept_jax ------------------------------------------------------------------------------------
 
 
-def _with_shared_writers(student: dict, teacher: dict) -> dict:
+def absorb_shared_paths(config: ModelConfig) -> frozenset[tuple[str, ...]]:
+    """The student leaves `opm=absorb` leaves equal to the teacher's (its recentered writers), from its rules."""
+    return build_mapping("absorb", config, stats={}).shared_with_teacher()
+
+
+def _with_shared_leaves(student: dict, teacher: dict, shared_paths: frozenset[tuple[str, ...]]) -> dict:
     flat_student, flat_teacher = traverse_util.flatten_dict(student), traverse_util.flatten_dict(teacher)
-    for path in SHARED_WRITERS:
-        flat_student[path] = flat_teacher[path]
+    flat_student.update({path: flat_teacher[path] for path in shared_paths})
     return traverse_util.unflatten_dict(flat_student)
-
-
-def _split(variables: dict, trainable: str) -> StudentSplit:
-    """The split `split_student` finds for an absorb student (shared writers known by path), also for shapes."""
-    def fp32(x):
-        return jax.ShapeDtypeStruct(x.shape, jnp.float32) if isinstance(x, jax.ShapeDtypeStruct) else x.astype(jnp.float32)
-
-    shared = frozenset(("params",) + p for p in SHARED_WRITERS)
-    flat = traverse_util.flatten_dict(variables)
-    return StudentSplit(trainable={k: fp32(v) for k, v in flat.items() if is_trainable(k, trainable)},
-                        frozen={k: v for k, v in flat.items() if not is_trainable(k, trainable) and k not in shared},
-                        shared=frozenset(k for k in shared if not is_trainable(k, trainable)))
 
 
 def student_variables(student_params: dict, trainable: str) -> dict:
@@ -174,7 +163,7 @@ class KeptStep:
               chunk_size: int) -> "KeptStep":
         teacher = CausalLM(config)
         student = CausalLM(target_config(config, "absorb").replace(lora_scale=LORA_ALPHA / LORA_RANK))
-        split = _split(variables, trainable)
+        split = split_by_paths(variables, teacher_params, trainable, absorb_shared_paths(config))
         optimizer = make_optimizer(LR, WARMUP, STEPS, WEIGHT_DECAY, CLIP)
         fn = make_train_step(teacher, student, split, optimizer, LossConfig(chunk_size=chunk_size))
         return cls(teacher, student, teacher_params, split, tokens, optimizer, fn)
@@ -200,7 +189,7 @@ def random_weights(config: ModelConfig, seed: int = 0) -> tuple[dict, dict]:
     """Random teacher params and an absorb-like student's params (its own readers and head, shared writers)."""
     teacher = init_params(config, jax.random.key(seed))
     student = init_params(target_config(config, "absorb"), jax.random.key(seed + 1))
-    return teacher, _with_shared_writers(student, teacher)
+    return teacher, _with_shared_leaves(student, teacher, absorb_shared_paths(config))
 
 
 def random_tokens(config: ModelConfig, batch: int, seq_len: int, seed: int = 0) -> np.ndarray:
@@ -327,7 +316,8 @@ def check_same_step(kept: KeptStep, reference: TorchStep, rtol: float = 1e-4) ->
 def compile_only(args, config: ModelConfig) -> dict:
     """Compiles the step on shapes alone (nothing is allocated) and reports XLA's memory analysis."""
     teacher = abstract_params(config)
-    student = _with_shared_writers(abstract_params(target_config(config, "absorb")), teacher)
+    student = _with_shared_leaves(abstract_params(target_config(config, "absorb")), teacher,
+                                  absorb_shared_paths(config))
     variables = jax.eval_shape(lambda p: student_variables(p, args.trainable), student)
     tokens = jax.ShapeDtypeStruct((1, args.batch, args.seq_len), jnp.int32)
     kept = KeptStep.build(config, variables, teacher, tokens, args.trainable, args.chunk_size)

@@ -101,11 +101,10 @@ def activation_bytes(cfg, config, micro_batch: int, mesh_sizes: dict) -> dict[st
 
 def plan(cfg, devices: int | None = None) -> dict:
     """Everything the dry run prints, as data (tests read it)."""
-    from bridge.names import tensor_table
     from kept_jax import sharding
     from kept_jax.mapping import build_mapping, target_config
-    from kept_jax.models import init_params
-    from kept_jax.xkd.trainable import init_lora, is_trainable
+    from kept_jax.models.params import abstract_params
+    from kept_jax.xkd.trainable import init_lora, split_by_paths
 
     layout_path, teacher_config = _source_layout(cfg)
     if teacher_config.architecture != "orion":
@@ -116,29 +115,16 @@ def plan(cfg, devices: int | None = None) -> dict:
     # Shapes do not depend on the attention kernel, and cudnn cannot even be traced without a GPU.
     teacher_config, student_config = (c.replace(attention_impl="xla") for c in (teacher_config, student_config))
 
-    teacher = jax.eval_shape(lambda: init_params(teacher_config, jax.random.key(0), seq_len=1))
-    student = {"params": jax.eval_shape(lambda: init_params(student_config, jax.random.key(0), seq_len=1))}
+    teacher = abstract_params(teacher_config)
+    student = {"params": abstract_params(student_config)}
     if cfg.trainable == "lora":
         student["lora"] = jax.eval_shape(lambda p: init_lora(p, cfg.lora.rank, cfg.lora.targets, jax.random.key(0)),
                                          student["params"])
-    student_flat = traverse_util.flatten_dict(student)
     teacher_flat = traverse_util.flatten_dict({"params": teacher})
-
-    # A student leaf shares the teacher's buffer when every HF tensor in it is copied unchanged (or recentered, which
-    # the teacher reads too) and it does not train.
-    keeps_teacher_value: dict[tuple, bool] = {}
-    rules = {r.target: r for r in mapping.rules}
-    for spec in tensor_table(student_config):
-        key = ("params", *spec.params_path(student_config.scan_layers))
-        rule = rules[spec.hf_name]
-        same = rule.transform == "identity" or rule.transform.startswith("recenter")
-        keeps_teacher_value[key] = keeps_teacher_value.get(key, True) and same
-    trainable = {k: v for k, v in student_flat.items() if is_trainable(k, cfg.trainable)}
+    split = split_by_paths(student, teacher, cfg.trainable, mapping.shared_with_teacher())
+    trainable, own, shared = split.trainable, split.frozen, split.shared
     if not trainable:
         raise KeptError(f"trainable={cfg.trainable!r} selects no parameter of the student; check the patterns")
-    shared = {k for k, v in student_flat.items() if k not in trainable and keeps_teacher_value.get(k, False)
-              and k in teacher_flat and teacher_flat[k].shape == v.shape}
-    own = {k: v for k, v in student_flat.items() if k not in trainable and k not in shared}
 
     m = cfg.mesh
     if devices is None:
@@ -180,7 +166,7 @@ def plan(cfg, devices: int | None = None) -> dict:
         "devices": devices, "micro_batch": micro_batch,
         "teacher_params": _count(teacher_flat), "student_params": _count(traverse_util.flatten_dict(
             {"params": student["params"]})), "trainable_params": _count(trainable),
-        "shared_leaves": len(shared), "student_leaves": len(student_flat), "memory": memory,
+        "shared_leaves": len(shared), "student_leaves": len(traverse_util.flatten_dict(student)), "memory": memory,
         "total": sum(memory.values()),
     }
 

@@ -33,15 +33,6 @@ def parse_args(argv):
     return p.parse_intermixed_args(argv)
 
 
-def _recentered_paths(mapping, config) -> list[tuple[str, ...]]:
-    """Params paths of the writers the mapping recenters (the same, function-preserving edit fits the teacher)."""
-    from bridge.names import tensor_table
-
-    specs = {s.hf_name: s for s in tensor_table(config)}
-    return sorted({specs[r.target].params_path(config.scan_layers) for r in mapping.rules
-                   if r.transform.startswith("recenter")})
-
-
 def _get(tree, path):
     for key in path:
         tree = tree[key]
@@ -131,7 +122,7 @@ class Job:
         self.student = CausalLM(student_config)
         # Recentering the writers leaves a LayerNorm teacher's function unchanged, so the teacher reads the
         # student's recentered writers: one copy of them instead of two.
-        for path in _recentered_paths(self.mapping, teacher_config):
+        for path in sorted(self.mapping.params_paths(lambda t: t.startswith("recenter"))):
             teacher_params = _set(teacher_params, path, _get(student_params, path))
         variables = {"params": student_params}
         if cfg.trainable == "lora":

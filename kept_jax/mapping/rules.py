@@ -83,6 +83,22 @@ class Mapping:
         by_target = {r.target: r for r in self.rules}
         return [by_target[s.hf_name] for s in tensor_table(self.target_config)]
 
+    def params_paths(self, keep: Callable[[str], bool]) -> frozenset[tuple[str, ...]]:
+        """The target's params paths whose every HF tensor comes from a rule whose transform `keep` accepts (a
+        scanned leaf holds one tensor per layer)."""
+        transforms = {r.target: r.transform for r in self.rules}
+        accepted: dict[tuple[str, ...], bool] = {}
+        for spec in tensor_table(self.target_config):
+            path = spec.params_path(self.target_config.scan_layers)
+            accepted[path] = accepted.get(path, True) and keep(transforms[spec.hf_name])
+        return frozenset(path for path, ok in accepted.items() if ok)
+
+    def shared_with_teacher(self) -> frozenset[tuple[str, ...]]:
+        """Params paths where the target holds the source's values: copied unchanged, or recentered (which leaves a
+        LayerNorm source's function as it was, so the job gives the teacher the recentered copies too). Frozen,
+        these student leaves can share the teacher's buffers."""
+        return self.params_paths(lambda t: t == "identity" or t.startswith("recenter"))
+
     def materialize(self, read: Callable[[str], np.ndarray]) -> Iterator[tuple[str, np.ndarray, float | None]]:
         """Yields (target name, float64 tensor, rule error), one target at a time, in HF order."""
         self.check()

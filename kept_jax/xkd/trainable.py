@@ -20,14 +20,6 @@ from flax import traverse_util
 Flat = dict[tuple[str, ...], Any]
 
 
-def flatten(variables: dict) -> Flat:
-    return traverse_util.flatten_dict(variables)
-
-
-def unflatten(flat: Flat) -> dict:
-    return traverse_util.unflatten_dict(flat)
-
-
 def is_trainable(key: tuple[str, ...], spec: str | tuple[str, ...]) -> bool:
     """`key` is (collection, *path). Named sets: all, norms, norms+biases, lora; or regexes over 'a/b/c' paths."""
     collection, path = key[0], key[1:]
@@ -109,6 +101,30 @@ def split_student(student_variables: dict, teacher_params: dict, spec: str | tup
         twin = teacher_flat.get(key)
         if (twin is not None and twin.shape == value.shape and twin.dtype == value.dtype
                 and bool(jnp.array_equal(twin, value))):
+            shared.add(key)
+        else:
+            frozen[key] = value
+    return StudentSplit(trainable, frozen, frozenset(shared))
+
+
+def split_by_paths(student_variables: dict, teacher_params: dict, spec: str | tuple[str, ...],
+                   shared_paths: frozenset[tuple[str, ...]]) -> StudentSplit:
+    """The split when the mapping says which leaves hold the teacher's values (`Mapping.shared_with_teacher`)
+    instead of comparing them: it works on shapes (`jax.ShapeDtypeStruct`, for plans) as well as on arrays.
+
+    A frozen params leaf on `shared_paths` is shared when the teacher has a leaf of the same shape there.
+    """
+    def fp32(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, jnp.float32)
+        return jnp.asarray(x, jnp.float32)
+
+    teacher_flat = traverse_util.flatten_dict({"params": teacher_params})
+    trainable, frozen, shared = {}, {}, set()
+    for key, value in traverse_util.flatten_dict(student_variables).items():
+        if is_trainable(key, spec):
+            trainable[key] = fp32(value)
+        elif key[0] == "params" and key[1:] in shared_paths and key in teacher_flat and teacher_flat[key].shape == value.shape:
             shared.add(key)
         else:
             frozen[key] = value
