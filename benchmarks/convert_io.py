@@ -43,13 +43,15 @@ CALIB_TOKENS, CALIB_SEQ = 4096, 256  # statistics only: this phase is not I/O, a
 
 def synthetic_config(size_bytes: int) -> ModelConfig:
     """An Orion layout with as many layers as make about `size_bytes` of bf16 weights."""
-    d, f, vocab = 2048, 5632, 32000
-    per_layer = 4 * d * d + 3 * d * f + 4 * d  # attention, MLP, two LayerNorms with bias
-    fixed = 2 * vocab * d + 2 * d
-    layers = max(1, round((size_bytes / 2 - fixed) / per_layer))
-    return ModelConfig(architecture="orion", vocab_size=vocab, hidden_size=d, intermediate_size=f,
-                       num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16, head_dim=128,
-                       max_position_embeddings=4096, dtype="bfloat16", bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    def layout(layers: int) -> ModelConfig:
+        return ModelConfig(architecture="orion", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                           num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16, head_dim=128,
+                           max_position_embeddings=4096, dtype="bfloat16", bos_token_id=1, eos_token_id=2,
+                           pad_token_id=0)
+
+    per_layer = layout(2).num_params() - layout(1).num_params()
+    fixed = layout(1).num_params() - per_layer
+    return layout(max(1, round((size_bytes / 2 - fixed) / per_layer)))
 
 
 def write_checkpoint(out_dir: str, config: ModelConfig, shards: int) -> int:
@@ -59,11 +61,11 @@ def write_checkpoint(out_dir: str, config: ModelConfig, shards: int) -> int:
     from bridge.names import tensor_table
 
     rng = np.random.default_rng(0)
-    specs = tensor_table(config)
-    total = sum(int(np.prod(s.hf_shape)) * 2 for s in specs)
+    shapes = {s.hf_name: s.hf_shape for s in tensor_table(config)}
+    total = 2 * config.num_params()
 
     def get(name: str) -> np.ndarray:
-        shape = next(s.hf_shape for s in specs if s.hf_name == name)
+        shape = shapes[name]
         if "norm" in name:
             values = (1.0 if name.endswith("weight") else 0.0) + 0.1 * rng.standard_normal(shape, np.float32)
         else:
@@ -72,7 +74,7 @@ def write_checkpoint(out_dir: str, config: ModelConfig, shards: int) -> int:
 
     os.makedirs(out_dir)
     write_config(out_dir, config)
-    write_weights(out_dir, [(s.hf_name, s.hf_shape) for s in specs], "bfloat16", get, -(-total // shards) + 1)
+    write_weights(out_dir, list(shapes.items()), "bfloat16", get, -(-total // shards) + 1)
     for name in ("tokenizer.model", "tokenizer_config.json"):
         shutil.copy(os.path.join(TINY_ORION, name), out_dir)
     return total
