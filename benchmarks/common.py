@@ -39,7 +39,7 @@ def environment() -> dict:
 
 def write_result(stem: str, result: dict) -> str:
     """Writes `benchmarks/results/<stem>-<device>-<date>.json` (atomically) and returns its path."""
-    from bridge.hf_export import atomic_file
+    from kept_jax.fileio import atomic_file
 
     device = result["environment"]["device"].replace(" ", "_").replace("/", "_")
     path = os.path.join(RESULTS, f"{stem}-{device}-{result['environment']['date']}.json")

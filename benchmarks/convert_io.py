@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 from benchmarks.common import environment, write_result
-from kept_jax.config import ModelConfig
+from kept_jax.models import LlamaConfig
 from kept_jax.errors import KeptError, cli_entry
 
 MB = 1e6
@@ -41,10 +41,10 @@ TINY_ORION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 CALIB_TOKENS, CALIB_SEQ = 4096, 256  # statistics only: this phase is not I/O, and is timed apart
 
 
-def synthetic_config(size_bytes: int) -> ModelConfig:
+def synthetic_config(size_bytes: int) -> LlamaConfig:
     """An Orion layout with as many layers as make about `size_bytes` of bf16 weights."""
-    def layout(layers: int) -> ModelConfig:
-        return ModelConfig(architecture="orion", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+    def layout(layers: int) -> LlamaConfig:
+        return LlamaConfig(architecture="orion", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                            num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16, head_dim=128,
                            max_position_embeddings=4096, dtype="bfloat16", bos_token_id=1, eos_token_id=2,
                            pad_token_id=0)
@@ -54,14 +54,13 @@ def synthetic_config(size_bytes: int) -> ModelConfig:
     return layout(max(1, round((size_bytes / 2 - fixed) / per_layer)))
 
 
-def write_checkpoint(out_dir: str, config: ModelConfig, shards: int) -> int:
+def write_checkpoint(out_dir: str, config: LlamaConfig, shards: int) -> int:
     """Random weights (unit-scale activations, norms near 1) in `shards` safetensors files; returns the bytes."""
     from bridge.hf_export import write_config, write_weights
-    from bridge.hf_import import NUMPY_DTYPES
-    from bridge.names import tensor_table
+    from kept_jax.config import NUMPY_DTYPES
 
     rng = np.random.default_rng(0)
-    shapes = {s.hf_name: s.hf_shape for s in tensor_table(config)}
+    shapes = {s.hf_name: s.hf_shape for s in config.tensor_table()}
     total = 2 * config.num_params()
 
     def get(name: str) -> np.ndarray:
@@ -109,12 +108,11 @@ class PeakRSS:
 def run(size_bytes: int, shards: int, workdir: str) -> dict:
     from bridge.hf_export import write_config, write_weights
     from bridge.hf_import import load_hf_checkpoint
-    from bridge.names import tensor_table
     from kept_jax import corpus
     from kept_jax.convert import run_mapping, source_tensor_reader, token_rows
     from kept_jax.evaluate import batches_of
     from kept_jax.mapping import build_mapping, calibrate, outer_sites, target_config
-    from kept_jax.models import CausalLM
+    from kept_jax.models import build_model
     from kept_jax.tokenizer import load_tokenizer
 
     import jax
@@ -144,7 +142,7 @@ def run(size_bytes: int, shards: int, workdir: str) -> dict:
     with PeakRSS() as probe:
         tokenizer = load_tokenizer(source, "orion")
         rows = token_rows(corpus.HELDOUT, tokenizer, teacher_config.eos_token_id, CALIB_SEQ, 0, CALIB_TOKENS)
-        stats = calibrate(CausalLM(teacher_config), teacher_params, batches_of(rows, 8),
+        stats = calibrate(build_model(teacher_config), teacher_params, batches_of(rows, 8),
                           outer_sites=outer_sites("absorb", teacher_config))
     report("calibrate", probe, f" ({rows.size:,} tokens; MB/s is not meaningful here)")
     del teacher_params  # the mapping reads the source tensors from disk
@@ -159,7 +157,7 @@ def run(size_bytes: int, shards: int, workdir: str) -> dict:
         student_config = target_config(teacher_config, "absorb")
         os.makedirs(out)
         write_config(out, student_config.replace(dtype="bfloat16"))
-        write_weights(out, [(s.hf_name, s.hf_shape) for s in tensor_table(student_config)], "bfloat16",
+        write_weights(out, [(s.hf_name, s.hf_shape) for s in student_config.tensor_table()], "bfloat16",
                       tensors.__getitem__, -(-ckpt_bytes // shards) + 1)
     report("export", probe)
 

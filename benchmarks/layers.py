@@ -16,19 +16,19 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import environment, write_result
-from kept_jax.config import REMAT_POLICIES, ModelConfig
-from kept_jax.models import CausalLM, init_params
+from kept_jax.config import REMAT_POLICIES
+from kept_jax.models import LlamaConfig, build_model, init_params
 
 
 def _config(layers: int, **runtime) -> ModelConfig:
-    return ModelConfig(
+    return LlamaConfig(
         architecture="llama", vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=layers,
         num_attention_heads=8, num_key_value_heads=8, head_dim=32, **runtime,
     )
 
 
 def _loss_and_grad(config):
-    model = CausalLM(config)
+    model = build_model(config)
 
     def loss(params, tokens):
         logits = model.apply({"params": params}, tokens)

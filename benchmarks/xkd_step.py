@@ -46,11 +46,10 @@ import optax
 from flax import traverse_util
 
 from benchmarks.common import environment, median_seconds, write_result
-from kept_jax.config import ModelConfig
 from kept_jax.errors import KeptError, cli_entry
 from kept_jax.flops import peak_flops, step_flops_per_token
 from kept_jax.mapping import build_mapping, target_config
-from kept_jax.models import CausalLM
+from kept_jax.models import LlamaConfig, LlamaForCausalLM, build_model
 from kept_jax.models.params import abstract_params, init_params
 from kept_jax.xkd.losses import LossConfig
 from kept_jax.xkd.step import TrainState, abstract_state, init_state, make_optimizer, make_train_step
@@ -111,12 +110,12 @@ def parse_args(argv):
     return args
 
 
-def teacher_config(args) -> ModelConfig:
+def teacher_config(args) -> LlamaConfig:
     big = args.size in ("1b", "14b")
     runtime = dict(compute_dtype=args.dtype, param_dtype=args.dtype, scan_layers=True,
                    remat_policy=args.remat or ("save-dots-no-batch" if big else "none"),
                    attention_impl=args.attention or ("cudnn" if jax.default_backend() == "gpu" else "xla"))
-    config = ModelConfig.from_hf_dict(SIZES[args.size](), **runtime)
+    config = LlamaConfig.from_hf_dict(SIZES[args.size](), **runtime)
     if args.seq_len > config.max_position_embeddings:
         raise KeptError(f"--seq-len {args.seq_len} is longer than the {args.size} model's "
                         f"max_position_embeddings ({config.max_position_embeddings})")
@@ -126,7 +125,7 @@ def teacher_config(args) -> ModelConfig:
 # ---- kept_jax ------------------------------------------------------------------------------------
 
 
-def absorb_shared_paths(config: ModelConfig) -> frozenset[tuple[str, ...]]:
+def absorb_shared_paths(config: LlamaConfig) -> frozenset[tuple[str, ...]]:
     """The student leaves `opm=absorb` leaves equal to the teacher's (its recentered writers), from its rules."""
     return build_mapping("absorb", config, stats={}).shared_with_teacher()
 
@@ -149,8 +148,8 @@ def student_variables(student_params: dict, trainable: str) -> dict:
 class KeptStep:
     """kept_jax's step (kept_jax.xkd.step.make_train_step) with its weights, optimizer state and one batch."""
 
-    teacher: CausalLM
-    student: CausalLM
+    teacher: LlamaForCausalLM
+    student: LlamaForCausalLM
     teacher_params: dict
     split: StudentSplit
     tokens: jax.Array  # [1, batch, seq]: one micro-batch
@@ -159,10 +158,10 @@ class KeptStep:
     state: TrainState | None = None
 
     @classmethod
-    def build(cls, config: ModelConfig, variables: dict, teacher_params: dict, tokens, trainable: str,
+    def build(cls, config: LlamaConfig, variables: dict, teacher_params: dict, tokens, trainable: str,
               chunk_size: int) -> "KeptStep":
-        teacher = CausalLM(config)
-        student = CausalLM(target_config(config, "absorb").replace(lora_scale=LORA_ALPHA / LORA_RANK))
+        teacher = build_model(config)
+        student = build_model(target_config(config, "absorb").replace(lora_scale=LORA_ALPHA / LORA_RANK))
         split = split_by_paths(variables, teacher_params, trainable, absorb_shared_paths(config))
         optimizer = make_optimizer(LR, WARMUP, STEPS, WEIGHT_DECAY, CLIP)
         fn = make_train_step(teacher, student, split, optimizer, LossConfig(chunk_size=chunk_size))
@@ -185,14 +184,14 @@ class KeptStep:
         return per_token * math.prod(self.tokens.shape)
 
 
-def random_weights(config: ModelConfig, seed: int = 0) -> tuple[dict, dict]:
+def random_weights(config: LlamaConfig, seed: int = 0) -> tuple[dict, dict]:
     """Random teacher params and an absorb-like student's params (its own readers and head, shared writers)."""
     teacher = init_params(config, jax.random.key(seed))
     student = init_params(target_config(config, "absorb"), jax.random.key(seed + 1))
     return teacher, _with_shared_leaves(student, teacher, absorb_shared_paths(config))
 
 
-def random_tokens(config: ModelConfig, batch: int, seq_len: int, seed: int = 0) -> np.ndarray:
+def random_tokens(config: LlamaConfig, batch: int, seq_len: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, config.vocab_size, (batch, seq_len), dtype=np.int32)
 
 
@@ -212,23 +211,23 @@ def matmul_flops_per_s(dtype: str, n: int = 2048, reps: int = 5) -> float:
 class TorchStep:
     """The same step in PyTorch: Transformers models, SDPA attention, AdamW; weights copied from kept_jax's."""
 
-    def __init__(self, config: ModelConfig, trainable: str, teacher_params: dict, student_params: dict,
+    def __init__(self, config: LlamaConfig, trainable: str, teacher_params: dict, student_params: dict,
                  tokens: np.ndarray, dtype: str):
         import torch
         from torch import nn
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM as HFLlamaForCausalLM
 
         student_config = target_config(config, "absorb")
         hf = {k: v for k, v in student_config.replace(dtype="float32").to_hf_dict().items()
               if k not in ("model_type", "architectures")}
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         with self.device:
-            self.teacher = LlamaForCausalLM(LlamaConfig(**hf, attn_implementation="sdpa"))
+            self.teacher = HFLlamaForCausalLM(HFLlamaConfig(**hf, attn_implementation="sdpa"))
             for layer in self.teacher.model.layers:  # Orion's norms
                 layer.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
                 layer.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.teacher.model.norm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
-            self.student = LlamaForCausalLM(LlamaConfig(**hf, attn_implementation="sdpa"))
+            self.student = HFLlamaForCausalLM(HFLlamaConfig(**hf, attn_implementation="sdpa"))
         _load(self.teacher, teacher_params, config)
         _load(self.student, student_params, student_config)
         self.teacher.eval().requires_grad_(False)
@@ -268,13 +267,12 @@ class TorchStep:
         return {"loss": loss.item(), "grad_norm": grad_norm.item()}
 
 
-def _load(model, params: dict, config: ModelConfig) -> None:
+def _load(model, params: dict, config: LlamaConfig) -> None:
     import torch
 
     from bridge.hf_export import hf_tensor
-    from bridge.names import tensor_table
 
-    state = {s.hf_name: torch.from_numpy(hf_tensor(params, config, s, "float32")) for s in tensor_table(config)}
+    state = {s.hf_name: torch.from_numpy(hf_tensor(params, config, s, "float32")) for s in config.tensor_table()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
@@ -313,7 +311,7 @@ def check_same_step(kept: KeptStep, reference: TorchStep, rtol: float = 1e-4) ->
 # ---- main ----------------------------------------------------------------------------------------
 
 
-def compile_only(args, config: ModelConfig) -> dict:
+def compile_only(args, config: LlamaConfig) -> dict:
     """Compiles the step on shapes alone (nothing is allocated) and reports XLA's memory analysis."""
     teacher = abstract_params(config)
     student = _with_shared_leaves(abstract_params(target_config(config, "absorb")), teacher,
@@ -333,7 +331,7 @@ def compile_only(args, config: ModelConfig) -> dict:
     return {"compile_s": round(seconds, 1), "memory_GiB": gib}
 
 
-def _config_line(config: ModelConfig) -> str:
+def _config_line(config: LlamaConfig) -> str:
     fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim")
     runtime = ("compute_dtype", "param_dtype", "remat_policy", "attention_impl")

@@ -8,22 +8,17 @@ library's writer needs every tensor of a file in memory at once, which a 14B exp
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import shutil
 import struct
-import tempfile
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import ml_dtypes
 import numpy as np
 
-from bridge.hf_import import NUMPY_DTYPES
-from bridge.names import TensorSpec, tensor_table
-from kept_jax.config import ModelConfig
-from kept_jax.errors import KeptError
+from kept_jax.config import NUMPY_DTYPES, ModelConfig
+from kept_jax.models.names import TensorSpec
 
 SAFETENSORS_DTYPE_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -105,62 +100,6 @@ def write_weights(
     return names
 
 
-def check_output_dir(out_dir: str, force: bool) -> None:
-    """Refuses a non-empty output directory unless forced; call before any expensive work."""
-    if os.path.isfile(out_dir):
-        raise KeptError(f"output {out_dir!r} is a file; choose a directory path")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
-        raise KeptError(f"output directory {out_dir!r} exists and is not empty; choose another path or pass --force")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    if not os.path.isdir(parent):
-        raise KeptError(f"the parent of the output directory, {parent!r}, does not exist; create it first")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str, force: bool) -> Iterator[str]:
-    """Yields a temporary directory beside `out_dir`; on success it replaces `out_dir`, on failure it vanishes."""
-    check_output_dir(out_dir, force)
-    out_dir = os.path.abspath(out_dir)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any other directory
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(out_dir):
-        trash = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
-        os.replace(out_dir, os.path.join(trash, "old"))
-        os.replace(tmp, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-
-
-@contextlib.contextmanager
-def atomic_file(path: str, mode: str = "w") -> Iterator[Any]:
-    """An open file at a temporary path beside `path`, renamed to `path` when the block succeeds, removed if not.
-
-    Readers see the old file or the whole new one, never a half-written one (a summary, a log rewrite, a plot).
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result should look like any other file
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
 def write_config(out_dir: str, config: ModelConfig) -> None:
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config.to_hf_dict(), f, indent=2)
@@ -168,7 +107,7 @@ def write_config(out_dir: str, config: ModelConfig) -> None:
 
 def write_params(out_dir: str, params: dict, config: ModelConfig, dtype: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
     """Writes `config.json` and the weights of kept_jax params, one tensor at a time."""
-    specs = {s.hf_name: s for s in tensor_table(config)}
+    specs = {s.hf_name: s for s in config.tensor_table()}
     write_config(out_dir, config.replace(dtype=dtype))
     return write_weights(
         out_dir,

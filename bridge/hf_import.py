@@ -19,12 +19,11 @@ import jax
 import ml_dtypes  # registers bfloat16 with NumPy; safetensors' NumPy reader needs it
 import numpy as np
 
-from bridge.names import TensorSpec, is_harmless_buffer, tensor_table
-from kept_jax.config import ModelConfig, load_hf_config
+from kept_jax.config import NUMPY_DTYPES, ModelConfig, load_hf_config
+from kept_jax.models.names import TensorSpec, is_harmless_buffer
 from kept_jax.errors import KeptError
 
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 WEIGHT_FILES = (
     "model.safetensors.index.json",
     "model.safetensors",
@@ -231,7 +230,7 @@ def _check_names(reader: CheckpointReader, specs: list[TensorSpec], config: Mode
         if is_harmless_buffer(name):
             skipped.append((name, "rotary buffer, recomputed from the config"))
         elif name == "lm_head.weight" and config.tie_word_embeddings:
-            skipped.append((name, "tied to model.embed_tokens.weight (checked equal)"))
+            skipped.append((name, f"tied to {config.hf_embedding_name} (checked equal)"))
         else:
             unexpected.append(name)
 
@@ -242,8 +241,7 @@ def _check_names(reader: CheckpointReader, specs: list[TensorSpec], config: Mode
         raise KeptError(
             f"checkpoint {reader.model_dir!r} is missing {len(missing)} tensor(s) that its config.json implies: "
             f"{listing(missing)}. Check that config.json (model_type {config.architecture!r}, "
-            f"attention_bias={config.attention_bias}, mlp_bias={config.mlp_bias}, "
-            f"tie_word_embeddings={config.tie_word_embeddings}) belongs to these weights"
+            f"{', '.join(f'{k}={v}' for k, v in config.layout_flags().items())}) belongs to these weights"
         )
     if unexpected:
         raise KeptError(
@@ -286,7 +284,7 @@ def iter_params(
     """
     target = NUMPY_DTYPES[config.param_dtype]
     by_leaf: dict[tuple[str, ...], list[TensorSpec]] = collections.defaultdict(list)
-    for spec in tensor_table(config):
+    for spec in config.tensor_table():
         by_leaf[spec.params_path(config.scan_layers)].append(spec)
     for path, specs in by_leaf.items():
         first = specs[0]
@@ -310,7 +308,7 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 
 def params_from_reader(reader, config: ModelConfig) -> tuple[dict, list[tuple[str, str]], dict[str, int]]:
     """Validated kept_jax params (on the default device) from any reader of HF-named tensors."""
-    skipped = _check_names(reader, tensor_table(config), config)
+    skipped = _check_names(reader, config.tensor_table(), config)
     dtypes: collections.Counter = collections.Counter()
     params: dict = {}
     for path, leaf in iter_params(reader, config, dtypes):
@@ -322,7 +320,8 @@ def params_from_reader(reader, config: ModelConfig) -> tuple[dict, list[tuple[st
 
 
 def load_hf_checkpoint(model_dir: str | os.PathLike, **runtime: Any) -> tuple[ModelConfig, dict, ImportReport]:
-    """Loads an HF Orion or Llama directory. `runtime` sets ModelConfig's runtime fields (param_dtype, ...).
+    """Loads an HF directory of any architecture kept_jax knows (`kept_jax.models.ARCHITECTURES`); `runtime` sets
+    the config's runtime fields (param_dtype, ...).
 
     Parameters go to the default JAX device one leaf at a time, so host memory stays near one leaf plus the
     model's device copy.
@@ -332,10 +331,10 @@ def load_hf_checkpoint(model_dir: str | os.PathLike, **runtime: Any) -> tuple[Mo
     reader = CheckpointReader(model_dir)
     params, skipped, dtypes = params_from_reader(reader, config)
     if config.tie_word_embeddings and "lm_head.weight" in reader.names():
-        if not np.array_equal(reader.read("lm_head.weight"), reader.read("model.embed_tokens.weight")):
+        if not np.array_equal(reader.read("lm_head.weight"), reader.read(config.hf_embedding_name)):
             raise KeptError(
-                "config.json sets tie_word_embeddings=true but lm_head.weight differs from "
-                "model.embed_tokens.weight; set tie_word_embeddings=false in config.json"
+                f"config.json sets {config.hf_tie_key}=true but lm_head.weight differs from "
+                f"{config.hf_embedding_name}; set {config.hf_tie_key}=false in config.json"
             )
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     return config, params, ImportReport(reader.files, skipped, dtypes, num_params)

@@ -22,8 +22,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from bridge.hf_export import atomic_file
 from kept_jax.errors import KeptError
+from kept_jax.fileio import atomic_file
 
 CONFIG_FILE = "config.json"
 # Settings a resumed run may change: they do not touch the trained weights or the data order.

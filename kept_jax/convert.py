@@ -45,7 +45,7 @@ def source_tensor_reader(model_dir: str) -> Callable[[str], np.ndarray]:
 
 def run_mapping(mapping, read: Callable[[str], np.ndarray], dtype: str) -> tuple[dict[str, np.ndarray], dict]:
     """Evaluates every rule (float64), casts to `dtype`; returns tensors and per-target errors."""
-    from bridge.hf_import import NUMPY_DTYPES
+    from kept_jax.config import NUMPY_DTYPES
 
     tensors, errors = {}, {}
     for name, value, error in mapping.materialize(read):
@@ -105,7 +105,7 @@ def convert_all(args) -> tuple[Any, list[ConversionResult], dict]:
     from kept_jax.config import load_hf_config
     from kept_jax.evaluate import batches_of, compare
     from kept_jax.mapping import STRATEGIES, build_mapping, calibrate, outer_sites, target_config
-    from kept_jax.models import CausalLM
+    from kept_jax.models import build_model
     from kept_jax.tokenizer import load_tokenizer
 
     source_config = load_hf_config(args.source)
@@ -122,7 +122,7 @@ def convert_all(args) -> tuple[Any, list[ConversionResult], dict]:
     eval_rows = token_rows(eval_file, tokenizer, source_config.eos_token_id, args.seq_len, skip, args.eval_tokens)
 
     teacher_config, teacher_params, report = load_hf_checkpoint(args.source, compute_dtype=dtype, param_dtype=dtype)
-    teacher = CausalLM(teacher_config)
+    teacher = build_model(teacher_config)
     sites = sorted({s for strategy in strategies for s in outer_sites(strategy, teacher_config)})
     stats = calibrate(teacher, teacher_params, batches_of(calib_rows, args.batch), outer_sites=sites)
 
@@ -134,7 +134,7 @@ def convert_all(args) -> tuple[Any, list[ConversionResult], dict]:
         tensors, errors = run_mapping(mapping, read, dtype)
         config = target_config(teacher_config, strategy)
         student_params, _, _ = params_from_reader(ArrayReader(tensors), config)
-        metrics = compare(teacher, teacher_params, CausalLM(config), student_params, batches_of(eval_rows, args.batch),
+        metrics = compare(teacher, teacher_params, build_model(config), student_params, batches_of(eval_rows, args.batch),
                           logit_shift=final_shift)
         results.append(ConversionResult(strategy, config, tensors, errors, metrics, mapping.table(errors)))
         print(f"converted with {strategy!r}: KL {metrics['kl']:.3e} nats/token, agreement {metrics['agreement']:.2%}",
@@ -191,11 +191,10 @@ def export_llama(out_dir: str, source_dir: str, config, get: Callable[[str], np.
     from transformers import GenerationConfig
 
     from bridge.hf_export import write_config, write_weights
-    from bridge.names import tensor_table
     from bridge.tokenizer_export import export_tokenizer
 
     write_config(out_dir, config.replace(dtype=dtype))
-    write_weights(out_dir, [(s.hf_name, s.hf_shape) for s in tensor_table(config)], dtype, get, max_shard_bytes)
+    write_weights(out_dir, [(s.hf_name, s.hf_shape) for s in config.tensor_table()], dtype, get, max_shard_bytes)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                      pad_token_id=config.pad_token_id).save_pretrained(out_dir)
     export_tokenizer(source_dir, out_dir, "orion")
@@ -221,7 +220,7 @@ def check_tokenizer(source_dir: str, out_dir: str) -> None:
 @cli_entry
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from bridge.hf_export import atomic_output_dir, check_output_dir
+    from kept_jax.fileio import atomic_output_dir, check_output_dir
 
     check_output_dir(args.out, args.force)
     max_shard_bytes = parse_size(args.max_shard_size)

@@ -29,7 +29,6 @@ compiled step's `memory_analysis()` to check them.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -57,7 +56,7 @@ def parse_memory(text: str) -> int:
 
 
 def _source_layout(cfg):
-    from kept_jax.config import ModelConfig
+    from kept_jax.config import ModelConfig, read_config_json
     from kept_jax.train_config import CONFIG_DIR
 
     candidates = [os.path.join(cfg.source, "config.json")]
@@ -65,9 +64,7 @@ def _source_layout(cfg):
         candidates += [cfg.source_config, os.path.join(os.path.dirname(CONFIG_DIR), cfg.source_config)]
     for path in candidates:
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                hf = json.load(f)
-            return path, ModelConfig.from_hf_dict(hf, **cfg.runtime())
+            return path, ModelConfig.from_hf_dict(read_config_json(path), **cfg.runtime())
     raise KeptError(f"no config.json at {cfg.source!r} and no source_config set; give the source's config.json "
                     f"with source_config=PATH to plan without the weights")
 
@@ -155,10 +152,8 @@ def plan(cfg, devices: int | None = None) -> dict:
     }
     memory.update(activation_bytes(cfg, student_config, micro_batch, mesh_sizes))
     if mesh_sizes["fsdp"] > 1:  # XLA gathers a layer's fsdp-sharded weights (teacher's and student's) to use them
-        from kept_jax.flops import matmul_params
-
         c = teacher_config
-        layer_and_head = (matmul_params(c) - c.hidden_size * c.vocab_size) / c.num_hidden_layers + c.hidden_size * c.vocab_size
+        layer_and_head = (c.matmul_params() - c.hidden_size * c.vocab_size) / c.num_hidden_layers + c.hidden_size * c.vocab_size
         memory["one layer's and the head's weights, gathered (fsdp)"] = (
             2 * layer_and_head * jnp.dtype(cfg.precision.params).itemsize / mesh_sizes["tensor"])
     return {

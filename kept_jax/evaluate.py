@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kept_jax.models import CausalLM
 
 
 def _batch_sums(teacher_logits, student_logits, tokens, logit_shift):
@@ -37,9 +37,9 @@ def _batch_sums(teacher_logits, student_logits, tokens, logit_shift):
 
 
 def compare(
-    teacher: CausalLM,
+    teacher: nn.Module,
     teacher_params: dict,
-    student: CausalLM,
+    student: nn.Module,
     student_params: dict,
     batches: Iterable[np.ndarray],
     logit_shift: np.ndarray | None = None,

@@ -1,16 +1,18 @@
 """FLOPs of the XKD step by an explicit formula, and the peak FLOP/s of known accelerators, for MFU.
 
 Per token, with N the matmul parameters of one model (every linear layer and the output head; the embedding
-lookup is not a matmul), L layers, T the sequence length and A = heads x head_dim:
+lookup is not a matmul: `config.matmul_params()`) and X(T) the forward FLOPs of its sequence mixing beyond those
+matmuls at sequence length T (`config.mixing_flops_per_token`: 4 L T A for attention, with L layers and
+A = heads x head_dim, QK^T and PV at full T x T):
 
-    forward               F(N) = 2 N + 4 L T A          (2 FLOPs per multiply-add; QK^T and PV at full T x T)
-    teacher               F(N_teacher)                  (forward only, no gradient)
-    student               F(N_student) + 2 N_student + 8 L T A + 2 N_trainable
-                          (forward; gradients w.r.t. activations through every matmul; attention backward;
+    forward               F = 2 N + X(T)                (2 FLOPs per multiply-add)
+    teacher               F_teacher                     (forward only, no gradient)
+    student               F_student + 2 N_student + 2 X_student(T) + 2 N_trainable
+                          (forward; gradients w.r.t. activations through every matmul; the mixing's backward;
                            weight gradients only for trainable matmul weights, LoRA adapters included)
 
-With every weight trainable the student term is the familiar 6 N + 12 L T A. Recomputation under remat is not
-counted: MFU measures useful work. MFU = step FLOPs / step time / (peak FLOP/s per device x devices).
+With every weight trainable the student term of a Llama is the familiar 6 N + 12 L T A. Recomputation under remat
+is not counted: MFU measures useful work. MFU = step FLOPs / step time / (peak FLOP/s per device x devices).
 """
 
 from __future__ import annotations
@@ -33,19 +35,10 @@ def peak_flops(device_kind: str, compute_dtype: str) -> float | None:
     return None
 
 
-def matmul_params(config: ModelConfig) -> int:
-    d, h = config.hidden_size, config.num_attention_heads * config.head_dim
-    kv = config.num_key_value_heads * config.head_dim
-    per_layer = d * (h + 2 * kv) + h * d + 3 * d * config.intermediate_size
-    return config.num_hidden_layers * per_layer + d * config.vocab_size
-
-
 def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    attention = 4 * config.num_hidden_layers * seq_len * config.num_attention_heads * config.head_dim
-    return 2 * matmul_params(config) + attention
+    return 2 * config.matmul_params() + config.mixing_flops_per_token(seq_len)
 
 
 def step_flops_per_token(teacher: ModelConfig, student: ModelConfig, seq_len: int, trainable_matmul_params: int) -> float:
-    attention = 8 * student.num_hidden_layers * seq_len * student.num_attention_heads * student.head_dim
     return (forward_flops_per_token(teacher, seq_len) + forward_flops_per_token(student, seq_len)
-            + 2 * matmul_params(student) + attention + 2 * trainable_matmul_params)
+            + 2 * student.matmul_params() + 2 * student.mixing_flops_per_token(seq_len) + 2 * trainable_matmul_params)

@@ -52,7 +52,7 @@ def describe(model_dir: str, seq_len: int = 256, batch: int = 16) -> dict:
 
     from bridge.hf_import import load_hf_checkpoint
     from kept_jax import corpus
-    from kept_jax.models import CausalLM
+    from kept_jax.models import build_model
     from kept_jax.tokenizer import load_tokenizer
 
     config, params, _ = load_hf_checkpoint(model_dir)
@@ -60,7 +60,7 @@ def describe(model_dir: str, seq_len: int = 256, batch: int = 16) -> dict:
         raise KeptError(f"--describe reads Orion checkpoints; {model_dir!r} is {config.architecture!r}")
     tokenizer = load_tokenizer(model_dir, "orion")
     rows = corpus.token_rows(corpus.HELDOUT, tokenizer.encode, seq_len, config.eos_token_id)
-    model = CausalLM(config)
+    model = build_model(config)
 
     @jax.jit
     def batch_stats(tokens):
@@ -156,7 +156,8 @@ def main(argv=None) -> int:
     if args.describe:
         print(json.dumps(describe(args.describe), indent=2))
         return 0
-    from bridge.hf_export import atomic_output_dir, check_output_dir, write_params
+    from bridge.hf_export import write_params
+    from kept_jax.fileio import atomic_output_dir, check_output_dir
 
     check_output_dir(args.out, args.force)
     import jax
@@ -166,13 +167,12 @@ def main(argv=None) -> int:
     import sentencepiece as spm
 
     from kept_jax import corpus
-    from kept_jax.config import ModelConfig
-    from kept_jax.models import CausalLM, init_params
+    from kept_jax.models import LlamaConfig, build_model, init_params
 
     if args.gather_corpus:
         print("corpus: train %d chars, held-out %d chars" % corpus.gather())
     train_docs, heldout_docs = corpus.read_documents(corpus.TRAIN), corpus.read_documents(corpus.HELDOUT)
-    config = ModelConfig(**TINY_ORION)
+    config = LlamaConfig(**TINY_ORION)
     log: dict = {"args": vars(args) | {"out": None}, "config": config.to_hf_dict(), "eval": []}
 
     with atomic_output_dir(args.out, args.force) as tmp:
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
         heldout = corpus.pack((sp.encode(d) for d in heldout_docs), args.seq_len, sp.eos_id())
         print(f"tokens: train {train.size:,} ({train.shape[0]} rows), held-out {heldout.size:,}")
 
-        model = CausalLM(config)
+        model = build_model(config)
         init_key, mean_key = jax.random.split(jax.random.key(args.seed))
         params = writer_means(init_params(config, init_key), args.mean_init, mean_key)
         schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, args.steps, end_value=args.lr / 10)

@@ -13,7 +13,7 @@ import math
 import os
 from typing import Callable
 
-from bridge.hf_export import atomic_file
+from kept_jax.fileio import atomic_file
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bridge import load_hf_checkpoint
     from kept_jax.config import load_hf_config
-    from kept_jax.models import CausalLM
+    from kept_jax.models import build_model
 
     config = load_hf_config(args.model)
     tokens = _tokens(args, args.model, config.architecture)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
 
-    model = CausalLM(config)
+    model = build_model(config)
     ids = jnp.asarray(tokens, dtype=jnp.int32)[None]
     logits = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, ids)[0]
     log_probs = jax.nn.log_softmax(logits[:-1], axis=-1)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mean NLL:   {nll:.6f} nats/token")
     print(f"perplexity: {math.exp(nll):.4f}")
     if args.save_logits:
-        from bridge.hf_export import atomic_file
+        from kept_jax.fileio import atomic_file
 
         with atomic_file(args.save_logits, "wb") as f:
             np.save(f, np.asarray(logits, dtype=np.float32))

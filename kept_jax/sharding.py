@@ -1,7 +1,7 @@
 """Placing the job on a device mesh: axes `data`, `fsdp`, `tensor`, and logical-axis rules from the config.
 
-Every parameter carries logical axis names from the model (`vocab`, `embed`, `q_heads`, `kv_heads`, `mlp`,
-`norm`, `layers`); LoRA adapters inherit their kernel's input axis (a) or output axis (b). Rules map logical names to
+Every parameter carries logical axis names from the model: the shared ones (`vocab`, `embed`, `mlp`, `norm`,
+`layers`) and each architecture's own (`q_heads`, `kv_heads` for attention; see `logical_axis_rules`); LoRA adapters inherit their kernel's input axis (a) or output axis (b). Rules map logical names to
 mesh axes, e.g. `embed: fsdp` shards every weight's hidden dimension over the fsdp axis (ZeRO-3 style: XLA gathers it
 for each layer), `mlp: tensor` splits the MLP Megatron-style. Batches are [grad_accum, batch, seq] with the batch
 dimension over `data` and `fsdp`. Optimizer state mirrors the trainable leaves. GSPMD inserts the collectives.
@@ -22,13 +22,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kept_jax.config import ModelConfig
 from kept_jax.errors import KeptError
+from kept_jax.models import ARCHITECTURES, build_model
 
 MESH_AXES = ("data", "fsdp", "tensor")
-LOGICAL_AXES = ("batch", "vocab", "embed", "q_heads", "kv_heads", "mlp", "norm", "layers")
+# The shared logical axes, then every architecture's own.
 DEFAULT_RULES: dict[str, Any] = {
-    "batch": ("data", "fsdp"), "vocab": "tensor", "embed": "fsdp", "q_heads": "tensor", "kv_heads": "tensor",
-    "mlp": "tensor", "norm": None, "layers": None,
+    "batch": ("data", "fsdp"), "vocab": "tensor", "embed": "fsdp", "mlp": "tensor", "norm": None, "layers": None,
 }
+for _arch in ARCHITECTURES.values():
+    DEFAULT_RULES.update(_arch.logical_axis_rules)
+LOGICAL_AXES = tuple(DEFAULT_RULES)
 Rules = Sequence[tuple[str, Any]]
 
 
@@ -71,9 +74,7 @@ def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence | None = None
 
 def logical_axes(config: ModelConfig) -> dict[tuple[str, ...], tuple]:
     """{("params", *path): logical names per dimension}, from the model's own annotations (no allocation)."""
-    from kept_jax.models import CausalLM
-
-    boxed = jax.eval_shape(lambda: CausalLM(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    boxed = jax.eval_shape(lambda: build_model(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
     specs = nn.get_partition_spec({"params": boxed["params"]})
     flat = traverse_util.flatten_dict(specs)
     return {key: tuple(spec) for key, spec in flat.items()}

@@ -79,7 +79,7 @@ class Job:
         from kept_jax.convert import run_mapping, source_tensor_reader
         from kept_jax.evaluate import batches_of
         from kept_jax.mapping import build_mapping, calibrate, outer_sites, target_config
-        from kept_jax.models import CausalLM
+        from kept_jax.models import build_model
         from kept_jax.tokenizer import load_tokenizer
         from kept_jax.xkd.trainable import init_lora, split_student
 
@@ -111,7 +111,7 @@ class Job:
         self.eval_rows = heldout[n_calib : n_calib + n_eval]
 
         teacher_config, teacher_params, _ = load_hf_checkpoint(cfg.source, **cfg.runtime())
-        self.teacher = CausalLM(teacher_config)
+        self.teacher = build_model(teacher_config)
         stats = calibrate(self.teacher, teacher_params, batches_of(calib_rows, d.batch_size),
                           outer_sites=outer_sites(cfg.opm, teacher_config))
         self.mapping = build_mapping(cfg.opm, teacher_config, stats)
@@ -119,7 +119,7 @@ class Job:
         student_config = target_config(teacher_config, cfg.opm).replace(lora_scale=cfg.lora.alpha / cfg.lora.rank)
         student_params, _, _ = params_from_reader(ArrayReader(tensors), student_config)
         del tensors
-        self.student = CausalLM(student_config)
+        self.student = build_model(student_config)
         # Recentering the writers leaves a LayerNorm teacher's function unchanged, so the teacher reads the
         # student's recentered writers: one copy of them instead of two.
         for path in sorted(self.mapping.params_paths(lambda t: t.startswith("recenter"))):
@@ -278,7 +278,6 @@ class Job:
         import jax
 
         from bridge.hf_export import hf_tensor
-        from bridge.names import tensor_table
         from kept_jax.convert import export_llama
         from kept_jax.xkd.trainable import merge_lora
 
@@ -287,7 +286,7 @@ class Job:
         if "lora" in variables:
             params = merge_lora(params, variables["lora"], self.student.config.lora_scale)
         config = self.student.config
-        specs = {s.hf_name: s for s in tensor_table(config)}
+        specs = {s.hf_name: s for s in config.tensor_table()}
         dtype = self.cfg.precision.export
         if jax.process_count() > 1:  # every host takes part in the gather; only the first one writes
             params = jax.tree.map(_host_array, params)
@@ -379,7 +378,7 @@ def main(argv=None) -> int:
     evals = [r for r in records if r["split"] == "eval"]
     init, final = evals[0], evals[-1]
     train_records = [r for r in records if r["split"] == "train"]
-    from bridge.hf_export import atomic_file, atomic_output_dir
+    from kept_jax.fileio import atomic_file, atomic_output_dir
 
     export_dir = os.path.join(out_dir, "export")
     with atomic_output_dir(export_dir, force=True) as tmp:

@@ -12,13 +12,14 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from bridge.hf_export import atomic_file, atomic_output_dir, write_params
+from bridge.hf_export import write_params
 from bridge.hf_import import load_hf_checkpoint
 from bridge.tokenizer_export import export_tokenizer
 from kept_jax import corpus
 from kept_jax.config import ModelConfig
 from kept_jax.errors import KeptError
-from kept_jax.models import CausalLM, init_params
+from kept_jax.fileio import atomic_file, atomic_output_dir
+from kept_jax.models import build_model, init_params
 from tests import fixtures as fx
 
 TOKENS = np.random.default_rng(9).integers(0, 512, size=(1, 20))
@@ -52,7 +53,7 @@ def test_sharded_export_loads_in_transformers(tmp_path):
     with safe_open(str(tmp_path / files[0]), framework="numpy") as f:
         assert f.metadata() == {"format": "pt"}
     hf = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    ours = np.asarray(CausalLM(config).apply({"params": params}, TOKENS))
+    ours = np.asarray(build_model(config).apply({"params": params}, TOKENS))
     np.testing.assert_allclose(fx.torch_logits(hf, TOKENS).numpy(), ours, atol=1e-4, rtol=0)
     hf_config = json.loads((tmp_path / "config.json").read_text())
     assert hf_config["model_type"] == "llama" and hf_config["architectures"] == ["LlamaForCausalLM"]
@@ -67,7 +68,7 @@ def test_rope_settings_survive_in_both_forms(tmp_path):
     write_params(str(tmp_path), params, config, "float32")
     model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert model.config.rope_parameters["rope_theta"] == 5e7 and model.config.rope_parameters["factor"] == 2.0
-    ours = np.asarray(CausalLM(config).apply({"params": params}, TOKENS))
+    ours = np.asarray(build_model(config).apply({"params": params}, TOKENS))
     np.testing.assert_allclose(fx.torch_logits(model, TOKENS).numpy(), ours, atol=1e-4, rtol=0)
 
 

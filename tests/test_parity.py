@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bridge import load_hf_checkpoint
-from kept_jax.models import CausalLM
+from kept_jax.models import build_model
 from tests import fixtures as fx
 
 FP32_MAX_ABS = 1e-4
@@ -56,7 +56,7 @@ def _build(arch, overrides, tmp_path, seed=0):
 
 def _jax_logits(path, **runtime):
     config, params, _ = load_hf_checkpoint(path, **runtime)
-    return np.asarray(CausalLM(config).apply({"params": params}, TOKENS), dtype=np.float32)
+    return np.asarray(build_model(config).apply({"params": params}, TOKENS), dtype=np.float32)
 
 
 def _assert_fp32_parity(ours, ref):

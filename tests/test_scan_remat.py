@@ -7,14 +7,14 @@ import pytest
 
 from bridge import load_hf_checkpoint
 from kept_jax.config import REMAT_POLICIES
-from kept_jax.models import CausalLM, stack_layers
+from kept_jax.models import build_model, stack_layers
 
 TOKENS = jnp.asarray(np.random.default_rng(1).integers(0, 512, size=(2, 16)), dtype=jnp.int32)
 
 
 def _logits_and_grads(path, scan_layers, remat_policy):
     config, params, _ = load_hf_checkpoint(path, scan_layers=scan_layers, remat_policy=remat_policy)
-    model = CausalLM(config)
+    model = build_model(config)
 
     def loss(p):
         logits = model.apply({"params": p}, TOKENS)

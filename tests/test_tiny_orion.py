@@ -13,7 +13,7 @@ import sentencepiece as spm
 
 from bridge.hf_import import load_hf_checkpoint
 from kept_jax import corpus, pretrain
-from kept_jax.models import CausalLM
+from kept_jax.models import build_model
 
 ASSET = os.path.join(os.path.dirname(pretrain.__file__), "assets", "tiny-orion")
 
@@ -42,7 +42,7 @@ def _heldout_rows(seq_len=256):
 
 def test_heldout_perplexity_is_what_the_log_says(asset):
     config, params, log = asset
-    model = CausalLM(config)
+    model = build_model(config)
     rows = _heldout_rows()
 
     @jax.jit
@@ -62,7 +62,7 @@ def test_norm_biases_and_residual_means_are_not_trivial(asset):
     betas = [np.asarray(layers[s]["bias"], np.float32) for s in ("input_layernorm", "post_attention_layernorm")]
     betas.append(np.asarray(params["model"]["norm"]["bias"], np.float32)[None])
     assert min(float(np.sqrt((b**2).mean())) for b in betas) > 0.02
-    inputs, _ = CausalLM(config).apply({"params": params}, jnp.asarray(_heldout_rows()[:4]), method="norm_inputs",
+    inputs, _ = build_model(config).apply({"params": params}, jnp.asarray(_heldout_rows()[:4]), method="norm_inputs",
                                        mutable="intermediates")
     ratios = [float(jnp.mean(jnp.abs(x.mean(-1)) / jnp.sqrt((x.astype(jnp.float32) ** 2).mean(-1)))) for x in inputs.values()]
     assert max(ratios) > 0.05

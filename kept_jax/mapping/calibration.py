@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kept_jax.models import CausalLM
+from kept_jax.models.llama import LlamaForCausalLM
 
 
 @dataclasses.dataclass
@@ -48,7 +48,7 @@ def _partial_sums(x: jax.Array, eps: float, outer: bool) -> dict[str, jax.Array]
 
 
 def calibrate(
-    model: CausalLM, params: dict, batches: Iterable[np.ndarray], outer_sites: Iterable[str] = ()
+    model: LlamaForCausalLM, params: dict, batches: Iterable[np.ndarray], outer_sites: Iterable[str] = ()
 ) -> dict[str, SiteStats]:
     """Norm-site statistics keyed by HF norm name. `outer_sites` get the full [D, D] second moment of a."""
     outer_sites = frozenset(outer_sites)

@@ -17,8 +17,6 @@ All arithmetic is float64 on HF-layout tensors ([out, in] for linear weights).
 from __future__ import annotations
 
 import numpy as np
-
-from bridge.names import tensor_table
 from kept_jax.config import ModelConfig
 from kept_jax.errors import KeptError
 from kept_jax.mapping.calibration import SiteStats
@@ -180,7 +178,7 @@ def build_mapping(
 
     # Which betas did nothing read? Those are dropped, and say so.
     used = {s for r in rules for s in r.sources}
-    for spec in tensor_table(source):
+    for spec in source.tensor_table():
         if spec.hf_name.endswith("layernorm.bias") or spec.hf_name == "model.norm.bias":
             if spec.hf_name not in used:
                 dropped[spec.hf_name] = f"beta not representable by strategy {strategy!r}"
@@ -190,7 +188,7 @@ def build_mapping(
 def outer_sites(strategy: str, source: ModelConfig) -> list[str]:
     """Norm sites whose full second moment the strategy needs."""
     if strategy == "absorb":
-        return [s.hf_name.removesuffix(".weight") for s in tensor_table(source) if s.hf_name.endswith("norm.weight")]
+        return [s.hf_name.removesuffix(".weight") for s in source.tensor_table() if s.hf_name.endswith("norm.weight")]
     if strategy == "exact":
         return ["model.norm"]
     return []

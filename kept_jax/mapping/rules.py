@@ -12,7 +12,6 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from bridge.names import tensor_table
 from kept_jax.config import ModelConfig
 from kept_jax.errors import KeptError
 
@@ -63,8 +62,8 @@ class Mapping:
 
     def check(self) -> None:
         """Every target tensor produced exactly once; every source tensor used or explicitly dropped."""
-        targets = [s.hf_name for s in tensor_table(self.target_config)]
-        sources = {s.hf_name for s in tensor_table(self.source_config)}
+        targets = [s.hf_name for s in self.target_config.tensor_table()]
+        sources = {s.hf_name for s in self.source_config.tensor_table()}
         produced = collections.Counter(r.target for r in self.rules)
         problems = []
         problems += [f"no rule produces target {t!r}" for t in targets if t not in produced]
@@ -81,14 +80,14 @@ class Mapping:
     def ordered_rules(self) -> list[Rule]:
         """Rules in target (HF) order."""
         by_target = {r.target: r for r in self.rules}
-        return [by_target[s.hf_name] for s in tensor_table(self.target_config)]
+        return [by_target[s.hf_name] for s in self.target_config.tensor_table()]
 
     def params_paths(self, keep: Callable[[str], bool]) -> frozenset[tuple[str, ...]]:
         """The target's params paths whose every HF tensor comes from a rule whose transform `keep` accepts (a
         scanned leaf holds one tensor per layer)."""
         transforms = {r.target: r.transform for r in self.rules}
         accepted: dict[tuple[str, ...], bool] = {}
-        for spec in tensor_table(self.target_config):
+        for spec in self.target_config.tensor_table():
             path = spec.params_path(self.target_config.scan_layers)
             accepted[path] = accepted.get(path, True) and keep(transforms[spec.hf_name])
         return frozenset(path for path, ok in accepted.items() if ok)

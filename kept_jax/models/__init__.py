@@ -1,6 +1,29 @@
-"""Orion and Llama as one pure-functional Flax causal LM; the config's architecture picks the norm."""
+"""The architectures kept_jax runs, one module each, and the one constructor everything calls.
 
-from kept_jax.models.params import head_kernel, init_params, stack_layers, unstack_layers
-from kept_jax.models.transformer import CausalLM
+    config = load_hf_config(dir)               # the architecture comes from config.json's model_type
+    model = build_model(config)                # a Flax module: model.apply({"params": params}, tokens, output=...)
 
-__all__ = ["CausalLM", "head_kernel", "init_params", "stack_layers", "unstack_layers"]
+Adding an architecture: write its module (config with `_from_hf`/`to_hf_dict`, `tensor_table`, formulas, logical
+axes, `model_class`; blocks built from `layers.py`) and register its model_type here.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from kept_jax.config import ModelConfig
+from kept_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from kept_jax.models.params import abstract_params, head_kernel, init_params, stack_layers, unstack_layers
+
+ARCHITECTURES: dict[str, type[ModelConfig]] = {"llama": LlamaConfig, "orion": LlamaConfig}
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The Flax model of `config`'s architecture."""
+    return config.model_class(config)
+
+
+__all__ = [
+    "ARCHITECTURES", "LlamaConfig", "LlamaForCausalLM", "ModelConfig", "abstract_params", "build_model", "head_kernel",
+    "init_params", "stack_layers", "unstack_layers",
+]

@@ -1,4 +1,5 @@
-"""The shared building blocks of every architecture: embedding, linear, norms, RoPE, attention, SwiGLU MLP.
+"""The shared building blocks of every architecture: embedding, linear, norms, RoPE, attention, SwiGLU MLP, and
+the stack of layers (scanned or unrolled, with a remat policy).
 
 Numerics follow Hugging Face (DESIGN.md section 2): norms in fp32, RoPE angles in fp32, softmax in fp32.
 Parameters carry logical axis names so that sharding rules can place them on a device mesh.
@@ -6,20 +7,23 @@ Parameters carry logical axis names so that sharding rules can place them on a d
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kept_jax.config import ModelConfig, RopeConfig
+from kept_jax.config import ModelConfig
+from kept_jax.errors import KeptError
 
 Array = jax.Array
 
 
-def _init(init_fn, axes: Sequence[str | None]):
+def logical_init(init_fn, axes: Sequence[str | None]):
+    """An initializer whose parameter carries logical axis names (for the sharding rules)."""
     return nn.with_logical_partitioning(init_fn, tuple(axes))
 
 
@@ -38,7 +42,7 @@ class Linear(nn.Module):
     def __call__(self, x: Array) -> Array:
         kernel = self.param(
             "kernel",
-            _init(nn.initializers.normal(stddev=0.02), self.axes),
+            logical_init(nn.initializers.normal(stddev=0.02), self.axes),
             (x.shape[-1], self.features),
             self.param_dtype,
         )
@@ -51,7 +55,7 @@ class Linear(nn.Module):
             a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
             y = y + self.lora_scale * jnp.dot(jnp.dot(x, a.astype(self.dtype)), b.astype(self.dtype))
         if self.use_bias:
-            bias = self.param("bias", _init(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype)
+            bias = self.param("bias", logical_init(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y.reshape(*lead, self.features)
 
@@ -67,7 +71,7 @@ class Embed(nn.Module):
     def setup(self):
         self.embedding = self.param(
             "embedding",
-            _init(nn.initializers.normal(stddev=0.02), ("vocab", "embed")),
+            logical_init(nn.initializers.normal(stddev=0.02), ("vocab", "embed")),
             (self.num_embeddings, self.features),
             self.param_dtype,
         )
@@ -89,7 +93,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        weight = self.param("weight", _init(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
+        weight = self.param("weight", logical_init(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return weight.astype(self.dtype) * normed.astype(self.dtype)
@@ -104,8 +108,8 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        weight = self.param("weight", _init(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
-        bias = self.param("bias", _init(nn.initializers.zeros, ("norm",)), (x.shape[-1],), self.param_dtype)
+        weight = self.param("weight", logical_init(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
+        bias = self.param("bias", logical_init(nn.initializers.zeros, ("norm",)), (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         centered = x32 - mean
@@ -118,6 +122,53 @@ NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
 
 
 # ---- RoPE ---------------------------------------------------------------------------------------
+
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters, as HF's `rope_parameters` describes them."""
+
+    type: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    # llama3 only.
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+    def __post_init__(self):
+        if self.type not in ROPE_TYPES:
+            raise KeptError(
+                f"unsupported rope type {self.type!r}; kept_jax supports {', '.join(ROPE_TYPES)}"
+            )
+        if not (self.theta > 0 and math.isfinite(self.theta)):
+            raise KeptError(f"rope_theta must be a positive number, got {self.theta!r}")
+        if self.type != "default" and not self.factor > 0:
+            raise KeptError(f"rope type {self.type!r} needs a positive 'factor', got {self.factor!r}")
+        if self.type == "llama3":
+            missing = [
+                k
+                for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                if getattr(self, k) is None
+            ]
+            if missing:
+                raise KeptError(f"rope type 'llama3' needs {', '.join(missing)} in rope_parameters")
+            if self.high_freq_factor == self.low_freq_factor:
+                raise KeptError("rope type 'llama3' needs high_freq_factor != low_freq_factor")
+
+    def to_hf(self) -> dict[str, Any]:
+        """The v5 `rope_parameters` dict."""
+        out: dict[str, Any] = {"rope_type": self.type, "rope_theta": self.theta}
+        if self.type != "default":
+            out["factor"] = self.factor
+        if self.type == "llama3":
+            out["low_freq_factor"] = self.low_freq_factor
+            out["high_freq_factor"] = self.high_freq_factor
+            out["original_max_position_embeddings"] = self.original_max_position_embeddings
+        return out
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position_embeddings: int, seq_len: int) -> np.ndarray:
@@ -199,7 +250,7 @@ def causal_attention(q: Array, k: Array, v: Array) -> Array:
 class Attention(nn.Module):
     """Causal multi-head attention with grouped KV heads (MHA, GQA and MQA are the same code)."""
 
-    config: ModelConfig
+    config: Any  # an attention architecture's config (heads, head_dim, attention_bias, attention_impl)
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
@@ -239,3 +290,50 @@ class MLP(nn.Module):
         gate = proj(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
         up = proj(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
         return proj(cfg.hidden_size, ("mlp", "embed"), "down_proj")(jax.nn.silu(gate) * up)
+
+
+# ---- The stack of layers ------------------------------------------------------------------------
+
+REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save-dots": jax.checkpoint_policies.checkpoint_dots,
+    "save-dots-no-batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _block_class(block: type[nn.Module], config: ModelConfig, scanned: bool) -> type[nn.Module]:
+    if config.remat_policy == "none":
+        return block
+    # prevent_cse is unnecessary inside scan and costs performance there.
+    return nn.remat(block, policy=REMAT[config.remat_policy], prevent_cse=not scanned)
+
+
+class UnscannedLayers(nn.Module):
+    """The layers as a Python loop, named `0`, `1`, ... like HF's `layers.<i>`; returns (x, None) like the scan."""
+
+    block: type[nn.Module]
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, *args: Array) -> tuple[Array, None]:
+        layer = _block_class(self.block, self.config, scanned=False)
+        for i in range(self.config.num_hidden_layers):
+            x, _ = layer(self.config, name=str(i))(x, *args)
+        return x, None
+
+
+def layer_stack(block: type[nn.Module], config: ModelConfig) -> nn.Module:
+    """`config.num_hidden_layers` blocks `block(config)`, each `(x, *args) -> (x, None)` with `args` the same for
+    every layer. With `scan_layers` one `nn.scan`ned block whose parameters carry a leading `layers` axis, so that
+    compile time does not grow with depth; without it a Python loop. Calling it returns (x, None).
+    """
+    if not config.scan_layers:
+        return UnscannedLayers(block, config)
+    return nn.scan(
+        _block_class(block, config, scanned=True),
+        variable_axes={"params": 0, "intermediates": 0, "lora": 0},
+        split_rngs={"params": True},
+        in_axes=nn.broadcast,
+        length=config.num_hidden_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(config)

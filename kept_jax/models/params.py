@@ -1,4 +1,4 @@
-"""Parameter-tree helpers: initialisation, scanned <-> unscanned layer layouts, the output head."""
+"""Parameter-tree helpers for any architecture: initialisation, scanned <-> unscanned layer layouts, the output head."""
 
 from __future__ import annotations
 
@@ -15,9 +15,7 @@ Params = dict[str, Any]
 
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8) -> Params:
     """Random parameters (plain arrays, logical-axis boxes removed) in the layout `config.scan_layers` selects."""
-    from kept_jax.models.transformer import CausalLM
-
-    variables = CausalLM(config).init(rng, jnp.zeros((1, seq_len), jnp.int32))
+    variables = config.model_class(config).init(rng, jnp.zeros((1, seq_len), jnp.int32))
     return nn.unbox(variables["params"])
 
 
@@ -26,28 +24,41 @@ def abstract_params(config: ModelConfig) -> Params:
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0), seq_len=1))
 
 
+def _layers_parent(params: Params) -> str:
+    """The top-level module holding `layers` (`model` for Llama and Orion, `backbone` for Llamba)."""
+    return next(top for top, sub in params.items() if isinstance(sub, dict) and "layers" in sub)
+
+
 def stack_layers(params: Params) -> Params:
-    """`model/layers/<i>/...` (unscanned) -> `model/layers/...` with a leading layer axis (scanned)."""
-    layers = params["model"]["layers"]
+    """`<top>/layers/<i>/...` (unscanned) -> `<top>/layers/...` with a leading layer axis (scanned)."""
+    top = _layers_parent(params)
+    layers = params[top]["layers"]
     if not all(k.isdigit() for k in layers):
         return params  # already stacked
     ordered = [layers[str(i)] for i in range(len(layers))]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *ordered)
-    return {**params, "model": {**params["model"], "layers": stacked}}
+    return {**params, top: {**params[top], "layers": stacked}}
 
 
 def unstack_layers(params: Params) -> Params:
     """Inverse of `stack_layers`."""
-    layers = params["model"]["layers"]
+    top = _layers_parent(params)
+    layers = params[top]["layers"]
     if all(k.isdigit() for k in layers):
         return params  # already unstacked
     num_layers = jax.tree.leaves(layers)[0].shape[0]
     unstacked = {str(i): jax.tree.map(lambda x, i=i: x[i], layers) for i in range(num_layers)}
-    return {**params, "model": {**params["model"], "layers": unstacked}}
+    return {**params, top: {**params[top], "layers": unstacked}}
+
+
+def _get(tree: Params, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 def head_kernel(params: Params, config: ModelConfig) -> jax.Array:
     """The output head as a [hidden, vocab] matrix, tied or not."""
     if config.tie_word_embeddings:
-        return params["model"]["embed_tokens"]["embedding"].T
-    return params["lm_head"]["kernel"]
+        return _get(params, config.embedding_path).T
+    return _get(params, config.head_path)

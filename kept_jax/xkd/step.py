@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from kept_jax.models import CausalLM, head_kernel
+from kept_jax.models import head_kernel
 from kept_jax.xkd.losses import METRICS, LossConfig, chunked_distill_loss
 from kept_jax.xkd.trainable import Flat, StudentSplit
 
@@ -64,7 +65,7 @@ def _labels_and_mask(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     return labels, mask
 
 
-def _student_loss(student: CausalLM, split: StudentSplit, loss_cfg: LossConfig):
+def _student_loss(student: nn.Module, split: StudentSplit, loss_cfg: LossConfig):
     def loss(trainable, teacher_params, frozen, tokens, teacher_hidden, teacher_head):
         variables = dataclasses.replace(split, frozen=frozen).assemble(teacher_params, trainable)
         hidden = student.apply(variables, tokens, output="hidden")
@@ -76,13 +77,13 @@ def _student_loss(student: CausalLM, split: StudentSplit, loss_cfg: LossConfig):
     return loss
 
 
-def _teacher_forward(teacher: CausalLM, teacher_params, tokens):
+def _teacher_forward(teacher: nn.Module, teacher_params, tokens):
     hidden = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, tokens, output="hidden"))
     return hidden, jax.lax.stop_gradient(head_kernel(teacher_params, teacher.config))
 
 
 def make_train_step(
-    teacher: CausalLM, student: CausalLM, split: StudentSplit, optimizer: optax.GradientTransformation,
+    teacher: nn.Module, student: nn.Module, split: StudentSplit, optimizer: optax.GradientTransformation,
     loss_cfg: LossConfig, state_shardings=None,
 ) -> Callable:
     """`state_shardings` (from `abstract_state`) pins the new state's layout to the old one's across steps."""
@@ -116,7 +117,7 @@ def make_train_step(
     return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
 
 
-def make_eval_step(teacher: CausalLM, student: CausalLM, split: StudentSplit, loss_cfg: LossConfig) -> Callable:
+def make_eval_step(teacher: nn.Module, student: nn.Module, split: StudentSplit, loss_cfg: LossConfig) -> Callable:
     """Metric sums on one [batch, seq] array, for held-out evaluation."""
     loss_fn = _student_loss(student, split, loss_cfg)
 

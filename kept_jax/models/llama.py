@@ -1,0 +1,364 @@
+"""The Llama family: Llama (RMSNorm) and Orion (the same decoder with a LayerNorm, weight and bias, at every norm site).
+
+Config (from/to HF `config.json`), HF tensor-name table, blocks, parameter and FLOP formulas, logical axes. Parameter
+paths follow HF module names: `model/embed_tokens`, `model/layers/<...>`, `model/norm`, `lm_head`. With `scan_layers`
+the layers are one `nn.scan`ned block whose parameters carry a leading layer axis
+(`model/layers/self_attn/q_proj/kernel` is [L, D, H*hd]); without it they are `model/layers/0`, `model/layers/1`, ...
+`kept_jax.models.params.stack_layers`/`unstack_layers` convert between the two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kept_jax.config import ModelConfig, check_choice, check_hf_keys, check_positive_ints, hf_dtype
+from kept_jax.errors import KeptError
+from kept_jax.models.layers import (MLP, NORMS, Attention, Embed, Linear, RopeConfig, layer_stack, rope_cos_sin,
+                                    rope_inv_freq)
+from kept_jax.models.names import TensorSpec, linear_specs, norm_specs
+
+Array = jax.Array
+
+# The two members of the family: the norm at every norm site and the HF class name written on export.
+VARIANTS: dict[str, dict[str, str]] = {
+    "llama": {"norm": "rmsnorm", "hf_architecture": "LlamaForCausalLM"},
+    "orion": {"norm": "layernorm", "hf_architecture": "OrionForCausalLM"},
+}
+ATTENTION_IMPLS = ("xla", "cudnn")
+# Keys that change the math; kept_jax supports them only at the listed values.
+FIXED_HF_KEYS: dict[str, tuple[Any, ...]] = {
+    "hidden_act": ("silu",),
+    "partial_rotary_factor": (1.0, None),
+    "sliding_window": (None,),
+    "use_sliding_window": (False, None),
+}
+# Keys this module reads into fields.
+READ_HF_KEYS = frozenset(
+    """
+    vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads
+    head_dim max_position_embeddings rms_norm_eps rope_theta rope_scaling rope_parameters
+    original_max_position_embeddings attention_bias mlp_bias tie_word_embeddings torch_dtype dtype
+    bos_token_id eos_token_id pad_token_id
+    """.split()
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig(ModelConfig):
+    """A Llama or Orion `config.json`, field for field (`architecture` is its model_type), plus runtime choices."""
+
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int = 4096
+    rope: RopeConfig = RopeConfig()
+    attention_bias: bool = False
+    # Runtime.
+    attention_impl: str = "xla"
+
+    embedding_path: ClassVar[tuple[str, ...]] = ("model", "embed_tokens", "embedding")
+    hf_embedding_name: ClassVar[str] = "model.embed_tokens.weight"
+    logical_axis_rules: ClassVar[dict[str, Any]] = {"q_heads": "tensor", "kv_heads": "tensor"}
+
+    def __post_init__(self):
+        if self.architecture not in VARIANTS:
+            raise KeptError(
+                f"unsupported architecture {self.architecture!r}; kept_jax supports {', '.join(VARIANTS)}"
+            )
+        super().__post_init__()
+        check_positive_ints(self, ("num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"))
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise KeptError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+
+    @property
+    def norm(self) -> str:
+        return VARIANTS[self.architecture]["norm"]
+
+    @property
+    def model_class(self) -> type[nn.Module]:
+        return LlamaForCausalLM
+
+    def layout_flags(self) -> dict[str, Any]:
+        return {"attention_bias": self.attention_bias, **super().layout_flags()}
+
+    # ---- Parameter and FLOP formulas ----------------------------------------------------------
+
+    def num_params(self) -> int:
+        d, f, v, l = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        norm = d * (2 if self.norm == "layernorm" else 1)
+        attn = d * (q + 2 * kv) + q * d + (q + 2 * kv + d if self.attention_bias else 0)
+        mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
+        head = 0 if self.tie_word_embeddings else d * v
+        return v * d + l * (attn + mlp + 2 * norm) + norm + head
+
+    def matmul_params(self) -> int:
+        d, h = self.hidden_size, self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        per_layer = d * (h + 2 * kv) + h * d + 3 * d * self.intermediate_size
+        return self.num_hidden_layers * per_layer + d * self.vocab_size
+
+    def mixing_flops_per_token(self, seq_len: int) -> float:
+        """QK^T and PV at full T x T: 4 L T A with A = heads x head_dim."""
+        return 4 * self.num_hidden_layers * seq_len * self.num_attention_heads * self.head_dim
+
+    # ---- Hugging Face config.json and tensor names ---------------------------------------------
+
+    @classmethod
+    def _from_hf(cls, hf: dict[str, Any], **runtime: Any) -> "LlamaConfig":
+        """Reads an HF `config.json` dict; rejects anything that would change the math unnoticed."""
+        model_type = hf["model_type"]
+        check_hf_keys(hf, READ_HF_KEYS | set(FIXED_HF_KEYS))
+        for key, allowed in FIXED_HF_KEYS.items():
+            if key in hf and hf[key] not in allowed:
+                raise KeptError(
+                    f"config.json sets {key}={hf[key]!r}; kept_jax supports only {' or '.join(map(repr, allowed))}"
+                )
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in hf:
+                raise KeptError(f"config.json is missing the required field {key!r}")
+
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim")
+        if head_dim is None:
+            if hf["hidden_size"] % heads:
+                raise KeptError(
+                    f"hidden_size ({hf['hidden_size']}) is not divisible by num_attention_heads ({heads}); "
+                    "set head_dim explicitly in config.json"
+                )
+            head_dim = hf["hidden_size"] // heads
+        return cls(
+            architecture=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5 if model_type == "orion" else 1e-6)),
+            rope=_rope_from_hf(hf),
+            attention_bias=bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            dtype=hf_dtype(hf),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+            **runtime,
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The HF `config.json` dict, with rope settings in both the v5 and the older form."""
+        hf: dict[str, Any] = {
+            "architectures": [VARIANTS[self.architecture]["hf_architecture"]],
+            "model_type": self.architecture,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": self.rope.to_hf(),
+            "rope_theta": self.rope.theta,
+            "rope_scaling": None if self.rope.type == "default" else self.rope.to_hf(),
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "dtype": self.dtype,
+            "torch_dtype": self.dtype,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+        if self.rope.type == "default":
+            del hf["rope_scaling"]
+        return hf
+
+    def tensor_table(self) -> list[TensorSpec]:
+        d, f = self.hidden_size, self.intermediate_size
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        norm_bias = self.norm == "layernorm"
+        specs = [TensorSpec(self.hf_embedding_name, (self.vocab_size, d), self.embedding_path, None, False)]
+        for i in range(self.num_hidden_layers):
+            hf, path = f"model.layers.{i}", ("model", "layers")
+            specs += norm_specs(f"{hf}.input_layernorm", path + ("input_layernorm",), i, d, norm_bias)
+            for name, d_in, d_out in (("q_proj", d, q), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", q, d)):
+                specs += linear_specs(f"{hf}.self_attn.{name}", path + ("self_attn", name), i, d_in, d_out,
+                                      self.attention_bias)
+            specs += norm_specs(f"{hf}.post_attention_layernorm", path + ("post_attention_layernorm",), i, d, norm_bias)
+            for name, d_in, d_out in (("gate_proj", d, f), ("up_proj", d, f), ("down_proj", f, d)):
+                specs += linear_specs(f"{hf}.mlp.{name}", path + ("mlp", name), i, d_in, d_out, self.mlp_bias)
+        specs += norm_specs("model.norm", ("model", "norm"), None, d, norm_bias)
+        if not self.tie_word_embeddings:
+            specs += linear_specs("lm_head", ("lm_head",), None, d, self.vocab_size, False)
+        return specs
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
+    """Reads v5 `rope_parameters` and/or the older `rope_theta` + `rope_scaling`; both must agree."""
+    v5 = hf.get("rope_parameters")
+    old_scaling = hf.get("rope_scaling")
+    old_theta = hf.get("rope_theta")
+    if v5 is not None and not isinstance(v5, dict):
+        raise KeptError(f"config.json rope_parameters must be an object, got {v5!r}")
+    if old_scaling is not None and not isinstance(old_scaling, dict):
+        raise KeptError(f"config.json rope_scaling must be an object or null, got {old_scaling!r}")
+    if v5 and any(isinstance(v, dict) for v in v5.values()):
+        raise KeptError("config.json has per-layer-type rope_parameters; kept_jax supports one rope for all layers")
+
+    params: dict[str, Any] = {}
+    if old_scaling:
+        params.update(old_scaling)
+    if old_theta is not None:
+        params["rope_theta"] = old_theta
+    if v5:
+        for key, value in v5.items():
+            if key in params and key not in ("type", "rope_type") and params[key] != value:
+                raise KeptError(
+                    f"config.json disagrees with itself: rope_parameters.{key}={value!r} but the older "
+                    f"rope_theta/rope_scaling form says {params[key]!r}; make them agree"
+                )
+        params.update(v5)
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    old_type = (old_scaling or {}).get("rope_type") or (old_scaling or {}).get("type")
+    if v5 and old_type and rope_type != old_type:
+        raise KeptError(
+            f"config.json disagrees with itself: rope_parameters says rope type {rope_type!r} but rope_scaling "
+            f"says {old_type!r}; make them agree"
+        )
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise KeptError("partial_rotary_factor != 1 is not supported by kept_jax")
+    if params.get("attention_factor", 1.0) not in (1.0, None):
+        raise KeptError(f"rope attention_factor != 1 is not supported for rope type {rope_type!r}")
+    original = params.get("original_max_position_embeddings", hf.get("original_max_position_embeddings"))
+    if rope_type == "llama3" and original is None:
+        original = hf.get("max_position_embeddings")  # HF's own fallback
+    return RopeConfig(
+        type=rope_type,
+        theta=float(params.get("rope_theta", 10000.0)),
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=params.get("low_freq_factor"),
+        high_freq_factor=params.get("high_freq_factor"),
+        original_max_position_embeddings=original,
+    )
+
+
+# ---- The model ------------------------------------------------------------------------------------
+
+
+def _norm(cfg: LlamaConfig, name: str) -> nn.Module:
+    return NORMS[cfg.norm](cfg.rms_norm_eps, jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype), name=name)
+
+
+class DecoderLayer(nn.Module):
+    """x + attn(norm(x)), then + mlp(norm(.)). Returns (carry, None) so that it can be scanned."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array, cos: Array, sin: Array) -> tuple[Array, None]:
+        cfg = self.config
+        # Norm inputs, recorded only when "intermediates" is mutable (calibration statistics for OPM).
+        self.sow("intermediates", "input_layernorm_in", x)
+        x = x + Attention(cfg, name="self_attn")(_norm(cfg, "input_layernorm")(x), cos, sin)
+        self.sow("intermediates", "post_attention_layernorm_in", x)
+        x = x + MLP(cfg, name="mlp")(_norm(cfg, "post_attention_layernorm")(x))
+        return x, None
+
+
+class Decoder(nn.Module):
+    """HF's `model`: embeddings, the layer stack and the final norm. Returns final hidden states."""
+
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = Embed(
+            cfg.vocab_size, cfg.hidden_size, jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
+        )
+        self.layers = layer_stack(DecoderLayer, cfg)
+        self.norm = _norm(cfg, None)
+
+    def __call__(self, tokens: Array, positions: Array | None = None) -> Array:
+        cfg = self.config
+        seq = tokens.shape[-1]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), tokens.shape)
+        # `dynamic` rope rescales by the (static) sequence length, like HF for positions 0..seq-1.
+        inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, seq)
+        cos, sin = rope_cos_sin(positions, inv_freq)
+        x = self.embed_tokens(tokens)
+        x, _ = self.layers(x, cos, sin)
+        self.sow("intermediates", "norm_in", x)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """`model.apply({"params": params}, tokens, output=...)`; tokens are int32 [batch, seq].
+
+    output: "logits" (fp32 [batch, seq, vocab]), "hidden" (final hidden states after the last norm, before the
+    head, in the compute dtype) or "both" (a (logits, hidden) pair).
+    """
+
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        self.model = Decoder(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(
+                cfg.vocab_size,
+                False,
+                ("embed", "vocab"),
+                jnp.dtype(cfg.compute_dtype),
+                jnp.dtype(cfg.param_dtype),
+                out_dtype=jnp.float32,
+            )
+
+    def __call__(
+        self,
+        tokens: Array,
+        positions: Array | None = None,
+        output: Literal["logits", "hidden", "both"] = "logits",
+    ):
+        if output not in ("logits", "hidden", "both"):
+            raise ValueError(f"output must be 'logits', 'hidden' or 'both', got {output!r}")
+        hidden = self.model(tokens, positions)
+        if output == "hidden":
+            return hidden
+        logits = self.logits(hidden)
+        return logits if output == "logits" else (logits, hidden)
+
+    def norm_inputs(self, tokens: Array) -> dict[str, Array]:
+        """The input of every norm site, keyed by the HF norm name (`model.layers.0.input_layernorm`, ...,
+        `model.norm`), each [batch, seq, hidden]. Use with `mutable="intermediates"`."""
+        self.model(tokens)
+        sown = self.model.variables["intermediates"]  # type: ignore[index]
+        out = {"model.norm": sown["norm_in"][0]}
+        layers = sown["layers"]
+        for i in range(self.config.num_hidden_layers):
+            for site in ("input_layernorm", "post_attention_layernorm"):
+                key = f"{site}_in"
+                value = layers[key][0][i] if self.config.scan_layers else layers[str(i)][key][0]
+                out[f"model.layers.{i}.{site}"] = value
+        return out
+
+    def logits(self, hidden: Array) -> Array:
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
