@@ -81,7 +81,8 @@ class ModelConfig:
     logical_axis_rules: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self):
-        check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"))
+        check_positive_ints({k: getattr(self, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                           "num_hidden_layers")})
         if not (self.rms_norm_eps > 0):
             raise KeptError(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
         check_choice("compute_dtype", self.compute_dtype, DTYPES)
@@ -140,9 +141,9 @@ class ModelConfig:
         raise NotImplementedError
 
 
-def check_positive_ints(config: Any, names: Iterable[str]) -> None:
-    for name in names:
-        value = getattr(config, name)
+def check_positive_ints(values: dict[str, Any]) -> None:
+    """Each value a positive int (not a bool); the error names the key as given."""
+    for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise KeptError(f"{name} must be a positive integer, got {value!r}")
 

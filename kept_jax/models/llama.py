@@ -71,7 +71,8 @@ class LlamaConfig(ModelConfig):
                 f"unsupported architecture {self.architecture!r}; kept_jax supports {', '.join(VARIANTS)}"
             )
         super().__post_init__()
-        check_positive_ints(self, ("num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"))
+        check_positive_ints({k: getattr(self, k) for k in ("num_attention_heads", "num_key_value_heads", "head_dim",
+                                                           "max_position_embeddings")})
         if self.num_attention_heads % self.num_key_value_heads:
             raise KeptError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "

@@ -20,7 +20,9 @@ HARMLESS_BUFFERS = (
 class TensorSpec:
     """One HF tensor: its name, its HF shape, where it lives in the params tree and whether it is transposed.
 
-    `path` is the scanned path (layers stacked on a leading axis); `layer` is the layer index or None.
+    `path` is the scanned path (layers stacked on a leading axis); `layer` is the layer index or None. `transpose`:
+    the params array is the HF tensor with its axes reversed (a linear weight [out, in] is a kernel [in, out]; a
+    depthwise conv weight [C, 1, K] is [K, 1, C]).
     """
 
     hf_name: str

@@ -1,0 +1,142 @@
+"""The sequence mixing of Discrete-Mamba-2, as pure functions, in three forms that compute the same thing.
+
+Per head h (H heads of dim P, in G groups that share B and C; N = state size) and token t:
+
+    S_t = a_t S_{t-1} + x_t B_t^T        a_t = exp(log_a_t) in (0, 1]; S is [P, N]
+    y_t = S_t C_t
+
+- `ssd_recurrent`: the recurrence itself, one token at a time (`ssd_step` is the generation step);
+- `mixing_matrix`: y = M x with M[t, s] = (C_t . B_s) prod_{s<r<=t} a_r, the per-head L x L matrix (MOHAWK's
+  stage 1 aligns it with attention);
+- `ssd_chunked`: the state-space-duality algorithm (Dao & Gu 2024): the matrix form inside chunks of Q tokens and
+  the recurrence between chunks, O(T Q) instead of O(T^2). Any T: the tail is padded with a = 1, x = B = C = 0,
+  which changes neither the outputs nor the final state.
+
+Decays are handled as log-decays and summed over segments, never as products or differences of cumulative sums
+(a cumulative sum of large log-decays loses the small ones it is later differenced against): `segment_sums` adds
+each segment directly, so a = sigmoid(-l) stays exact for l = +-200 and gives 0, never NaN. Heads are grouped as
+in mamba_ssm: head h reads group h // (H / G). The core runs in fp32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def segment_sums(log_a: Array) -> Array:
+    """[..., T] -> [..., T, T]: out[t, s] = sum_{s<r<=t} log_a[r] for s <= t (0 on the diagonal), -inf above it.
+
+    Each entry is its own masked cumulative sum, so exp(out) is exact where a difference of prefix sums would not be.
+    """
+    t = log_a.shape[-1]
+    repeated = jnp.broadcast_to(log_a[..., :, None], (*log_a.shape, t))  # [..., r, s] = log_a[r]
+    below = np.tril(np.ones((t, t), dtype=bool), -1)  # r > s
+    sums = jnp.cumsum(jnp.where(below, repeated, 0.0), axis=-2)
+    return jnp.where(np.tril(np.ones((t, t), dtype=bool)), sums, -jnp.inf)
+
+
+def _grouped(x: Array, log_a: Array, groups: int) -> tuple[Array, Array]:
+    """x [b, T, H, P] -> [b, T, G, J, P] and log_a [b, T, H] -> [b, T, G, J], with H = G x J."""
+    b, t, h, p = x.shape
+    return x.reshape(b, t, groups, h // groups, p), log_a.reshape(b, t, groups, h // groups)
+
+
+def mixing_matrix(B: Array, C: Array, log_a: Array, heads: int) -> Array:
+    """M [b, H, T, T] with M[t, s] = (C_t . B_s) exp(sum_{s<r<=t} log_a_r) for s <= t, 0 above the diagonal.
+
+    B, C: [b, T, G, N]; log_a: [b, T, H]. The skip term D is not included.
+    """
+    b, t, g, _ = B.shape
+    cb = jnp.einsum("btgn,bsgn->bgts", C.astype(jnp.float32), B.astype(jnp.float32))
+    decay = jnp.exp(segment_sums(log_a.astype(jnp.float32).reshape(b, t, g, heads // g).transpose(0, 2, 3, 1)))
+    return (cb[:, :, None] * decay).reshape(b, heads, t, t)
+
+
+def ssd_matrix(x: Array, B: Array, C: Array, log_a: Array) -> Array:
+    """y [b, T, H, P] = M x, through the materialized `mixing_matrix`."""
+    m = mixing_matrix(B, C, log_a, x.shape[2])
+    return jnp.einsum("bhts,bshp->bthp", m, x.astype(jnp.float32))
+
+
+def ssd_step(state: Array, x: Array, B: Array, C: Array, log_a: Array) -> tuple[Array, Array]:
+    """One token: state [b, H, P, N], x [b, H, P], B and C [b, G, N], log_a [b, H] -> (y [b, H, P], new state)."""
+    b, h, p, n = state.shape
+    g = B.shape[1]
+    state = state.reshape(b, g, h // g, p, n)
+    decay = jnp.exp(log_a.astype(jnp.float32)).reshape(b, g, h // g, 1, 1)
+    x = x.astype(jnp.float32).reshape(b, g, h // g, p)
+    state = decay * state + x[..., None] * B.astype(jnp.float32)[:, :, None, None, :]
+    y = jnp.einsum("bgjpn,bgn->bgjp", state, C.astype(jnp.float32))
+    return y.reshape(b, h, p), state.reshape(b, h, p, n)
+
+
+def ssd_recurrent(x: Array, B: Array, C: Array, log_a: Array, initial_state: Array | None = None) -> tuple[Array, Array]:
+    """y [b, T, H, P] and the final state [b, H, P, N], by `ssd_step` over the tokens (a `lax.scan`)."""
+    b, _, h, p = x.shape
+    state = _initial_state(initial_state, b, h, p, B.shape[-1])
+
+    def step(state, inputs):
+        y, state = ssd_step(state, *inputs)
+        return state, y
+
+    inputs = tuple(jnp.moveaxis(v, 1, 0) for v in (x, B, C, log_a))
+    final, ys = jax.lax.scan(step, state, inputs)
+    return jnp.moveaxis(ys, 0, 1), final
+
+
+def ssd_chunked(x: Array, B: Array, C: Array, log_a: Array, chunk_size: int,
+                initial_state: Array | None = None) -> tuple[Array, Array]:
+    """y [b, T, H, P] and the final state [b, H, P, N] by chunks of `chunk_size` tokens (any T)."""
+    b, t, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    q = min(chunk_size, t)
+    pad = -t % q
+    x, B, C, log_a = (jnp.pad(v.astype(jnp.float32), [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
+                      for v in (x, B, C, log_a))
+    nc = (t + pad) // q
+    x, log_a = _grouped(x, log_a, g)
+    x = x.reshape(b, nc, q, g, h // g, p)
+    B, C = B.reshape(b, nc, q, g, n), C.reshape(b, nc, q, g, n)
+    log_a = log_a.reshape(b, nc, q, g, h // g).transpose(0, 3, 4, 1, 2)  # [b, G, J, nc, Q]
+
+    # Within each chunk: the matrix form.
+    decay = jnp.exp(segment_sums(log_a))  # [b, G, J, nc, Q, Q]
+    cb = jnp.einsum("bclgn,bcsgn->bgcls", C, B)
+    y = jnp.einsum("bgcls,bgjcls,bcsgjp->bclgjp", cb, decay, x)
+    # Each chunk's own contribution to the state at its end (its last row of decays: suffix sums, exact).
+    chunk_states = jnp.einsum("bcsgn,bgjcs,bcsgjp->bcgjpn", B, decay[..., -1, :], x)
+    # Between chunks: the recurrence over chunk totals, as a small [nc + 1, nc + 1] matrix of segment sums.
+    totals = jnp.pad(jnp.sum(log_a, axis=-1), [(0, 0)] * 3 + [(1, 0)])  # [b, G, J, nc + 1]
+    start = _initial_state(initial_state, b, h, p, n).reshape(b, 1, g, h // g, p, n)
+    states = jnp.einsum("bgjzc,bcgjpn->bzgjpn", jnp.exp(segment_sums(totals)),
+                        jnp.concatenate([start, chunk_states], axis=1))
+    entering, final = states[:, :-1], states[:, -1]
+    # The state entering each chunk, decayed to each of its tokens (prefix sums from the chunk start, exact).
+    y = y + jnp.einsum("bclgn,bcgjpn,bgjcl->bclgjp", C, entering, jnp.exp(jnp.cumsum(log_a, axis=-1)))
+    return y.reshape(b, nc * q, h, p)[:, :t], final.reshape(b, h, p, n)
+
+
+def _initial_state(state: Array | None, b: int, h: int, p: int, n: int) -> Array:
+    return jnp.zeros((b, h, p, n), jnp.float32) if state is None else state.astype(jnp.float32)
+
+
+def causal_conv(x: Array, kernel: Array, bias: Array | None, history: Array | None = None) -> tuple[Array, Array]:
+    """Depthwise causal convolution: out[t, c] = sum_k kernel[k, 0, c] x[t - (K-1) + k, c] (+ bias[c]).
+
+    x: [b, T, C]; kernel: [K, 1, C] (HF's Conv1d weight [C, 1, K] transposed; k = K-1 is the current token);
+    history: the K-1 inputs before x ([b, K-1, C], zeros at the start of a sequence). Returns the output and the
+    new history (the last K-1 inputs), so T = 1 is the generation step.
+    """
+    k = kernel.shape[0]
+    if history is None:
+        history = jnp.zeros((x.shape[0], k - 1, x.shape[2]), x.dtype)
+    window = jnp.concatenate([history.astype(x.dtype), x], axis=1)
+    t = x.shape[1]
+    out = sum(window[:, i : i + t] * kernel[i, 0].astype(x.dtype) for i in range(k))
+    if bias is not None:
+        out = out + bias.astype(x.dtype)
+    return out, window[:, t:]

@@ -1,0 +1,355 @@
+"""Llamba: the mixer's three forms agree (values and gradients), the model matches a float64 oracle written here from
+the math, token by token, and checkpoints round-trip bit for bit.
+
+Transformers has no Llamba class and the reference code needs GPU kernels, so `oracle_logits` is the independent
+implementation: plain NumPy, one token at a time, reading the HF-named tensors of the checkpoint kept_jax imports.
+"""
+
+import json
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from bridge.hf_export import write_params
+from bridge.hf_import import load_hf_checkpoint
+from kept_jax.config import ModelConfig
+from kept_jax.errors import KeptError
+from kept_jax.models import LlambaConfig, build_model, init_params
+from kept_jax.models.llamba import DiscreteMamba2
+
+FP32_RELATIVE = 1e-5
+BLOCK_EPS = 1e-5  # the two block norms' eps, fixed in the reference
+
+# Tied with G < H, expand 2 and a vocabulary that pads (500 -> 504); untied with one B/C group, silu after the
+# convolution, no conv bias, MLP biases. Sequences of 21 tokens against chunks of 8.
+CASES = {
+    "tied-grouped-expand2": dict(vocab_size=500, d_model=32, n_layer=2, tie_embeddings=True, norm_epsilon=1e-5,
+                                 mlp_cfg={"intermediate_size": 48, "bias": False, "act_fn": "silu"},
+                                 ssm_cfg={"d_state": 8, "n_v_heads": 4, "n_qk_heads": 2, "expand": 2, "chunk_size": 8,
+                                          "activation": "identity", "bias": False, "d_conv": 4, "conv_bias": True}),
+    "untied-one-group-silu": dict(vocab_size=512, d_model=32, n_layer=2, tie_embeddings=False, norm_epsilon=1e-6,
+                                  mlp_cfg={"intermediate_size": 40, "bias": True, "act_fn": "silu"},
+                                  ssm_cfg={"d_state": 6, "n_v_heads": 4, "n_qk_heads": 1, "expand": 1, "chunk_size": 8,
+                                           "activation": "silu", "bias": False, "d_conv": 3, "conv_bias": False}),
+}
+TOKENS = np.random.default_rng(3).integers(0, 500, size=(2, 21))
+
+
+def _hf_config(case):
+    return {"model_type": "llamba", "pad_vocab_size_multiple": 8, "lm_head_bias": False, "resid_dropout": 0.0,
+            **CASES[case]}
+
+
+def random_tensors(hf: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """HF-named fp32 tensors scaled so that every term matters: logits of std ~4, decays spread over (0, 1), gates
+    and skips far from their neutral values."""
+    rng = np.random.default_rng(seed)
+    ssm, mlp = hf["ssm_cfg"], hf["mlp_cfg"]
+    d, f = hf["d_model"], mlp["intermediate_size"]
+    h, g, n, k = ssm["n_v_heads"], ssm["n_qk_heads"], ssm["d_state"], ssm["d_conv"]
+    d_inner = ssm["expand"] * d
+    channels = d_inner + 2 * g * n
+    vocab = -(-hf["vocab_size"] // hf["pad_vocab_size_multiple"]) * hf["pad_vocab_size_multiple"]
+
+    def normal(shape, std, mean=0.0):
+        return (rng.standard_normal(shape) * std + mean).astype(np.float32)
+
+    # A tied embedding is also the head: its scale sets the logits' (std ~4).
+    embedding_std = 4 * d ** -0.5 if hf["tie_embeddings"] else 1.0
+    t = {"backbone.embedding.weight": normal((vocab, d), embedding_std),
+         "backbone.final_layernorm.weight": normal(d, 0.3, 1.0)}
+    for i in range(hf["n_layer"]):
+        p = f"backbone.layers.{i}."
+        in_proj = normal((channels + d_inner + h, d), d ** -0.5)
+        in_proj[channels + d_inner:] *= 1.5  # l: softplus(l) from ~0.2 to ~3, so a Delta-scaled input is visibly off
+        t.update({
+            p + "input_layernorm.weight": normal(d, 0.3, 1.0), p + "post_attention_layernorm.weight": normal(d, 0.3, 1.0),
+            p + "mixer.in_proj.weight": in_proj, p + "mixer.z_bias": normal(d_inner, 1.0, 0.5),
+            p + "mixer.conv1d.weight": normal((channels, 1, k), 0.6), p + "mixer.D": normal(h, 0.5, 1.0),
+            p + "mixer.out_proj.weight": normal((d, d_inner), d_inner ** -0.5),
+            p + "mlp.gate_proj.weight": normal((f, d), d ** -0.5), p + "mlp.up_proj.weight": normal((f, d), d ** -0.5),
+            p + "mlp.down_proj.weight": normal((d, f), f ** -0.5),
+        })
+        if ssm["conv_bias"]:
+            t[p + "mixer.conv1d.bias"] = normal(channels, 0.5)
+        if mlp["bias"]:
+            t.update({p + "mlp.gate_proj.bias": normal(f, 0.3), p + "mlp.up_proj.bias": normal(f, 0.3),
+                      p + "mlp.down_proj.bias": normal(d, 0.3)})
+    if not hf["tie_embeddings"]:
+        t["lm_head.weight"] = normal((vocab, d), 4 * d ** -0.5)
+    return t
+
+
+def oracle_logits(hf: dict, tensors: dict[str, np.ndarray], tokens: np.ndarray, mutation: str | None = None):
+    """Llamba in float64, one token at a time, from the math (DESIGN.md section 6).
+
+    `mutation` breaks one term on purpose ("no_D", "no_z_bias", "no_conv_bias", "delta_input": x scaled by
+    softplus(l) as in Mamba-2's discretization), to show that the comparison notices it.
+    """
+    w = {k: v.astype(np.float64) for k, v in tensors.items()}
+    ssm = hf["ssm_cfg"]
+    d, layers = hf["d_model"], hf["n_layer"]
+    h, g, n, k = ssm["n_v_heads"], ssm["n_qk_heads"], ssm["d_state"], ssm["d_conv"]
+    d_inner = ssm["expand"] * d
+    p_dim, channels = d_inner // h, d_inner + 2 * g * n
+
+    def rmsnorm(x, weight, eps):
+        return weight * x / np.sqrt(np.mean(x * x) + eps)
+
+    def silu(x):
+        return x / (1.0 + np.exp(-x))
+
+    head = w["backbone.embedding.weight"] if hf["tie_embeddings"] else w["lm_head.weight"]
+    out = np.zeros((*tokens.shape, head.shape[0]))
+    for row, sequence in enumerate(tokens):
+        window = [np.zeros((k - 1, channels)) for _ in range(layers)]  # the convolution's previous inputs
+        state = [np.zeros((h, p_dim, n)) for _ in range(layers)]
+        for pos, token in enumerate(sequence):
+            x_res = w["backbone.embedding.weight"][token]
+            for i in range(layers):
+                p = f"backbone.layers.{i}."
+                u = rmsnorm(x_res, w[p + "input_layernorm.weight"], BLOCK_EPS)
+                proj = w[p + "mixer.in_proj.weight"] @ u
+                xbc, z, ell = proj[:channels], proj[channels:channels + d_inner], proj[channels + d_inner:]
+                taps = np.concatenate([window[i], xbc[None]])  # [K, C], the current token last
+                window[i] = taps[1:]
+                conv = np.einsum("kc,ck->c", taps, w[p + "mixer.conv1d.weight"][:, 0, :])
+                if ssm["conv_bias"] and mutation != "no_conv_bias":
+                    conv = conv + w[p + "mixer.conv1d.bias"]
+                if ssm["activation"] == "silu":
+                    conv = silu(conv)
+                x = conv[:d_inner].reshape(h, p_dim)
+                b = conv[d_inner:d_inner + g * n].reshape(g, n)
+                c = conv[d_inner + g * n:].reshape(g, n)
+                y = np.zeros((h, p_dim))
+                for head_index in range(h):
+                    group = head_index // (h // g)
+                    decay = 1.0 / (1.0 + np.exp(ell[head_index]))  # sigmoid(-l)
+                    x_in = x[head_index] * (np.log1p(np.exp(ell[head_index])) if mutation == "delta_input" else 1.0)
+                    state[i][head_index] = decay * state[i][head_index] + np.outer(x_in, b[group])
+                    y[head_index] = state[i][head_index] @ c[group]
+                    if mutation != "no_D":
+                        y[head_index] += w[p + "mixer.D"][head_index] * x[head_index]
+                z_bias = 0.0 if mutation == "no_z_bias" else w[p + "mixer.z_bias"]
+                x_res = x_res + w[p + "mixer.out_proj.weight"] @ (y.reshape(-1) * silu(z + z_bias))
+                u = rmsnorm(x_res, w[p + "post_attention_layernorm.weight"], BLOCK_EPS)
+                gate, up = (w[p + f"mlp.{m}_proj.weight"] @ u + w.get(p + f"mlp.{m}_proj.bias", 0.0)
+                            for m in ("gate", "up"))
+                x_res = x_res + w[p + "mlp.down_proj.weight"] @ (silu(gate) * up) + w.get(p + "mlp.down_proj.bias", 0.0)
+            out[row, pos] = head @ rmsnorm(x_res, w["backbone.final_layernorm.weight"], hf["norm_epsilon"])
+    return out
+
+
+def write_checkpoint(directory, hf: dict, tensors: dict[str, np.ndarray]) -> str:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hf))
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return str(directory)
+
+
+def _relative_error(ours, reference) -> float:
+    return float(np.abs(np.asarray(ours, np.float64) - reference).max() / np.abs(reference).max())
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def checkpoint(request, tmp_path_factory):
+    hf = _hf_config(request.param)
+    tensors = random_tensors(hf)
+    path = write_checkpoint(tmp_path_factory.mktemp("llamba") / request.param, hf, tensors)
+    return hf, tensors, path, oracle_logits(hf, tensors, TOKENS)
+
+
+# ---- The model against the oracle -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["chunked", "matrix", "recurrent"])
+def test_model_matches_the_float64_oracle(checkpoint, form):
+    hf, _, path, reference = checkpoint
+    config, params, _ = load_hf_checkpoint(path, mixer_form=form)
+    logits = build_model(config).apply({"params": params}, jnp.asarray(TOKENS))
+    assert logits.shape == reference.shape  # the padded vocabulary
+    assert reference.std() > 1.0, "oracle logits are nearly flat; the comparison would prove little"
+    assert _relative_error(logits, reference) <= FP32_RELATIVE
+    np.testing.assert_array_equal(np.asarray(logits).argmax(-1), reference.argmax(-1))
+
+
+@pytest.mark.parametrize("mutation", ["no_D", "no_z_bias", "no_conv_bias", "delta_input"])
+def test_the_oracle_comparison_catches_a_broken_term(mutation):
+    """Each term the math has is visible to the comparison above: drop it and the tolerance is missed by far."""
+    hf = _hf_config("tied-grouped-expand2")
+    tensors = random_tensors(hf)
+    config = ModelConfig.from_hf_dict(hf)
+    from bridge.hf_import import ArrayReader, params_from_reader
+
+    params, _, _ = params_from_reader(ArrayReader(tensors), config)
+    logits = build_model(config).apply({"params": params}, jnp.asarray(TOKENS[:1]))
+    assert _relative_error(logits, oracle_logits(hf, tensors, TOKENS[:1])) <= FP32_RELATIVE
+    assert _relative_error(logits, oracle_logits(hf, tensors, TOKENS[:1], mutation)) > 100 * FP32_RELATIVE
+
+
+# ---- The mixer's three forms ----------------------------------------------------------------------
+
+
+def _mixer():
+    """A mixer (G < H, expand 2) with scaled random weights, and an input u [2, T, d]."""
+    config = LlambaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1, d_state=6,
+                          n_v_heads=4, n_qk_heads=2, expand=2, chunk_size=8)
+    module = DiscreteMamba2(config)
+    u = jnp.asarray(np.random.default_rng(1).standard_normal((2, 21, 16)), jnp.float32)
+    params = nn.unbox(module.init(jax.random.key(0), u[:, :2])["params"])
+    rng = np.random.default_rng(2)
+    params = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape) * (0.5 if x.ndim < 2 else x.shape[0] ** -0.5),
+                                                jnp.float32), params)
+    return config, params, u
+
+
+def _forward(config, form, params, u):
+    return DiscreteMamba2(config.replace(mixer_form=form)).apply({"params": params}, u)
+
+
+def _values_and_grads(config, form, params, u):
+    """The output, and the gradients of a random projection of it with respect to the parameters and the input."""
+    weights = jnp.asarray(np.random.default_rng(4).standard_normal((*u.shape[:2], config.hidden_size)), jnp.float32)
+
+    def loss(p, x):
+        out = _forward(config, form, p, x)
+        return jnp.sum(out * weights), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, u)
+    return out, grads
+
+
+def _assert_close(ours, reference, what):
+    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(ours), jax.tree.leaves(reference)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.isfinite(a).all(), f"{what} {jax.tree_util.keystr(path[0])}: not finite"
+        scale = np.abs(b).max()
+        assert np.abs(a - b).max() <= FP32_RELATIVE * scale, (what, jax.tree_util.keystr(path[0]),
+                                                              np.abs(a - b).max() / scale)
+
+
+@pytest.mark.parametrize("length", [21, 5])  # not a multiple of the chunk; shorter than one chunk
+def test_three_forms_agree_on_values_and_gradients(length):
+    config, params, u = _mixer()
+    u = u[:, :length]
+    reference = _values_and_grads(config, "recurrent", params, u)
+    for form in ("chunked", "matrix"):
+        _assert_close(_values_and_grads(config, form, params, u), reference, form)
+
+
+def test_extreme_decays_stay_finite_and_agree():
+    """l = +-200 per head and token (a = e^-200 = 0 and a = 1 exactly): no NaN or Inf, forms and gradients agree."""
+    config, params, u = _mixer()
+    signs = np.random.default_rng(5).choice([-1.0, 1.0], size=u.shape[:2])
+    u = u.at[..., 0].set(jnp.asarray(signs, jnp.float32))
+    ell = slice(config.conv_channels + config.d_inner, None)
+    kernel = np.zeros((config.hidden_size, config.n_v_heads), np.float32)
+    kernel[0] = 200.0 * np.array([1, -1, 1, -1])
+    params["in_proj"]["kernel"] = params["in_proj"]["kernel"].at[:, ell].set(kernel)
+    _, _, _, _, log_a, _ = DiscreteMamba2(config).apply({"params": params}, u, None, method="_inputs")
+    assert set(np.unique(np.round(np.exp(np.asarray(log_a)), 6))) == {0.0, 1.0}  # the test reaches both extremes
+    reference = _values_and_grads(config, "recurrent", params, u)
+    for form in ("chunked", "matrix"):
+        _assert_close(_values_and_grads(config, form, params, u), reference, form)
+
+
+def test_generation_steps_and_a_prefill_continue_the_sequence():
+    """One token at a time from the start, and a prefill of 11 tokens (past a chunk, mid-way through the conv
+    window) followed by single steps, give the full forward's outputs."""
+    config, params, u = _mixer()
+    module = DiscreteMamba2(config)
+    full = np.asarray(_forward(config, "chunked", params, u))
+    step = jax.jit(lambda state, x: module.apply({"params": params}, x, state, method="extend"))
+    for prefill in (0, 11):
+        outputs, state = [], None
+        if prefill:
+            out, state = module.apply({"params": params}, u[:, :prefill], None, method="extend")
+            outputs.append(np.asarray(out))
+        for t in range(prefill, u.shape[1]):
+            out, state = step(state, u[:, t:t + 1])
+            outputs.append(np.asarray(out))
+        assert _relative_error(np.concatenate(outputs, axis=1), full) <= FP32_RELATIVE, prefill
+
+
+def test_mixing_matrix_is_what_the_mixer_applies():
+    """y = M x per head (D on the diagonal), and M is causal."""
+    config, params, u = _mixer()
+    module = DiscreteMamba2(config)
+    m = module.apply({"params": params}, u, method="mixing_matrix")
+    x, _, _, z, _, _ = module.apply({"params": params}, u, None, method="_inputs")
+    y = jnp.einsum("bhts,bshp->bthp", m, x)
+    out = module.apply({"params": params}, y - params["D"][:, None] * x, x, z, method="_output")
+    assert _relative_error(out, np.asarray(_forward(config, "chunked", params, u), np.float64)) <= FP32_RELATIVE
+    assert np.all(np.asarray(m)[..., np.triu_indices(u.shape[1], 1)[0], np.triu_indices(u.shape[1], 1)[1]] == 0)
+
+
+# ---- Checkpoints and configs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, scan_layers", [("float32", True), ("bfloat16", False)])
+def test_round_trip_is_bit_identical(tmp_path, dtype, scan_layers):
+    config = ModelConfig.from_hf_dict(_hf_config("tied-grouped-expand2"), param_dtype=dtype, scan_layers=scan_layers)
+    params = init_params(config, jax.random.key(0))
+    write_params(str(tmp_path), params, config, dtype)
+    loaded_config, loaded, _ = load_hf_checkpoint(tmp_path, param_dtype=dtype, scan_layers=scan_layers)
+    assert loaded_config.replace(dtype=config.dtype) == config
+    assert jax.tree.structure(loaded) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["model_type"] == "llamba" and written["ssm_cfg"]["n_qk_heads"] == 2 and written["tie_embeddings"]
+
+
+def test_published_configs_read_with_the_reference_defaults():
+    """A config as the reference saves it: ssm_cfg without d_conv/conv_bias, PretrainedConfig's own keys."""
+    with open("configs/models/llamba-8b.json") as f:
+        hf = json.load(f)
+    del hf["ssm_cfg"]["d_conv"], hf["ssm_cfg"]["conv_bias"]
+    hf.update(tie_word_embeddings=True, transformers_version="4.48.0", architectures=None)
+    config = ModelConfig.from_hf_dict(hf)
+    assert isinstance(config, LlambaConfig) and config.d_conv == 4 and config.conv_bias
+    assert not config.tie_word_embeddings  # tie_embeddings decides, as in the reference; tie_word_embeddings is not read
+    assert (config.head_dim, config.d_inner, config.padded_vocab_size) == (128, 4096, 128256)
+
+
+def test_num_params_matches_the_table_the_model_and_the_published_shapes():
+    for name, expected in (("llamba-1b", 1_405_159_936), ("llamba-3b", 3_656_994_688), ("llamba-8b", 8_841_204_736)):
+        with open(f"configs/models/{name}.json") as f:
+            config = ModelConfig.from_hf_dict(json.load(f))
+        assert config.num_params() == sum(math.prod(s.hf_shape) for s in config.tensor_table()) == expected, name
+    config = ModelConfig.from_hf_dict(_hf_config("untied-one-group-silu"))
+    from kept_jax.models.params import abstract_params
+
+    assert config.num_params() == sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(config)))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"ssm_cfg": {"d_stat": 8}}, "config.json ssm_cfg has attribute(s) kept_jax does not know: 'd_stat' (did you mean"),
+    ({"lm_head_bias": True}, "lm_head_bias=True; kept_jax supports only False"),
+    ({"ssm_cfg": {"bias": True}}, "ssm_cfg.bias=True"),
+    ({"ssm_cfg": {"n_v_heads": 4, "n_qk_heads": 3}}, "must be a multiple of ssm_cfg.n_qk_heads"),
+    ({"ssm_cfg": {"n_v_heads": 6, "n_qk_heads": 2}}, "must be a multiple of ssm_cfg.n_v_heads"),
+    ({"ssm_cfg": {"activation": "relu"}}, "ssm_cfg.activation must be one of identity, silu"),
+    ({"mlp_cfg": {"act_fn": "gelu"}}, "mlp_cfg.act_fn='gelu'"),
+    ({"d_model": None}, "d_model must be a positive integer"),
+])
+def test_config_errors_name_the_problem(change, message):
+    hf = _hf_config("tied-grouped-expand2")
+    for key, value in change.items():
+        hf[key] = {**hf[key], **value} if isinstance(value, dict) else value
+    with pytest.raises(KeptError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        ModelConfig.from_hf_dict(hf)
+
+
+def test_missing_tensor_names_the_layout_flags(tmp_path):
+    hf = _hf_config("tied-grouped-expand2")
+    tensors = random_tensors(hf)
+    del tensors["backbone.layers.1.mixer.conv1d.bias"]
+    path = write_checkpoint(tmp_path / "ckpt", hf, tensors)
+    with pytest.raises(KeptError, match=r"missing 1 tensor\(s\).*backbone.layers.1.mixer.conv1d.bias.*conv_bias=True"):
+        load_hf_checkpoint(path)
