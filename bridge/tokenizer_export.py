@@ -1,4 +1,4 @@
-"""Tokenizer files for an exported Llama directory, converted from the source's SentencePiece model.
+"""Tokenizer files for an exported directory: converted from an Orion source's SentencePiece model, or copied.
 
 `tokenizer.json` is built by Transformers' converter and given the SentencePiece-exact pipeline the original Llama
 files use (normalizer: prepend the dummy-prefix "▁", spaces -> "▁"; no pre-tokenizer), honouring the model's own
@@ -29,14 +29,22 @@ def _source_flags(source_dir: str, architecture: str) -> tuple[bool, bool]:
     return bool(config.get("add_bos_token", architecture == "llama")), bool(config.get("add_eos_token", False))
 
 
+def copy_tokenizer(source_dir: str, out_dir: str) -> list[str]:
+    """Copies the source's Hugging Face tokenizer files as they are (a Llama teacher's, for its Llamba student)."""
+    if not os.path.isfile(os.path.join(source_dir, "tokenizer.json")):
+        raise KeptError(f"source {source_dir!r} has no tokenizer.json to give the exported model")
+    copied = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(source_dir, name))]
+    for name in copied:
+        shutil.copy(os.path.join(source_dir, name), out_dir)
+    return copied
+
+
 def export_tokenizer(source_dir: str, out_dir: str, architecture: str) -> None:
     """Writes tokenizer.json, tokenizer.model, tokenizer_config.json and special_tokens_map.json into `out_dir`."""
     sp_path = os.path.join(source_dir, "tokenizer.model")
     if not os.path.isfile(sp_path):
         if os.path.isfile(os.path.join(source_dir, "tokenizer.json")):
-            for name in TOKENIZER_FILES:
-                if os.path.isfile(os.path.join(source_dir, name)):
-                    shutil.copy(os.path.join(source_dir, name), out_dir)
+            copy_tokenizer(source_dir, out_dir)
             return
         raise KeptError(f"source {source_dir!r} has no tokenizer.model or tokenizer.json to export")
 

@@ -125,6 +125,11 @@ class ModelConfig:
         """Every HF tensor the config implies, in HF order."""
         raise NotImplementedError
 
+    @property
+    def max_position_embeddings(self) -> int | None:
+        """The longest sequence the architecture was built for, or None when it has no such limit."""
+        raise NotImplementedError
+
     def layout_flags(self) -> dict[str, Any]:
         """The config.json fields that decide which tensors exist (named in import errors)."""
         return {self.hf_tie_key: self.tie_word_embeddings, "mlp_bias": self.mlp_bias}

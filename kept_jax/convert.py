@@ -1,11 +1,15 @@
-"""`python -m kept_jax.convert`: Orion -> Llama, training-free (NPM + OPM), with a report of the distance.
+"""`python -m kept_jax.convert`: a trained model into another architecture, training-free, with a report of the distance.
 
-    python -m kept_jax.convert --source DIR --out DIR --opm STRATEGY [--calib FILE] [--calib-tokens N]
-                               [--dtype bfloat16|float32]
+    python -m kept_jax.convert --source ORION_DIR --out DIR [--opm STRATEGY] [--calib FILE] [--calib-tokens N]
+    python -m kept_jax.convert --to llamba --source LLAMA_DIR --out DIR [--mixer-init mohawk|attention]
+                               [--target-config LLAMBA_CONFIG_JSON]
+    python -m kept_jax.convert ... --dry-run        # plan from config.json alone: mapping coverage, parameter counts
 
-Calibrates on the teacher's own activations, builds the mapping, evaluates KL(teacher || converted) per token on
-held-out text, and exports a Hugging Face Llama directory with `conversion_report.json` and
-`conversion_report.md`. `--opm all` evaluates every strategy and writes only the report.
+`--to llama` (default): Orion -> Llama by NPM + OPM, calibrated on the teacher's own activations. `--to llamba`:
+Llama -> Llamba, the MLPs, norms, embedding and head copied and each attention replaced by an initialized mixer.
+Either way the mapping is a checked rule table; the command evaluates KL(teacher || converted) per token on held-out
+text and exports a Hugging Face directory with `conversion_report.json` and `conversion_report.md`. `--opm all` and
+`--mixer-init all` evaluate every choice and write only the report.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -74,89 +79,160 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " "))
 
 
+TARGETS = {"llama": "orion", "llamba": "llama"}  # target architecture -> the source it is made from
+OPM_ONLY = ("opm", "calib", "calib_tokens", "ridge")  # options of the Orion -> Llama conversion
+
+
 def parse_args(argv):
     from kept_jax.mapping import STRATEGIES
+    from kept_jax.mapping.llamba_init import MIXER_INITS
 
     p = argparse.ArgumentParser(prog="python -m kept_jax.convert", description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", default=DEFAULT_SOURCE, help="HF Orion directory (default: the embedded tiny Orion)")
-    p.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --force)")
-    p.add_argument("--opm", default="absorb", choices=(*STRATEGIES, "all"), help="OPM strategy, or all to compare")
-    p.add_argument("--calib", help="calibration text: .jsonl ('text' field) or plain text (default: embedded held-out)")
-    p.add_argument("--calib-tokens", type=int, default=16384)
+    p.add_argument("--to", default="llama", choices=tuple(TARGETS),
+                   help="target architecture: llama (from an Orion source) or llamba (from a Llama source)")
+    p.add_argument("--source", default=DEFAULT_SOURCE,
+                   help="HF source directory (default: the embedded tiny Orion); with --dry-run also a config.json")
+    p.add_argument("--out", help="output directory (must not exist or be empty, unless --force)")
+    p.add_argument("--dry-run", action="store_true", help="plan from config.json alone: nothing is read or written")
+    p.add_argument("--opm", choices=(*STRATEGIES, "all"), help="--to llama: OPM strategy (default absorb), or all")
+    p.add_argument("--mixer-init", choices=(*MIXER_INITS, "all"),
+                   help="--to llamba: how each mixer starts (default mohawk), or all to compare")
+    p.add_argument("--target-config", help="--to llamba: the student's config.json (e.g. configs/models/llamba-1b.json);"
+                   " default: derived from the teacher")
+    p.add_argument("--seed", type=int, default=0, help="--to llamba: seed of the mixers' randomly initialized rows")
+    p.add_argument("--calib", help="--to llama: calibration text, .jsonl ('text' field) or plain text (default: "
+                   "embedded held-out)")
+    p.add_argument("--calib-tokens", type=int)
     p.add_argument("--eval", dest="eval_file", help="held-out text for KL (default: embedded held-out split)")
     p.add_argument("--eval-tokens", type=int, default=32768)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="export and evaluation dtype (default: source's)")
-    p.add_argument("--ridge", type=float, default=1e-6, help="relative ridge of the rank-1 absorb solve")
+    p.add_argument("--ridge", type=float, help="--to llama: relative ridge of the rank-1 absorb solve (default 1e-6)")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     args = p.parse_args(argv)
+    if args.out is None and not args.dry_run:
+        p.error("the following arguments are required: --out")
+    wrong = [f"--{name.replace('_', '-')}" for name in (OPM_ONLY if args.to == "llamba" else ("mixer_init",
+             "target_config")) if getattr(args, name) is not None]
+    if wrong:
+        raise KeptError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to --to {args.to}; "
+                        f"{'OPM options are for --to llama' if args.to == 'llamba' else 'mixer options are for --to llamba'}")
+    args.opm = args.opm or "absorb"
+    args.mixer_init = args.mixer_init or "mohawk"
+    args.calib_tokens = 16384 if args.calib_tokens is None else args.calib_tokens
     for name in ("calib_tokens", "eval_tokens", "seq_len", "batch"):
         if getattr(args, name) <= 0:
             raise KeptError(f"--{name.replace('_', '-')} must be positive")
     return args
 
 
+def llamba_mappings(args, teacher_config) -> list:
+    """Llama -> Llamba: one mapping per requested mixer init."""
+    from kept_jax.mapping.llamba_init import MIXER_INITS, build_llamba_mapping, llamba_config_for
+
+    layout = _target_layout(args)
+    inits = list(MIXER_INITS) if args.mixer_init == "all" else [args.mixer_init]
+    return [build_llamba_mapping(teacher_config, llamba_config_for(teacher_config, init, layout), init, args.seed)
+            for init in inits]
+
+
+def opm_mappings(args, teacher_config, stats: dict) -> list:
+    """Orion -> Llama: one NPM + OPM mapping per requested strategy (`stats={}` for a plan: rules read them lazily)."""
+    from kept_jax.mapping import STRATEGIES, build_mapping
+
+    strategies = list(STRATEGIES) if args.opm == "all" else [args.opm]
+    ridge = 1e-6 if args.ridge is None else args.ridge
+    return [build_mapping(strategy, teacher_config, stats, ridge=ridge) for strategy in strategies]
+
+
+def _target_layout(args):
+    """--target-config read into a LlambaConfig, or None."""
+    if args.target_config is None:
+        return None
+    from kept_jax.config import read_config_json
+    from kept_jax.models import LlambaConfig
+
+    if not os.path.isfile(args.target_config):
+        raise KeptError(f"--target-config {args.target_config!r} is not a file; give a Llamba config.json such as "
+                        "configs/models/llamba-1b.json")
+    return LlambaConfig.from_hf_dict(read_config_json(args.target_config))
+
+
+def check_source(args, source_config) -> None:
+    want = TARGETS[args.to]
+    if source_config.architecture != want:
+        hint = "; to make a Llamba student from a Llama, pass --to llamba" if want == "orion" else ""
+        raise KeptError(f"--to {args.to} converts {want.capitalize()} checkpoints, so --source must be "
+                        f"{'an Orion' if want == 'orion' else 'a Llama'} checkpoint; {args.source!r} is "
+                        f"{source_config.architecture!r}{hint}")
+
+
 def convert_all(args) -> tuple[Any, list[ConversionResult], dict]:
-    """Loads the teacher once, calibrates once, and converts + evaluates each requested strategy."""
+    """Loads the teacher once, calibrates once (OPM), and converts + evaluates each requested method."""
     from bridge.hf_import import ArrayReader, load_hf_checkpoint, params_from_reader
     from kept_jax import corpus
     from kept_jax.config import load_hf_config
     from kept_jax.evaluate import batches_of, compare
-    from kept_jax.mapping import STRATEGIES, build_mapping, calibrate, outer_sites, target_config
     from kept_jax.models import build_model
     from kept_jax.tokenizer import load_tokenizer
 
     source_config = load_hf_config(args.source)
-    if source_config.architecture != "orion":
-        raise KeptError(f"--source must be an Orion checkpoint; {args.source!r} is {source_config.architecture!r}")
+    check_source(args, source_config)
     dtype = args.dtype or (source_config.dtype if source_config.dtype in ("bfloat16", "float32") else "bfloat16")
-    strategies = list(STRATEGIES) if args.opm == "all" else [args.opm]
-    tokenizer = load_tokenizer(args.source, "orion")
+    tokenizer = load_tokenizer(args.source, source_config.architecture)
 
-    calib_file = args.calib or corpus.HELDOUT
     eval_file = args.eval_file or corpus.HELDOUT
-    calib_rows = token_rows(calib_file, tokenizer, source_config.eos_token_id, args.seq_len, 0, args.calib_tokens)
-    skip = len(calib_rows) if os.path.abspath(calib_file) == os.path.abspath(eval_file) else 0
+    calib_rows, skip, info = None, 0, {"source": os.path.abspath(args.source), "to": args.to, "dtype": dtype}
+    if args.to == "llama":
+        calib_file = args.calib or corpus.HELDOUT
+        calib_rows = token_rows(calib_file, tokenizer, source_config.eos_token_id, args.seq_len, 0, args.calib_tokens)
+        skip = len(calib_rows) if os.path.abspath(calib_file) == os.path.abspath(eval_file) else 0
+        info["calibration"] = {"file": calib_file, "tokens": int(calib_rows.size)}
     eval_rows = token_rows(eval_file, tokenizer, source_config.eos_token_id, args.seq_len, skip, args.eval_tokens)
 
     teacher_config, teacher_params, report = load_hf_checkpoint(args.source, compute_dtype=dtype, param_dtype=dtype)
     teacher = build_model(teacher_config)
-    sites = sorted({s for strategy in strategies for s in outer_sites(strategy, teacher_config)})
-    stats = calibrate(teacher, teacher_params, batches_of(calib_rows, args.batch), outer_sites=sites)
-
     read = source_tensor_reader(args.source)
-    final_shift = read("lm_head.weight") @ read("model.norm.bias") if not source_config.tie_word_embeddings else None
+    final_shift = None
+    if args.to == "llamba":
+        mappings = llamba_mappings(args, teacher_config)
+    else:
+        from kept_jax.mapping import calibrate, outer_sites
+
+        sites = sorted({s for m in opm_mappings(args, teacher_config, {}) for s in outer_sites(m.strategy, teacher_config)})
+        stats = calibrate(teacher, teacher_params, batches_of(calib_rows, args.batch), outer_sites=sites)
+        mappings = opm_mappings(args, teacher_config, stats)
+        if not source_config.tie_word_embeddings:
+            final_shift = read("lm_head.weight") @ read("model.norm.bias")
+    compare_all = len(mappings) > 1
     results = []
-    for strategy in strategies:
-        mapping = build_mapping(strategy, teacher_config, stats, ridge=args.ridge)
+    for mapping in mappings:
+        name = mapping.strategy.removeprefix("llamba/")
         tensors, errors = run_mapping(mapping, read, dtype)
-        config = target_config(teacher_config, strategy)
+        config = mapping.target_config.replace(compute_dtype=dtype, param_dtype=dtype)
         student_params, _, _ = params_from_reader(ArrayReader(tensors), config)
-        metrics = compare(teacher, teacher_params, build_model(config), student_params, batches_of(eval_rows, args.batch),
-                          logit_shift=final_shift)
-        results.append(ConversionResult(strategy, config, tensors, errors, metrics, mapping.table(errors)))
-        print(f"converted with {strategy!r}: KL {metrics['kl']:.3e} nats/token, agreement {metrics['agreement']:.2%}",
+        metrics = compare(teacher, teacher_params, build_model(config), student_params,
+                          batches_of(eval_rows, args.batch), logit_shift=final_shift)
+        results.append(ConversionResult(name, config, tensors, errors, metrics, mapping.table(errors)))
+        print(f"converted with {name!r}: KL {metrics['kl']:.3e} nats/token, agreement {metrics['agreement']:.2%}",
               file=sys.stderr, flush=True)
-        if args.opm == "all":
+        if compare_all:
             tensors.clear()  # only the numbers are kept
         del student_params
 
-    info = {
-        "source": os.path.abspath(args.source),
-        "dtype": dtype,
-        "calibration": {"file": calib_file, "tokens": int(calib_rows.size)},
+    info.update({
         "evaluation": {"file": eval_file, "tokens": int(eval_rows.size), "skipped_calibration_rows": skip},
         "import_skipped": report.skipped,
         "predicted_final_beta_kl": results[0].metrics.get("predicted_shift_kl"),
-    }
+    })
     return teacher_config, results, info
 
 
 def summary_table(results: list[ConversionResult], info: dict) -> str:
     lines = [
-        f"{'strategy':<11} {'KL(t||c) nats/tok':>18} {'top-1 agree':>12} {'teacher ppl':>12} {'converted ppl':>14}",
+        f"{'method':<11} {'KL(t||c) nats/tok':>18} {'top-1 agree':>12} {'teacher ppl':>12} {'converted ppl':>14}",
     ]
     for r in results:
         m = r.metrics
@@ -165,8 +241,8 @@ def summary_table(results: list[ConversionResult], info: dict) -> str:
     if info["predicted_final_beta_kl"] is not None:
         lines.append(f"predicted cost of dropping the final norm's beta (1/2 E[Var_p(W_head beta)]): "
                      f"{info['predicted_final_beta_kl']:.3e} nats/token")
-    lines.append(f"{info['evaluation']['tokens']:,} held-out tokens; {info['calibration']['tokens']:,} calibration "
-                 f"tokens; {info['dtype']}")
+    calibration = f"{info['calibration']['tokens']:,} calibration tokens; " if "calibration" in info else ""
+    lines.append(f"{info['evaluation']['tokens']:,} held-out tokens; {calibration}{info['dtype']}")
     return "\n".join(lines)
 
 
@@ -184,21 +260,25 @@ def write_report(out_dir: str, results: list[ConversionResult], info: dict) -> s
     return text
 
 
-def export_llama(out_dir: str, source_dir: str, config, get: Callable[[str], np.ndarray], dtype: str,
+def export_model(out_dir: str, source_dir: str, config, get: Callable[[str], np.ndarray], dtype: str,
                  max_shard_bytes: int) -> None:
-    """The HF Llama directory: config, weights (`get(hf_name)` in `dtype`, one at a time), generation config and
-    the source's tokenizer, whose ids are checked."""
+    """The HF directory: config, weights (`get(hf_name)` in `dtype`, one at a time), generation config and the
+    tokenizer: a Llama gets the Orion source's SentencePiece model converted (and its ids checked), a Llamba its
+    Llama teacher's tokenizer files as they are."""
     from transformers import GenerationConfig
 
     from bridge.hf_export import write_config, write_weights
-    from bridge.tokenizer_export import export_tokenizer
+    from bridge.tokenizer_export import copy_tokenizer, export_tokenizer
 
     write_config(out_dir, config.replace(dtype=dtype))
     write_weights(out_dir, [(s.hf_name, s.hf_shape) for s in config.tensor_table()], dtype, get, max_shard_bytes)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                      pad_token_id=config.pad_token_id).save_pretrained(out_dir)
-    export_tokenizer(source_dir, out_dir, "orion")
-    check_tokenizer(source_dir, out_dir)
+    if config.architecture == "llamba":
+        copy_tokenizer(source_dir, out_dir)
+    else:
+        export_tokenizer(source_dir, out_dir, "orion")
+        check_tokenizer(source_dir, out_dir)
 
 
 def check_tokenizer(source_dir: str, out_dir: str) -> None:
@@ -217,28 +297,81 @@ def check_tokenizer(source_dir: str, out_dir: str) -> None:
                             "tokenizer.model uses a normalization kept_jax cannot convert")
 
 
+def dry_run(args) -> int:
+    """Plans the conversion from config.json alone: the mapping's coverage and every parameter count."""
+    import jax
+
+    from kept_jax.config import ModelConfig, load_hf_config, read_config_json
+    from kept_jax.models import abstract_params
+
+    layout = args.source if os.path.isfile(args.source) else os.path.join(args.source, "config.json")
+    source = (ModelConfig.from_hf_dict(read_config_json(args.source)) if os.path.isfile(args.source)
+              else load_hf_config(args.source))
+    check_source(args, source)
+    mappings = llamba_mappings(args, source) if args.to == "llamba" else opm_mappings(args, source, {})
+
+    def count(config) -> str:
+        from_model = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(config)))
+        if from_model != config.num_params():
+            raise AssertionError(f"{config.architecture}: formula {config.num_params():,} != model {from_model:,}")
+        return f"{config.num_params():,} parameters"
+
+    print(f"dry run: abstract shapes only, no weights read\nsource   {layout}: {describe(source)}; {count(source)}")
+    for mapping in mappings:
+        mapping.check()
+        target = mapping.target_config
+        by_transform: dict[str, list[int]] = {}
+        sizes = {s.hf_name: math.prod(s.hf_shape) for s in target.tensor_table()}
+        for rule in mapping.rules:
+            entry = by_transform.setdefault(rule.transform, [0, 0])
+            entry[0] += 1
+            entry[1] += sizes[rule.target]
+        print(f"\ntarget   {mapping.strategy}: {describe(target)}; {count(target)}\n"
+              f"mapping  {len(mapping.rules)} target tensors, {len(mapping.dropped)} source tensors dropped on purpose; "
+              f"every tensor covered")
+        for transform, (tensors, params) in by_transform.items():
+            print(f"  {tensors:>5} x {transform:<70} {params:>16,}")
+    return 0
+
+
+def describe(config) -> str:
+    """One line of a config's shape."""
+    from kept_jax.models import LlambaConfig
+
+    common = (f"{config.architecture}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+              f"MLP {config.intermediate_size}, vocab {config.vocab_size}, {'tied' if config.tie_word_embeddings else 'untied'}")
+    if isinstance(config, LlambaConfig):
+        return (f"{common}; mixer: {config.n_v_heads} heads x {config.head_dim}, {config.n_qk_heads} B/C groups, "
+                f"d_state {config.d_state}, conv {config.d_conv}, chunk {config.chunk_size}")
+    return f"{common}; attention: {config.num_attention_heads} heads x {config.head_dim} ({config.num_key_value_heads} KV)"
+
+
 @cli_entry
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     from kept_jax.fileio import atomic_output_dir, check_output_dir
 
     check_output_dir(args.out, args.force)
     max_shard_bytes = parse_size(args.max_shard_size)
     _, results, info = convert_all(args)
+    export = (args.opm if args.to == "llama" else args.mixer_init) != "all"
     with atomic_output_dir(args.out, args.force) as tmp:
-        if args.opm != "all":
+        if export:
             result = results[0]
-            export_llama(tmp, args.source, result.config, result.tensors.__getitem__, info["dtype"], max_shard_bytes)
+            export_model(tmp, args.source, result.config, result.tensors.__getitem__, info["dtype"], max_shard_bytes)
         text = write_report(tmp, results, info)
     print(text)
-    if args.opm != "all":
+    if export:
         from kept_jax.mapping import format_table
 
         print("\nmapping (error: relative MSE on calibration data of what the rule approximates):")
         print(format_table(results[0].mapping_rows))
-        print(f"\nwrote {args.out}: a Hugging Face Llama checkpoint ({info['dtype']}) and conversion_report.{{json,md}}")
+        print(f"\nwrote {args.out}: a Hugging Face {args.to.capitalize()} checkpoint ({info['dtype']}) and "
+              "conversion_report.{json,md}")
     else:
-        print(f"\nwrote {args.out}/conversion_report.{{json,md}} (no model exported with --opm all)")
+        print(f"\nwrote {args.out}/conversion_report.{{json,md}} (no model exported when comparing every choice)")
     return 0
 
 

@@ -13,13 +13,15 @@ from kept_jax.errors import KeptError, cli_entry
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m kept_jax.score",
-        description="Score text with an Orion or Llama Hugging Face checkpoint: mean NLL and perplexity.",
+        description="Score text with a Hugging Face checkpoint (Orion, Llama, Llamba): mean NLL and perplexity.",
     )
     parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="text to score, tokenized with the checkpoint's tokenizer")
     source.add_argument("--file", help="UTF-8 text file to score")
     source.add_argument("--tokens", help="comma-separated token ids, e.g. 1,2,3")
+    parser.add_argument("--tokenizer", metavar="DIR", help="take the tokenizer from DIR instead of --model (published "
+                        "Llamba checkpoints ship without theirs: give the Llama teacher's directory)")
     parser.add_argument("--save-logits", metavar="OUT.npy", help="write fp32 logits [tokens, vocab] here")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --save-logits file")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
@@ -46,7 +48,7 @@ def _tokens(args: argparse.Namespace, model_dir: str, architecture: str) -> list
         text = args.text
     from kept_jax.tokenizer import load_tokenizer
 
-    return load_tokenizer(model_dir, architecture).encode(text)
+    return load_tokenizer(args.tokenizer or model_dir, architecture).encode(text)
 
 
 def _check_output(path: str, force: bool) -> None:
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     config, params, report = load_hf_checkpoint(args.model, compute_dtype=args.dtype, param_dtype=args.dtype)
     for name, why in report.skipped:
         print(f"note: skipped {name} ({why})", file=sys.stderr)
-    if len(tokens) > config.max_position_embeddings:
+    if config.max_position_embeddings is not None and len(tokens) > config.max_position_embeddings:
         print(
             f"note: {len(tokens)} tokens exceed max_position_embeddings={config.max_position_embeddings}",
             file=sys.stderr,

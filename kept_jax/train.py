@@ -278,7 +278,7 @@ class Job:
         import jax
 
         from bridge.hf_export import hf_tensor
-        from kept_jax.convert import export_llama
+        from kept_jax.convert import export_model
         from kept_jax.xkd.trainable import merge_lora
 
         variables = self.split.assemble(self.teacher_params, self.state.trainable)
@@ -292,7 +292,7 @@ class Job:
             params = jax.tree.map(_host_array, params)
         if export_dir is None:
             return
-        export_llama(export_dir, self.cfg.source, config, lambda n: hf_tensor(params, config, specs[n], dtype), dtype,
+        export_model(export_dir, self.cfg.source, config, lambda n: hf_tensor(params, config, specs[n], dtype), dtype,
                      5 * 2**30)
 
 def _verify(export_dir: str, source: str) -> dict:

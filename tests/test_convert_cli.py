@@ -84,3 +84,17 @@ def test_convert_user_errors(tmp_path, capsys, llama_checkpoint):
         ["--out", str(tmp_path / "o3"), "--calib", str(bad)], capsys)
     assert "must be positive" in _fails(["--out", str(tmp_path / "o4"), "--calib-tokens", "0"], capsys)
     assert not os.path.exists(tmp_path / "o2") and not os.path.exists(tmp_path / "o3")
+
+
+def test_the_kept_export_teaches_a_llamba(exported, tmp_path):
+    """Orion -> Llama (KEPT) -> Llamba: the Llama this project exports is a teacher like any other."""
+    from bridge.hf_import import load_hf_checkpoint
+
+    out = str(tmp_path / "llamba")
+    assert convert.main(["--to", "llamba", "--source", exported[0], "--out", out, "--eval-tokens", "1024"]) == 0
+    config, _, _ = load_hf_checkpoint(out)
+    teacher = json.load(open(os.path.join(exported[0], "config.json")))
+    assert config.architecture == "llamba" and config.padded_vocab_size == teacher["vocab_size"] == 2048
+    assert (config.n_v_heads, config.head_dim, config.num_hidden_layers) == (3, 64, 4)
+    report = json.load(open(os.path.join(out, "conversion_report.json")))
+    assert report["dtype"] == "bfloat16" and 0 < report["strategies"]["mohawk"]["kl"] < 20

@@ -7,6 +7,7 @@ implementation: plain NumPy, one token at a time, reading the HF-named tensors o
 
 import json
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -21,6 +22,7 @@ from kept_jax.config import ModelConfig
 from kept_jax.errors import KeptError
 from kept_jax.models import LlambaConfig, build_model, init_params
 from kept_jax.models.llamba import DiscreteMamba2
+from tests import fixtures as fx
 
 FP32_RELATIVE = 1e-5
 BLOCK_EPS = 1e-5  # the two block norms' eps, fixed in the reference
@@ -307,7 +309,7 @@ def test_round_trip_is_bit_identical(tmp_path, dtype, scan_layers):
 
 def test_published_configs_read_with_the_reference_defaults():
     """A config as the reference saves it: ssm_cfg without d_conv/conv_bias, PretrainedConfig's own keys."""
-    with open("configs/models/llamba-8b.json") as f:
+    with open(os.path.join(fx.MODEL_CONFIGS, "llamba-8b.json")) as f:
         hf = json.load(f)
     del hf["ssm_cfg"]["d_conv"], hf["ssm_cfg"]["conv_bias"]
     hf.update(tie_word_embeddings=True, transformers_version="4.48.0", architectures=None)
@@ -319,7 +321,7 @@ def test_published_configs_read_with_the_reference_defaults():
 
 def test_num_params_matches_the_table_the_model_and_the_published_shapes():
     for name, expected in (("llamba-1b", 1_405_159_936), ("llamba-3b", 3_656_994_688), ("llamba-8b", 8_841_204_736)):
-        with open(f"configs/models/{name}.json") as f:
+        with open(os.path.join(fx.MODEL_CONFIGS, f"{name}.json")) as f:
             config = ModelConfig.from_hf_dict(json.load(f))
         assert config.num_params() == sum(math.prod(s.hf_shape) for s in config.tensor_table()) == expected, name
     config = ModelConfig.from_hf_dict(_hf_config("untied-one-group-silu"))

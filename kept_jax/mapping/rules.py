@@ -11,7 +11,6 @@ import dataclasses
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-
 from kept_jax.config import ModelConfig
 from kept_jax.errors import KeptError
 
@@ -46,8 +45,9 @@ class Rule:
         return value, error
 
 
-def identity(name: str) -> Rule:
-    return Rule(name, (name,), "identity", lambda x: x)
+def identity(target: str, source: str | None = None) -> Rule:
+    """`target` <- `source` unchanged (the same name when `source` is None)."""
+    return Rule(target, (source or target,), "identity", lambda x: x)
 
 
 @dataclasses.dataclass

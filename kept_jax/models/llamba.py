@@ -109,6 +109,11 @@ class LlambaConfig(ModelConfig):
         return self.conv_channels + self.d_inner + self.n_v_heads
 
     @property
+    def max_position_embeddings(self) -> None:
+        """No maximum: position comes from the convolution and the decays, not from a table of positions."""
+        return None
+
+    @property
     def padded_vocab_size(self) -> int:
         m = self.pad_vocab_size_multiple
         return -(-self.vocab_size // m) * m
