@@ -20,7 +20,7 @@ from kept_jax.config import REMAT_POLICIES
 from kept_jax.models import LlamaConfig, build_model, init_params
 
 
-def _config(layers: int, **runtime) -> ModelConfig:
+def _config(layers: int, **runtime) -> LlamaConfig:
     return LlamaConfig(
         architecture="llama", vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=layers,
         num_attention_heads=8, num_key_value_heads=8, head_dim=32, **runtime,

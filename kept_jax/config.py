@@ -182,7 +182,8 @@ def hf_dtype(hf: dict[str, Any]) -> str:
 def load_hf_config(model_dir: str | os.PathLike, **runtime: Any) -> ModelConfig:
     """Reads `<model_dir>/config.json` into its architecture's config."""
     if not os.path.isdir(model_dir):
-        raise KeptError(f"model directory {str(model_dir)!r} does not exist; pass the path of a Hugging Face checkpoint")
+        raise KeptError(f"model directory {str(model_dir)!r} does not exist; pass the path of a Hugging Face "
+                        "checkpoint")
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise KeptError(

@@ -1,4 +1,4 @@
-"""`python -m kept_jax.convert`: a trained model into another architecture, training-free, with a report of the distance.
+"""`python -m kept_jax.convert`: a trained model into another architecture, training-free, with a report.
 
     python -m kept_jax.convert --source ORION_DIR --out DIR [--opm STRATEGY] [--calib FILE] [--calib-tokens N]
     python -m kept_jax.convert --to llamba --source LLAMA_DIR --out DIR [--mixer-init mohawk|attention]
@@ -97,8 +97,8 @@ def parse_args(argv):
     p.add_argument("--opm", choices=(*STRATEGIES, "all"), help="--to llama: OPM strategy (default absorb), or all")
     p.add_argument("--mixer-init", choices=(*MIXER_INITS, "all"),
                    help="--to llamba: how each mixer starts (default mohawk), or all to compare")
-    p.add_argument("--target-config", help="--to llamba: the student's config.json (e.g. configs/models/llamba-1b.json);"
-                   " default: derived from the teacher")
+    p.add_argument("--target-config", help="--to llamba: the student's config.json (e.g. "
+                   "configs/models/llamba-1b.json); default: derived from the teacher")
     p.add_argument("--seed", type=int, default=0, help="--to llamba: seed of the mixers' randomly initialized rows")
     p.add_argument("--calib", help="--to llama: calibration text, .jsonl ('text' field) or plain text (default: "
                    "embedded held-out)")
@@ -114,11 +114,11 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.out is None and not args.dry_run:
         p.error("the following arguments are required: --out")
-    wrong = [f"--{name.replace('_', '-')}" for name in (OPM_ONLY if args.to == "llamba" else ("mixer_init",
-             "target_config")) if getattr(args, name) is not None]
+    other, options = (("llama", OPM_ONLY) if args.to == "llamba" else ("llamba", ("mixer_init", "target_config")))
+    wrong = [f"--{name.replace('_', '-')}" for name in options if getattr(args, name) is not None]
     if wrong:
         raise KeptError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to --to {args.to}; "
-                        f"{'OPM options are for --to llama' if args.to == 'llamba' else 'mixer options are for --to llamba'}")
+                        f"{'they are' if len(wrong) > 1 else 'it is'} for --to {other}")
     args.opm = args.opm or "absorb"
     args.mixer_init = args.mixer_init or "mohawk"
     args.calib_tokens = 16384 if args.calib_tokens is None else args.calib_tokens
@@ -201,7 +201,8 @@ def convert_all(args) -> tuple[Any, list[ConversionResult], dict]:
     else:
         from kept_jax.mapping import calibrate, outer_sites
 
-        sites = sorted({s for m in opm_mappings(args, teacher_config, {}) for s in outer_sites(m.strategy, teacher_config)})
+        plans = opm_mappings(args, teacher_config, {})  # which sites need the full second moment
+        sites = sorted({s for m in plans for s in outer_sites(m.strategy, teacher_config)})
         stats = calibrate(teacher, teacher_params, batches_of(calib_rows, args.batch), outer_sites=sites)
         mappings = opm_mappings(args, teacher_config, stats)
         if not source_config.tie_word_embeddings:
@@ -327,8 +328,8 @@ def dry_run(args) -> int:
             entry[0] += 1
             entry[1] += sizes[rule.target]
         print(f"\ntarget   {mapping.strategy}: {describe(target)}; {count(target)}\n"
-              f"mapping  {len(mapping.rules)} target tensors, {len(mapping.dropped)} source tensors dropped on purpose; "
-              f"every tensor covered")
+              f"mapping  {len(mapping.rules)} target tensors, {len(mapping.dropped)} source tensors dropped on "
+              "purpose; every tensor covered")
         for transform, (tensors, params) in by_transform.items():
             print(f"  {tensors:>5} x {transform:<70} {params:>16,}")
     return 0
@@ -338,12 +339,14 @@ def describe(config) -> str:
     """One line of a config's shape."""
     from kept_jax.models import LlambaConfig
 
+    tied = "tied" if config.tie_word_embeddings else "untied"
     common = (f"{config.architecture}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-              f"MLP {config.intermediate_size}, vocab {config.vocab_size}, {'tied' if config.tie_word_embeddings else 'untied'}")
+              f"MLP {config.intermediate_size}, vocab {config.vocab_size}, {tied}")
     if isinstance(config, LlambaConfig):
         return (f"{common}; mixer: {config.n_v_heads} heads x {config.head_dim}, {config.n_qk_heads} B/C groups, "
                 f"d_state {config.d_state}, conv {config.d_conv}, chunk {config.chunk_size}")
-    return f"{common}; attention: {config.num_attention_heads} heads x {config.head_dim} ({config.num_key_value_heads} KV)"
+    return (f"{common}; attention: {config.num_attention_heads} heads x {config.head_dim} "
+            f"({config.num_key_value_heads} KV)")
 
 
 @cli_entry

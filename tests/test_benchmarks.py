@@ -57,3 +57,17 @@ def test_convert_io_phases(tmp_path, capsys):
     assert result["target_MB"] == pytest.approx(1.25 * result["checkpoint_MB"] + 300, abs=0.2)
     exported = sorted(p.name for p in (tmp_path / "llama").iterdir())
     assert "model.safetensors.index.json" in exported and "config.json" in exported
+
+
+def test_mixer_benchmark_times_every_form_and_skips_past_its_memory_budget(capsys):
+    from benchmarks import mixer
+
+    def rows(argv):
+        mixer.main(argv + ["--lengths", "40", "--reps", "1", "--no-save"])
+        lines = capsys.readouterr().out.splitlines()
+        return [line.split() for line in lines if line.split() and line.split()[0] in ("chunked", "matrix", "recurrent")]
+
+    timed = rows([])
+    assert [r[0] for r in timed] == ["chunked", "matrix", "recurrent"]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0 for r in timed)
+    assert all(r[2] == r[3] == "-" for r in rows(["--memory-budget", "1MiB"]))

@@ -70,7 +70,8 @@ def random_tensors(hf: dict, seed: int = 0) -> dict[str, np.ndarray]:
         in_proj = normal((channels + d_inner + h, d), d ** -0.5)
         in_proj[channels + d_inner:] *= 1.5  # l: softplus(l) from ~0.2 to ~3, so a Delta-scaled input is visibly off
         t.update({
-            p + "input_layernorm.weight": normal(d, 0.3, 1.0), p + "post_attention_layernorm.weight": normal(d, 0.3, 1.0),
+            p + "input_layernorm.weight": normal(d, 0.3, 1.0),
+            p + "post_attention_layernorm.weight": normal(d, 0.3, 1.0),
             p + "mixer.in_proj.weight": in_proj, p + "mixer.z_bias": normal(d_inner, 1.0, 0.5),
             p + "mixer.conv1d.weight": normal((channels, 1, k), 0.6), p + "mixer.D": normal(h, 0.5, 1.0),
             p + "mixer.out_proj.weight": normal((d, d_inner), d_inner ** -0.5),
@@ -205,8 +206,10 @@ def _mixer():
     u = jnp.asarray(np.random.default_rng(1).standard_normal((2, 21, 16)), jnp.float32)
     params = nn.unbox(module.init(jax.random.key(0), u[:, :2])["params"])
     rng = np.random.default_rng(2)
-    params = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape) * (0.5 if x.ndim < 2 else x.shape[0] ** -0.5),
-                                                jnp.float32), params)
+    def scaled(x):  # vectors ~0.5, matrices and kernels ~1/sqrt(fan-in)
+        return jnp.asarray(rng.standard_normal(x.shape) * (0.5 if x.ndim < 2 else x.shape[0] ** -0.5), jnp.float32)
+
+    params = jax.tree.map(scaled, params)
     return config, params, u
 
 
@@ -315,7 +318,7 @@ def test_published_configs_read_with_the_reference_defaults():
     hf.update(tie_word_embeddings=True, transformers_version="4.48.0", architectures=None)
     config = ModelConfig.from_hf_dict(hf)
     assert isinstance(config, LlambaConfig) and config.d_conv == 4 and config.conv_bias
-    assert not config.tie_word_embeddings  # tie_embeddings decides, as in the reference; tie_word_embeddings is not read
+    assert not config.tie_word_embeddings  # tie_embeddings decides, as in the reference
     assert (config.head_dim, config.d_inner, config.padded_vocab_size) == (128, 4096, 128256)
 
 

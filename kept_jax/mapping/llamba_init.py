@@ -61,8 +61,9 @@ def llamba_config_for(teacher: LlamaConfig, mixer_init: str, layout: LlambaConfi
             bos_token_id=teacher.bos_token_id, eos_token_id=teacher.eos_token_id, pad_token_id=teacher.pad_token_id,
             d_state=head_dim if mixer_init == "attention" else 64, n_v_heads=heads, n_qk_heads=heads,
             expand=heads * head_dim // d, pad_vocab_size_multiple=pad)
-    shared = {"hidden_size": "d_model", "num_hidden_layers": "n_layer", "intermediate_size": "mlp_cfg.intermediate_size",
-              "mlp_bias": "mlp_cfg.bias", "tie_word_embeddings": "tie_embeddings"}
+    shared = {"hidden_size": "d_model", "num_hidden_layers": "n_layer",
+              "intermediate_size": "mlp_cfg.intermediate_size", "mlp_bias": "mlp_cfg.bias",
+              "tie_word_embeddings": "tie_embeddings"}
     for field, hf_name in shared.items():
         if getattr(layout, field) != getattr(teacher, field):
             raise KeptError(f"the student's {hf_name} is {getattr(layout, field)!r} but the teacher's is "

@@ -55,7 +55,8 @@ class Linear(nn.Module):
             a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
             y = y + self.lora_scale * jnp.dot(jnp.dot(x, a.astype(self.dtype)), b.astype(self.dtype))
         if self.use_bias:
-            bias = self.param("bias", logical_init(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype)
+            bias = self.param("bias", logical_init(nn.initializers.zeros, self.axes[1:]), (self.features,),
+                              self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y.reshape(*lead, self.features)
 

@@ -74,7 +74,8 @@ def ssd_step(state: Array, x: Array, B: Array, C: Array, log_a: Array) -> tuple[
     return y.reshape(b, h, p), state.reshape(b, h, p, n)
 
 
-def ssd_recurrent(x: Array, B: Array, C: Array, log_a: Array, initial_state: Array | None = None) -> tuple[Array, Array]:
+def ssd_recurrent(x: Array, B: Array, C: Array, log_a: Array,
+                  initial_state: Array | None = None) -> tuple[Array, Array]:
     """y [b, T, H, P] and the final state [b, H, P, N], by `ssd_step` over the tokens (a `lax.scan`)."""
     b, _, h, p = x.shape
     state = _initial_state(initial_state, b, h, p, B.shape[-1])
