@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bridge import verify
 from kept_jax import convert
+from tests import fixtures as fx
 
 SMALL = ["--calib-tokens", "2048", "--eval-tokens", "2048"]
 
@@ -98,3 +99,21 @@ def test_the_kept_export_teaches_a_llamba(exported, tmp_path):
     assert (config.n_v_heads, config.head_dim, config.num_hidden_layers) == (3, 64, 4)
     report = json.load(open(os.path.join(out, "conversion_report.json")))
     assert report["dtype"] == "bfloat16" and 0 < report["strategies"]["mohawk"]["kl"] < 20
+
+
+def test_llamba_conversion_user_errors(tmp_path, capsys, llama_checkpoint):
+    out = str(tmp_path / "out")
+    llama = llama_checkpoint[0]
+    assert "--source must be a Llama checkpoint; " in _fails(["--to", "llamba", "--out", out], capsys)
+    assert "--opm does not apply to --to llamba" in _fails(["--to", "llamba", "--source", llama, "--out", out,
+                                                            "--opm", "exact"], capsys)
+    assert "the student's d_model is 2048 but the teacher's is 64" in _fails(
+        ["--to", "llamba", "--source", llama, "--out", out, "--target-config",
+         os.path.join(fx.MODEL_CONFIGS, "llamba-1b.json")], capsys)
+    wrong = tmp_path / "llamba.json"
+    wrong.write_text(json.dumps({"model_type": "llamba", "vocab_size": 512, "d_model": 64, "n_layer": 2,
+                                 "mlp_cfg": {"intermediate_size": 160}, "ssm_cfg": {"n_v_heads": 4, "n_qk_heads": 4}}))
+    assert "--mixer-init attention reads q/k/v/o as they are, so the student needs d_state=16 (not 64)" in _fails(
+        ["--to", "llamba", "--source", llama, "--out", out, "--target-config", str(wrong), "--mixer-init", "attention"],
+        capsys)
+    assert not os.path.exists(out)

@@ -1,4 +1,5 @@
-"""Export: round trip to bit-identical params, sharding, tokenizer ids, atomic and refusing output directories."""
+"""Export: round trip to bit-identical params (Llama and Llamba), sharding, tokenizer ids, atomic and refusing
+output directories."""
 
 import json
 import os
@@ -29,10 +30,14 @@ def _llama_config(**kw):
     return ModelConfig.from_hf_dict({**fx.base_config("tiny-llama"), "attention_bias": True, "mlp_bias": True}, **kw)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_round_trip_is_bit_identical(tmp_path, dtype, scan_layers):
-    config = _llama_config(param_dtype=dtype, scan_layers=scan_layers)
+@pytest.mark.parametrize("arch, dtype, scan_layers", [
+    ("llama", "float32", True), ("llama", "float32", False), ("llama", "bfloat16", True), ("llama", "bfloat16", False),
+    ("llamba", "float32", True), ("llamba", "bfloat16", False),
+])
+def test_round_trip_is_bit_identical(tmp_path, arch, dtype, scan_layers):
+    runtime = dict(param_dtype=dtype, scan_layers=scan_layers)
+    config = (_llama_config(**runtime) if arch == "llama"
+              else ModelConfig.from_hf_dict(fx.base_config("tiny-llamba"), **runtime))
     params = init_params(config, jax.random.key(0))
     write_params(str(tmp_path), params, config, dtype)
     loaded_config, loaded, _ = load_hf_checkpoint(tmp_path, param_dtype=dtype, scan_layers=scan_layers)
@@ -40,6 +45,7 @@ def test_round_trip_is_bit_identical(tmp_path, dtype, scan_layers):
     assert jax.tree.structure(loaded) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == arch
 
 
 def test_sharded_export_loads_in_transformers(tmp_path):

@@ -118,31 +118,6 @@ def test_the_report_gives_kl_at_init_and_score_reads_the_export(converted, capsy
     assert "(llamba," in printed and "perplexity" in printed
 
 
-def _fails(argv, capsys):
-    assert convert.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err
-    return err
-
-
-def test_llamba_conversion_user_errors(tmp_path, capsys, llama_checkpoint):
-    out = str(tmp_path / "out")
-    llama = llama_checkpoint[0]
-    assert "--source must be a Llama checkpoint; " in _fails(["--to", "llamba", "--out", out], capsys)
-    assert "--opm does not apply to --to llamba" in _fails(["--to", "llamba", "--source", llama, "--out", out,
-                                                            "--opm", "exact"], capsys)
-    assert "the student's d_model is 2048 but the teacher's is 64" in _fails(
-        ["--to", "llamba", "--source", llama, "--out", out, "--target-config",
-         os.path.join(fx.MODEL_CONFIGS, "llamba-1b.json")], capsys)
-    wrong = tmp_path / "llamba.json"
-    wrong.write_text(json.dumps({"model_type": "llamba", "vocab_size": 512, "d_model": 64, "n_layer": 2,
-                                 "mlp_cfg": {"intermediate_size": 160}, "ssm_cfg": {"n_v_heads": 4, "n_qk_heads": 4}}))
-    assert "--mixer-init attention reads q/k/v/o as they are, so the student needs d_state=16 (not 64)" in _fails(
-        ["--to", "llamba", "--source", llama, "--out", out, "--target-config", str(wrong), "--mixer-init", "attention"],
-        capsys)
-    assert not os.path.exists(out)
-
-
 PUBLISHED = {  # teacher config, student config, teacher parameters (Meta's published counts)
     "1b": ("llama-3.2-1b-instruct", "llamba-1b", 1_235_814_400),
     "3b": ("llama-3.2-3b-instruct", "llamba-3b", 3_212_749_824),
