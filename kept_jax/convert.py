@@ -138,13 +138,18 @@ def llamba_mappings(args, teacher_config) -> list:
             for init in inits]
 
 
+def opm_strategies(args) -> list[str]:
+    from kept_jax.mapping import STRATEGIES
+
+    return list(STRATEGIES) if args.opm == "all" else [args.opm]
+
+
 def opm_mappings(args, teacher_config, stats: dict) -> list:
     """Orion -> Llama: one NPM + OPM mapping per requested strategy (`stats={}` for a plan: rules read them lazily)."""
-    from kept_jax.mapping import STRATEGIES, build_mapping
+    from kept_jax.mapping import build_mapping
 
-    strategies = list(STRATEGIES) if args.opm == "all" else [args.opm]
     ridge = 1e-6 if args.ridge is None else args.ridge
-    return [build_mapping(strategy, teacher_config, stats, ridge=ridge) for strategy in strategies]
+    return [build_mapping(strategy, teacher_config, stats, ridge=ridge) for strategy in opm_strategies(args)]
 
 
 def _target_layout(args):
@@ -201,8 +206,7 @@ def convert_all(args) -> tuple[Any, list[ConversionResult], dict]:
     else:
         from kept_jax.mapping import calibrate, outer_sites
 
-        plans = opm_mappings(args, teacher_config, {})  # which sites need the full second moment
-        sites = sorted({s for m in plans for s in outer_sites(m.strategy, teacher_config)})
+        sites = sorted({s for strategy in opm_strategies(args) for s in outer_sites(strategy, teacher_config)})
         stats = calibrate(teacher, teacher_params, batches_of(calib_rows, args.batch), outer_sites=sites)
         mappings = opm_mappings(args, teacher_config, stats)
         if not source_config.tie_word_embeddings:
