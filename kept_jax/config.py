@@ -131,8 +131,14 @@ class ModelConfig:
         raise NotImplementedError
 
     def layout_flags(self) -> dict[str, Any]:
-        """The config.json fields that decide which tensors exist (named in import errors)."""
+        """The config.json fields that decide which tensors exist, by their config.json names (import errors)."""
         return {self.hf_tie_key: self.tie_word_embeddings, "mlp_bias": self.mlp_bias}
+
+    def describe(self) -> str:
+        """One line of the shape, for plans and reports."""
+        tied = "tied" if self.tie_word_embeddings else "untied"
+        return (f"{self.architecture}, {self.num_hidden_layers} layers, hidden {self.hidden_size}, "
+                f"MLP {self.intermediate_size}, vocab {self.vocab_size}, {tied}")
 
     def num_params(self) -> int:
         raise NotImplementedError

@@ -321,7 +321,7 @@ def dry_run(args) -> int:
             raise AssertionError(f"{config.architecture}: formula {config.num_params():,} != model {from_model:,}")
         return f"{config.num_params():,} parameters"
 
-    print(f"dry run: abstract shapes only, no weights read\nsource   {layout}: {describe(source)}; {count(source)}")
+    print(f"dry run: abstract shapes only, no weights read\nsource   {layout}: {source.describe()}; {count(source)}")
     for mapping in mappings:
         mapping.check()
         target = mapping.target_config
@@ -331,26 +331,12 @@ def dry_run(args) -> int:
             entry = by_transform.setdefault(rule.transform, [0, 0])
             entry[0] += 1
             entry[1] += sizes[rule.target]
-        print(f"\ntarget   {mapping.strategy}: {describe(target)}; {count(target)}\n"
+        print(f"\ntarget   {mapping.strategy}: {target.describe()}; {count(target)}\n"
               f"mapping  {len(mapping.rules)} target tensors, {len(mapping.dropped)} source tensors dropped on "
               "purpose; every tensor covered")
         for transform, (tensors, params) in by_transform.items():
             print(f"  {tensors:>5} x {transform:<70} {params:>16,}")
     return 0
-
-
-def describe(config) -> str:
-    """One line of a config's shape."""
-    from kept_jax.models import LlambaConfig
-
-    tied = "tied" if config.tie_word_embeddings else "untied"
-    common = (f"{config.architecture}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-              f"MLP {config.intermediate_size}, vocab {config.vocab_size}, {tied}")
-    if isinstance(config, LlambaConfig):
-        return (f"{common}; mixer: {config.n_v_heads} heads x {config.head_dim}, {config.n_qk_heads} B/C groups, "
-                f"d_state {config.d_state}, conv {config.d_conv}, chunk {config.chunk_size}")
-    return (f"{common}; attention: {config.num_attention_heads} heads x {config.head_dim} "
-            f"({config.num_key_value_heads} KV)")
 
 
 @cli_entry

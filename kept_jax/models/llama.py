@@ -91,6 +91,10 @@ class LlamaConfig(ModelConfig):
     def layout_flags(self) -> dict[str, Any]:
         return {"attention_bias": self.attention_bias, **super().layout_flags()}
 
+    def describe(self) -> str:
+        return (f"{super().describe()}; attention: {self.num_attention_heads} heads x {self.head_dim} "
+                f"({self.num_key_value_heads} KV)")
+
     # ---- Parameter and FLOP formulas ----------------------------------------------------------
 
     def num_params(self) -> int:

@@ -123,7 +123,12 @@ class LlambaConfig(ModelConfig):
         return LlambaForCausalLM
 
     def layout_flags(self) -> dict[str, Any]:
-        return {**super().layout_flags(), "conv_bias": self.conv_bias}
+        return {self.hf_tie_key: self.tie_word_embeddings, "mlp_cfg.bias": self.mlp_bias,
+                "ssm_cfg.conv_bias": self.conv_bias}
+
+    def describe(self) -> str:
+        return (f"{super().describe()}; mixer: {self.n_v_heads} heads x {self.head_dim}, {self.n_qk_heads} B/C "
+                f"groups, d_state {self.d_state}, conv {self.d_conv}, chunk {self.chunk_size}")
 
     # ---- Parameter and FLOP formulas ----------------------------------------------------------
 
