@@ -52,6 +52,7 @@ from kept_jax.mapping import build_mapping, target_config
 from kept_jax.models import LlamaConfig, LlamaForCausalLM, build_model
 from kept_jax.models.params import abstract_params, init_params
 from kept_jax.xkd.losses import LossConfig
+from kept_jax.xkd.objectives import LogitKL
 from kept_jax.xkd.step import TrainState, abstract_state, init_state, make_optimizer, make_train_step
 from kept_jax.xkd.trainable import StudentSplit, init_lora, split_by_paths
 
@@ -164,7 +165,7 @@ class KeptStep:
         student = build_model(target_config(config, "absorb").replace(lora_scale=LORA_ALPHA / LORA_RANK))
         split = split_by_paths(variables, teacher_params, trainable, absorb_shared_paths(config))
         optimizer = make_optimizer(LR, WARMUP, STEPS, WEIGHT_DECAY, CLIP)
-        fn = make_train_step(teacher, student, split, optimizer, LossConfig(chunk_size=chunk_size))
+        fn = make_train_step(LogitKL(teacher, student, LossConfig(chunk_size=chunk_size)), split, optimizer)
         return cls(teacher, student, teacher_params, split, tokens, optimizer, fn)
 
     def init(self) -> None:

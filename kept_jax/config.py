@@ -121,6 +121,16 @@ class ModelConfig:
         """The Flax module; `kept_jax.models.build_model(config)` is `config.model_class(config)`."""
         raise NotImplementedError
 
+    @property
+    def block_class(self) -> type["nn.Module"]:
+        """One layer of the stack: `block(config).apply({"params": layer}, x, *self.block_args(tokens))` is
+        `(x_out, None)`, with `layer` one slice of the stacked `layers` params."""
+        raise NotImplementedError
+
+    def block_args(self, tokens: Any) -> tuple:
+        """The inputs every block takes besides the hidden state (rotary tables, say) for `tokens` [b, T]."""
+        return ()
+
     def tensor_table(self) -> list["TensorSpec"]:
         """Every HF tensor the config implies, in HF order."""
         raise NotImplementedError

@@ -145,10 +145,11 @@ class Job:
     def evaluate(self, trainable) -> dict:
         from kept_jax import sharding
         from kept_jax.evaluate import batches_of
+        from kept_jax.xkd.objectives import LogitKL
         from kept_jax.xkd.step import make_eval_step
 
         if not hasattr(self, "_eval"):
-            self._eval = make_eval_step(self.teacher, self.student, self.split, self.cfg.loss)
+            self._eval = make_eval_step(LogitKL(self.teacher, self.student, self.cfg.loss), self.split)
         totals: dict = {}
         for rows in batches_of(self.eval_rows, self.cfg.data.batch_size):
             rows = sharding.global_rows(rows, self.eval_sharding)
@@ -199,6 +200,7 @@ class Job:
         from kept_jax import sharding
         from kept_jax.checkpoint import abstract_like
         from kept_jax.flops import peak_flops
+        from kept_jax.xkd.objectives import LogitKL
         from kept_jax.xkd.step import abstract_state, init_state, make_optimizer, make_schedule, make_train_step
 
         cfg, t, d = self.cfg, self.cfg.train, self.cfg.data
@@ -215,7 +217,7 @@ class Job:
             print(f"resuming from the checkpoint at step {start}", file=sys.stderr)
         flops, peak = self.step_flops(), peak_flops(jax.devices()[0].device_kind, cfg.precision.compute)
         self.split = dataclasses.replace(self.split, trainable={})  # the state holds them now
-        step_fn = make_train_step(self.teacher, self.student, self.split, optimizer, cfg.loss, state_sh)
+        step_fn = make_train_step(LogitKL(self.teacher, self.student, cfg.loss), self.split, optimizer, state_sh)
         tokens_per_step = d.tokens_per_step
         history, window, timed_steps, t0, eval_seconds = [], {}, 0, None, 0.0
         bar = tqdm(total=t.steps, initial=start, desc="distill", unit="step", file=sys.stderr, dynamic_ncols=True,

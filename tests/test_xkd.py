@@ -9,6 +9,7 @@ import pytest
 
 from kept_jax.train import Job
 from kept_jax.train_config import load_config
+from kept_jax.xkd.objectives import LogitKL
 from kept_jax.xkd.step import init_state, make_optimizer, make_train_step
 from kept_jax.xkd.trainable import merge_lora
 
@@ -58,7 +59,7 @@ def test_shared_weights_are_one_copy(job_exact_norms):
 
     optimizer = make_optimizer(1e-3, 1, 10, 0.0, 1.0)
     state = init_state(job.split, optimizer)
-    step = make_train_step(job.teacher, job.student, job.split, optimizer, job.cfg.loss)
+    step = make_train_step(LogitKL(job.teacher, job.student, job.cfg.loss), job.split, optimizer)
     batch = next(job.batches())
     args = (state, job.teacher_params, job.split.frozen, batch)
     compiled = step.lower(*args).compile()
@@ -71,7 +72,7 @@ def test_shared_weights_are_one_copy(job_exact_norms):
 def _run(job, steps, accum_batch=None):
     optimizer = make_optimizer(1e-2, 1, steps, 0.0, 1.0)
     state = init_state(job.split, optimizer)
-    step = make_train_step(job.teacher, job.student, job.split, optimizer, job.cfg.loss)
+    step = make_train_step(LogitKL(job.teacher, job.student, job.cfg.loss), job.split, optimizer)
     batches = job.batches()
     for _ in range(steps):
         batch = next(batches) if accum_batch is None else accum_batch

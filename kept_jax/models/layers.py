@@ -253,27 +253,47 @@ class Attention(nn.Module):
 
     config: Any  # an attention architecture's config (heads, head_dim, attention_bias, attention_impl)
 
-    @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
+    def setup(self):
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
+        q_dim, kv_dim = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+
+        def proj(features, axes):
+            return Linear(features, cfg.attention_bias, axes, dtype, param_dtype, lora_scale=cfg.lora_scale)
+
+        self.q_proj = proj(q_dim, ("embed", "q_heads"))
+        self.k_proj = proj(kv_dim, ("embed", "kv_heads"))
+        self.v_proj = proj(kv_dim, ("embed", "kv_heads"))
+        self.o_proj = proj(cfg.hidden_size, ("q_heads", "embed"))
+
+    def _queries_keys(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
+        """q [b, T, heads, hd] and k [b, T, kv_heads, hd], rotated."""
+        cfg = self.config
         batch, seq, _ = x.shape
-        q_dim = cfg.num_attention_heads * cfg.head_dim
-        kv_dim = cfg.num_key_value_heads * cfg.head_dim
+        q = self.q_proj(x).reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        def proj(features, axes, name):
-            return Linear(features, cfg.attention_bias, axes, dtype, param_dtype, lora_scale=cfg.lora_scale, name=name)
-
-        q = proj(q_dim, ("embed", "q_heads"), "q_proj")(x).reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
-        k = proj(kv_dim, ("embed", "kv_heads"), "k_proj")(x).reshape(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
-        v = proj(kv_dim, ("embed", "kv_heads"), "v_proj")(x).reshape(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
+        cfg = self.config
+        batch, seq, _ = x.shape
+        q, k = self._queries_keys(x, cos, sin)
+        v = self.v_proj(x).reshape(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
         if cfg.attention_impl == "cudnn":  # the fused flash kernel on NVIDIA GPUs
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
         else:
             out = causal_attention(q, k, v)
-        out = out.reshape(batch, seq, q_dim)
-        return proj(cfg.hidden_size, ("q_heads", "embed"), "o_proj")(out)
+        return self.o_proj(out.reshape(batch, seq, cfg.num_attention_heads * cfg.head_dim))
+
+    def probabilities(self, x: Array, cos: Array, sin: Array) -> Array:
+        """The causal attention probabilities [b, heads, T, T] (fp32), KV heads repeated over their query heads:
+        what MOHAWK's stage 1 aligns the student's mixing matrices with."""
+        q, k = self._queries_keys(x, cos, sin)
+        k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
+        logits = jnp.einsum("bqhd,bshd->bhqs", q, k, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
+        seq = x.shape[1]
+        visible = np.tril(np.ones((seq, seq), bool))
+        return jax.nn.softmax(jnp.where(visible, logits, jnp.finfo(jnp.float32).min), axis=-1)
 
 
 class MLP(nn.Module):

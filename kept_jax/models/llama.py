@@ -88,6 +88,13 @@ class LlamaConfig(ModelConfig):
     def model_class(self) -> type[nn.Module]:
         return LlamaForCausalLM
 
+    @property
+    def block_class(self) -> type[nn.Module]:
+        return DecoderLayer
+
+    def block_args(self, tokens: Array) -> tuple[Array, Array]:
+        return rope_tables(self, tokens)
+
     def layout_flags(self) -> dict[str, Any]:
         return {"attention_bias": self.attention_bias, **super().layout_flags()}
 
@@ -275,15 +282,33 @@ class DecoderLayer(nn.Module):
 
     config: LlamaConfig
 
-    @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array) -> tuple[Array, None]:
+    def setup(self):
         cfg = self.config
+        self.input_layernorm = _norm(cfg, None)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = _norm(cfg, None)
+        self.mlp = MLP(cfg)
+
+    def __call__(self, x: Array, cos: Array, sin: Array) -> tuple[Array, None]:
         # Norm inputs, recorded only when "intermediates" is mutable (calibration statistics for OPM).
         self.sow("intermediates", "input_layernorm_in", x)
-        x = x + Attention(cfg, name="self_attn")(_norm(cfg, "input_layernorm")(x), cos, sin)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         self.sow("intermediates", "post_attention_layernorm_in", x)
-        x = x + MLP(cfg, name="mlp")(_norm(cfg, "post_attention_layernorm")(x))
+        x = x + self.mlp(self.post_attention_layernorm(x))
         return x, None
+
+    def attention_probabilities(self, x: Array, cos: Array, sin: Array) -> Array:
+        """[b, heads, T, T]: the attention probabilities of this layer for its input x."""
+        return self.self_attn.probabilities(self.input_layernorm(x), cos, sin)
+
+
+def rope_tables(cfg: LlamaConfig, tokens: Array, positions: Array | None = None) -> tuple[Array, Array]:
+    """cos and sin for `tokens` [b, T] at `positions` (default 0..T-1). `dynamic` rope rescales by the (static)
+    sequence length, like HF for positions 0..T-1."""
+    seq = tokens.shape[-1]
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), tokens.shape)
+    return rope_cos_sin(positions, rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, seq))
 
 
 class Decoder(nn.Module):
@@ -300,13 +325,7 @@ class Decoder(nn.Module):
         self.norm = _norm(cfg, None)
 
     def __call__(self, tokens: Array, positions: Array | None = None) -> Array:
-        cfg = self.config
-        seq = tokens.shape[-1]
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), tokens.shape)
-        # `dynamic` rope rescales by the (static) sequence length, like HF for positions 0..seq-1.
-        inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, seq)
-        cos, sin = rope_cos_sin(positions, inv_freq)
+        cos, sin = rope_tables(self.config, tokens, positions)
         x = self.embed_tokens(tokens)
         x, _ = self.layers(x, cos, sin)
         self.sow("intermediates", "norm_in", x)
@@ -362,6 +381,13 @@ class LlamaForCausalLM(nn.Module):
                 value = layers[key][0][i] if self.config.scan_layers else layers[str(i)][key][0]
                 out[f"model.layers.{i}.{site}"] = value
         return out
+
+    def layer_inputs(self, tokens: Array) -> Array:
+        """[L + 1, b, T, d]: the hidden state entering each layer, then the last layer's output before the final
+        norm (MOHAWK's u_0 ... u_L). Use with `mutable="intermediates"`."""
+        inputs = self.norm_inputs(tokens)
+        layers = [inputs[f"model.layers.{i}.input_layernorm"] for i in range(self.config.num_hidden_layers)]
+        return jnp.stack([*layers, inputs["model.norm"]])
 
     def logits(self, hidden: Array) -> Array:
         if self.config.tie_word_embeddings:

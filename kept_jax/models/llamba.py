@@ -122,6 +122,10 @@ class LlambaConfig(ModelConfig):
     def model_class(self) -> type[nn.Module]:
         return LlambaForCausalLM
 
+    @property
+    def block_class(self) -> type[nn.Module]:
+        return LlambaBlock
+
     def layout_flags(self) -> dict[str, Any]:
         return {self.hf_tie_key: self.tie_word_embeddings, "mlp_cfg.bias": self.mlp_bias,
                 "ssm_cfg.conv_bias": self.conv_bias}
@@ -370,14 +374,22 @@ class LlambaBlock(nn.Module):
 
     config: LlambaConfig
 
-    @nn.compact
-    def __call__(self, x: Array) -> tuple[Array, None]:
+    def setup(self):
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
-        x = x + DiscreteMamba2(cfg, name="mixer")(RMSNorm(BLOCK_NORM_EPS, dtype, param_dtype,
-                                                          name="input_layernorm")(x)).astype(x.dtype)
-        x = x + MLP(cfg, name="mlp")(RMSNorm(BLOCK_NORM_EPS, dtype, param_dtype, name="post_attention_layernorm")(x))
+        self.input_layernorm = RMSNorm(BLOCK_NORM_EPS, dtype, param_dtype)
+        self.mixer = DiscreteMamba2(cfg)
+        self.post_attention_layernorm = RMSNorm(BLOCK_NORM_EPS, dtype, param_dtype)
+        self.mlp = MLP(cfg)
+
+    def __call__(self, x: Array) -> tuple[Array, None]:
+        x = x + self.mixer(self.input_layernorm(x)).astype(x.dtype)
+        x = x + self.mlp(self.post_attention_layernorm(x))
         return x, None
+
+    def mixing_matrix(self, x: Array) -> Array:
+        """[b, H, T, T]: the mixer's matrix for this block's input x (MOHAWK's stage 1)."""
+        return self.mixer.mixing_matrix(self.input_layernorm(x))
 
 
 class LlambaBackbone(nn.Module):

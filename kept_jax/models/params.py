@@ -51,6 +51,11 @@ def unstack_layers(params: Params) -> Params:
     return {**params, top: {**params[top], "layers": unstacked}}
 
 
+def layer_params(params: Params) -> Params:
+    """The `layers` subtree with a leading layer axis, whichever layout `params` is in."""
+    return stack_layers(params)[_layers_parent(params)]["layers"]
+
+
 def _get(tree: Params, path: tuple[str, ...]) -> Any:
     for key in path:
         tree = tree[key]

@@ -1,10 +1,12 @@
-"""The jitted XKD step: frozen teacher forward, student forward/backward, optimizer update; metrics as sums.
+"""The jitted distillation step: frozen teacher forward, student forward/backward, optimizer update; metric sums.
 
+    step = make_train_step(objective, split, optimizer)
     state, metrics = step(state, teacher_params, frozen, batch)     # batch: int32 [grad_accum, batch, seq]
 
 `state` (trainable leaves and optimizer state) is donated; the teacher's params and the student's frozen leaves
-are not, so they stay bit-identical. The teacher runs outside `value_and_grad`, under `stop_gradient`; the loss
-is computed from final hidden states and head weights in chunks (kept_jax/xkd/losses.py).
+are not, so they stay bit-identical. The teacher's side of the objective runs outside `value_and_grad`, under
+`stop_gradient`; the objective (kept_jax/xkd/objectives.py) turns it and the student into a loss: one step for
+KEPT's XKD and MOHAWK's three stages.
 """
 
 from __future__ import annotations
@@ -12,13 +14,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from kept_jax.models import head_kernel
-from kept_jax.xkd.losses import METRICS, LossConfig, chunked_distill_loss
 from kept_jax.xkd.trainable import Flat, StudentSplit
 
 
@@ -58,42 +57,29 @@ def init_state(split: StudentSplit, optimizer: optax.GradientTransformation, sha
     return jax.jit(lambda t: _fresh_state(t, optimizer), out_shardings=shardings)(split.trainable)
 
 
-def _labels_and_mask(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Next-token labels; the last position has none and is masked out of every term."""
-    labels = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
-    mask = jnp.ones(tokens.shape, jnp.float32).at[:, -1].set(0.0)
-    return labels, mask
-
-
-def _student_loss(student: nn.Module, split: StudentSplit, loss_cfg: LossConfig):
-    def loss(trainable, teacher_params, frozen, tokens, teacher_hidden, teacher_head):
+def _loss_fn(objective, split: StudentSplit):
+    def loss(trainable, teacher_params, frozen, tokens, targets):
         variables = dataclasses.replace(split, frozen=frozen).assemble(teacher_params, trainable)
-        hidden = student.apply(variables, tokens, output="hidden")
-        labels, mask = _labels_and_mask(tokens)
-        sums = chunked_distill_loss(hidden, head_kernel(variables["params"], student.config), teacher_hidden,
-                                    teacher_head, labels, mask, loss_cfg)
+        sums = objective.sums(variables, teacher_params, tokens, targets)
         return sums["loss"], sums
 
     return loss
 
 
-def _teacher_forward(teacher: nn.Module, teacher_params, tokens):
-    hidden = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, tokens, output="hidden"))
-    return hidden, jax.lax.stop_gradient(head_kernel(teacher_params, teacher.config))
+def _targets(objective, teacher_params, tokens):
+    return jax.lax.stop_gradient(objective.targets(teacher_params, tokens))
 
 
-def make_train_step(
-    teacher: nn.Module, student: nn.Module, split: StudentSplit, optimizer: optax.GradientTransformation,
-    loss_cfg: LossConfig, state_shardings=None,
-) -> Callable:
-    """`state_shardings` (from `abstract_state`) pins the new state's layout to the old one's across steps."""
-    loss_fn = _student_loss(student, split, loss_cfg)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+def make_train_step(objective, split: StudentSplit, optimizer: optax.GradientTransformation,
+                    state_shardings=None) -> Callable:
+    """`objective` (kept_jax/xkd/objectives.py) gives the loss; `state_shardings` (from `abstract_state`) pins the
+    new state's layout to the old one's across steps."""
+    grad_fn = jax.value_and_grad(_loss_fn(objective, split), has_aux=True)
 
     def step(state: TrainState, teacher_params, frozen, batch):
         def micro(tokens):
-            teacher_hidden, teacher_head = _teacher_forward(teacher, teacher_params, tokens)
-            (_, sums), grads = grad_fn(state.trainable, teacher_params, frozen, tokens, teacher_hidden, teacher_head)
+            targets = _targets(objective, teacher_params, tokens)
+            (_, sums), grads = grad_fn(state.trainable, teacher_params, frozen, tokens, targets)
             return grads, sums
 
         if batch.shape[0] == 1:  # no accumulation loop, and no gradient-sized running sum
@@ -102,9 +88,10 @@ def make_train_step(
             def accumulate(total, tokens):
                 return jax.tree.map(jnp.add, total, micro(tokens)), None
 
-            zero = (jax.tree.map(jnp.zeros_like, state.trainable), {k: jnp.zeros((), jnp.float32) for k in METRICS})
+            zero = (jax.tree.map(jnp.zeros_like, state.trainable),
+                    {k: jnp.zeros((), jnp.float32) for k in objective.metrics})
             (grads, sums), _ = jax.lax.scan(accumulate, zero, batch)
-        grads = jax.tree.map(lambda g: g / sums["tokens"], grads)  # the gradient of the mean loss per token
+        grads = jax.tree.map(lambda g: g / sums[objective.count], grads)  # the gradient of the mean loss
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = dict(sums, grad_norm=optax.global_norm(grads))
@@ -117,13 +104,12 @@ def make_train_step(
     return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
 
 
-def make_eval_step(teacher: nn.Module, student: nn.Module, split: StudentSplit, loss_cfg: LossConfig) -> Callable:
-    """Metric sums on one [batch, seq] array, for held-out evaluation."""
-    loss_fn = _student_loss(student, split, loss_cfg)
+def make_eval_step(objective, split: StudentSplit) -> Callable:
+    """Metric sums of `objective` on one [batch, seq] array, for held-out evaluation."""
+    loss_fn = _loss_fn(objective, split)
 
     @jax.jit
     def evaluate(trainable, teacher_params, frozen, tokens):
-        teacher_hidden, teacher_head = _teacher_forward(teacher, teacher_params, tokens)
-        return loss_fn(trainable, teacher_params, frozen, tokens, teacher_hidden, teacher_head)[1]
+        return loss_fn(trainable, teacher_params, frozen, tokens, _targets(objective, teacher_params, tokens))[1]
 
     return evaluate

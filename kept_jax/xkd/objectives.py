@@ -1,0 +1,138 @@
+"""Distillation objectives: what the teacher provides and what the student pays, apart from the step that trains.
+
+The jitted step (kept_jax/xkd/step.py) knows nothing of the loss; an objective gives it
+
+    targets(teacher_params, tokens) -> pytree             the teacher's side, run outside the gradient
+    sums(variables, teacher_params, tokens, targets)      the student's loss and metrics, as sums -> dict
+    metrics                                               the names of those sums ("loss" among them)
+    count                                                 the sum the loss is a mean over (tokens, matrices)
+
+Sums, not means, so that gradient accumulation and the cross-device reduction are exact; the step divides the
+gradient by `sums[count]`. MaxText's distillation strategies separate the trainer from the loss the same way.
+
+- `LogitKL`: KEPT's XKD and MOHAWK's stage 3, the chunked KL on logits (kept_jax/xkd/losses.py).
+- `MatrixOrientation`: MOHAWK stage 1, sum over layers of the mean over batch and heads of ||M_l - A_l||_F, the
+  student mixer's materialized matrix against the teacher's attention probabilities, one layer at a time in a scan.
+- `HiddenAlignment`: MOHAWK stage 2, sum over layers of the mean over batch and tokens of ||Block_l(u_l) - u_l+1||_2,
+  each student block fed the teacher's hidden state u_l entering layer l (u_L: the output before the final norm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kept_jax.models import head_kernel, layer_params
+from kept_jax.xkd.losses import METRICS, LossConfig, chunked_distill_loss
+
+
+def labels_and_mask(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Next-token labels; the last position has none and is masked out of every term."""
+    labels = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+    mask = jnp.ones(tokens.shape, jnp.float32).at[:, -1].set(0.0)
+    return labels, mask
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitKL:
+    """The chunked distillation loss on the final hidden states and both heads (forward KL by default)."""
+
+    teacher: nn.Module
+    student: nn.Module
+    loss: LossConfig = LossConfig()
+    metrics: ClassVar[tuple[str, ...]] = METRICS
+    count: ClassVar[str] = "tokens"
+
+    def targets(self, teacher_params, tokens):
+        hidden = self.teacher.apply({"params": teacher_params}, tokens, output="hidden")
+        return hidden, head_kernel(teacher_params, self.teacher.config)
+
+    def sums(self, variables, teacher_params, tokens, targets):
+        teacher_hidden, teacher_head = targets
+        hidden = self.student.apply(variables, tokens, output="hidden")
+        labels, mask = labels_and_mask(tokens)
+        return chunked_distill_loss(hidden, head_kernel(variables["params"], self.student.config), teacher_hidden,
+                                    teacher_head, labels, mask, self.loss)
+
+
+def teacher_layer_inputs(teacher: nn.Module, teacher_params, tokens) -> jax.Array:
+    """[L + 1, b, T, d]: u_0 ... u_L, the hidden states entering each teacher layer and the last one's output."""
+    inputs, _ = teacher.apply({"params": teacher_params}, tokens, method="layer_inputs", mutable="intermediates")
+    return inputs
+
+
+def _layer_scan(body, xs):
+    """The sum over layers of `body(layer xs)`, one layer alive at a time: the body is rematerialized in the
+    backward pass, so nothing of size [b, heads, T, T] (or a block's activations) is kept per layer."""
+    def step(total, layer_xs):
+        return total + body(*layer_xs), None
+
+    total, _ = jax.lax.scan(jax.checkpoint(step), jnp.zeros((), jnp.float32), xs)
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixOrientation:
+    """MOHAWK stage 1 (needs a teacher with attention probabilities and a student with mixing matrices, as many
+    mixer heads as attention heads)."""
+
+    teacher: nn.Module
+    student: nn.Module
+    metrics: ClassVar[tuple[str, ...]] = ("loss", "matrices")
+    count: ClassVar[str] = "matrices"
+
+    def targets(self, teacher_params, tokens):
+        return teacher_layer_inputs(self.teacher, teacher_params, tokens)[:-1]
+
+    def sums(self, variables, teacher_params, tokens, targets):
+        t_cfg, s_cfg = self.teacher.config, self.student.config
+        t_block, s_block = t_cfg.block_class(t_cfg), s_cfg.block_class(s_cfg)
+        rope = t_cfg.block_args(tokens)
+
+        def distance(t_layer, s_layer, u):
+            attention = t_block.apply({"params": t_layer}, u, *rope, method="attention_probabilities")
+            mixing = s_block.apply({"params": s_layer}, u, method="mixing_matrix")
+            return jnp.sum(jnp.sqrt(jnp.sum(jnp.square(mixing - jax.lax.stop_gradient(attention)), axis=(-2, -1))))
+
+        loss = _layer_scan(distance, (layer_params(teacher_params), layer_params(variables["params"]), targets))
+        batch = tokens.shape[0]
+        return {"loss": loss, "matrices": jnp.asarray(batch * s_cfg.n_v_heads, jnp.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class HiddenAlignment:
+    """MOHAWK stage 2: every student block against the teacher's layer it replaces, on the teacher's input."""
+
+    teacher: nn.Module
+    student: nn.Module
+    metrics: ClassVar[tuple[str, ...]] = ("loss", "tokens")
+    count: ClassVar[str] = "tokens"
+
+    def targets(self, teacher_params, tokens):
+        return teacher_layer_inputs(self.teacher, teacher_params, tokens)
+
+    def sums(self, variables, teacher_params, tokens, targets):
+        s_cfg = self.student.config
+        block, args = s_cfg.block_class(s_cfg), s_cfg.block_args(tokens)
+
+        def distance(s_layer, u_in, u_out):
+            out, _ = block.apply({"params": s_layer}, u_in, *args)
+            diff = out.astype(jnp.float32) - u_out.astype(jnp.float32)
+            return jnp.sum(jnp.sqrt(jnp.sum(jnp.square(diff), axis=-1)))
+
+        loss = _layer_scan(distance, (layer_params(variables["params"]), targets[:-1], targets[1:]))
+        return {"loss": loss, "tokens": jnp.asarray(tokens.size, jnp.float32)}
+
+
+OBJECTIVES = {"kl": LogitKL, "matrix": MatrixOrientation, "hidden": HiddenAlignment}
+
+
+def make_objective(name: str, teacher: nn.Module, student: nn.Module, loss: LossConfig):
+    """The objective called `name` in a config (`OBJECTIVES`); `loss` configures `kl`."""
+    if name == "kl":
+        return LogitKL(teacher, student, loss)
+    return OBJECTIVES[name](teacher, student)
