@@ -1,8 +1,9 @@
 """Checkpoints of a training run with orbax's CheckpointManager, and the run directory's life cycle.
 
-A checkpoint holds the train state (trainable leaves, optimizer state, step) and the grain iterator's position.
-The student's frozen weights and the teacher are not saved: they are rebuilt, bit for bit, from the source
-checkpoint by the same deterministic conversion. There is no other randomness to save: the data order lives in the
+A checkpoint holds the train state (trainable leaves, optimizer state, step), the grain iterator's position, the
+stage it was taken in, and the leaves an earlier stage trained that this one keeps frozen (MOHAWK's stage 2 keeps
+nothing frozen that stage 1 trained, but a config may). The student's other frozen weights and the teacher are
+not saved: they are rebuilt, bit for bit, from the source checkpoint by the same deterministic conversion. There is no other randomness to save: the data order lives in the
 iterator state and the LoRA initialisation is in the trainable leaves.
 
 orbax writes each checkpoint to a temporary directory and renames it when complete, so a checkpoint interrupted
@@ -40,25 +41,38 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
+    def save(self, step: int, state, data_iterator, force: bool = False, carried: dict | None = None,
+             stage: str | None = None) -> bool:
         """Saves when `step` is due (a multiple of `every`) or when forced; returns whether it saved."""
         if step % self.every and not force:
             return False
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=grain.checkpoint.CheckpointSave(data_iterator))
-        return self.manager.save(step, args=args, force=True)
+        items = dict(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator))
+        if carried:
+            items["carried"] = ocp.args.StandardSave(_by_path(carried))
+        if stage is not None:
+            items["stage"] = ocp.args.JsonSave({"stage": stage})
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, step: int, abstract_state, data_iterator):
-        """The state at `step` (with the shardings of `abstract_state`); the iterator is moved to its position."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                  data=grain.checkpoint.CheckpointRestore(data_iterator))
-        return self.manager.restore(step, args=args).state
+    def restore(self, step: int, abstract_state, data_iterator, carried: dict | None = None):
+        """(the state, the carried leaves) at `step`, with the shardings of `abstract_state` and `carried`; the
+        iterator is moved to its position."""
+        items = dict(state=ocp.args.StandardRestore(abstract_state),
+                     data=grain.checkpoint.CheckpointRestore(data_iterator))
+        if carried:
+            items["carried"] = ocp.args.StandardRestore(_by_path(carried))
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored.state, ({key: restored.carried["/".join(key)] for key in carried} if carried else {})
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _by_path(flat: dict) -> dict:
+    """A flat dict keyed by (collection, *path) as one keyed by 'collection/path' strings, as orbax stores it."""
+    return {"/".join(key): value for key, value in flat.items()}
 
 
 def abstract_like(tree, shardings):

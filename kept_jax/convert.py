@@ -268,22 +268,23 @@ def write_report(out_dir: str, results: list[ConversionResult], info: dict) -> s
 def export_model(out_dir: str, source_dir: str, config, get: Callable[[str], np.ndarray], dtype: str,
                  max_shard_bytes: int) -> None:
     """The HF directory: config, weights (`get(hf_name)` in `dtype`, one at a time), generation config and the
-    tokenizer: a Llama gets the Orion source's SentencePiece model converted (and its ids checked), a Llamba its
-    Llama teacher's tokenizer files as they are."""
+    tokenizer: an Orion source's SentencePiece model converted (and its ids checked), a Llama source's tokenizer
+    files as they are (a Llamba made from a Llama)."""
     from transformers import GenerationConfig
 
     from bridge.hf_export import write_config, write_weights
     from bridge.tokenizer_export import copy_tokenizer, export_tokenizer
+    from kept_jax.config import load_hf_config
 
     write_config(out_dir, config.replace(dtype=dtype))
     write_weights(out_dir, [(s.hf_name, s.hf_shape) for s in config.tensor_table()], dtype, get, max_shard_bytes)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                      pad_token_id=config.pad_token_id).save_pretrained(out_dir)
-    if config.architecture == "llamba":
-        copy_tokenizer(source_dir, out_dir)
-    else:
+    if load_hf_config(source_dir).architecture == "orion":
         export_tokenizer(source_dir, out_dir, "orion")
         check_tokenizer(source_dir, out_dir)
+    else:
+        copy_tokenizer(source_dir, out_dir)
 
 
 def check_tokenizer(source_dir: str, out_dir: str) -> None:

@@ -1,7 +1,7 @@
 """What a run reports as it goes: `metrics.jsonl` and TensorBoard event files in the run directory; `report.png`.
 
-Each line of `metrics.jsonl` is one JSON object: `{"split": "train" | "eval", "step", "tokens", "kl", "agreement",
-...}`. Train lines average the steps since the previous train line; eval lines cover the whole held-out set. Lines
+Each line of `metrics.jsonl` is one JSON object: `{"split": "train" | "eval", "stage", "step", "tokens", "kl",
+"agreement", ...}` (MOHAWK's matrix and hidden stages log their own `loss`, without `kl`). Train lines average the steps since the previous train line; eval lines cover the whole held-out set. Lines
 are flushed as they are written, so `tail -f` and TensorBoard (`tensorboard --logdir RUN_DIR/tensorboard`) follow a
 live run. On resume, lines past the restored step are dropped, since those steps run again.
 """
@@ -62,23 +62,36 @@ class RunLog:
 
 
 def write_report(run_dir: str, title: str) -> str:
-    """`report.png`: KL (log scale) and top-1 agreement against training tokens, train and held-out."""
+    """`report.png`: KL (log scale) and top-1 agreement against training tokens, train and held-out, and, for a
+    job of several stages, each stage's own loss; dotted lines mark where a stage ends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(run_dir)
-    fig, (ax_kl, ax_agree) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    stages = list(dict.fromkeys(r["stage"] for r in records if r["split"] == "train" and r.get("stage")))
+    panels = 3 if len(stages) > 1 else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), constrained_layout=True)
+    ax_kl, ax_agree = axes[:2]
     for split, style in (("train", dict(alpha=0.6, lw=1)), ("eval", dict(marker="o", lw=2))):
-        rows = [r for r in records if r["split"] == split]
+        rows = [r for r in records if r["split"] == split and "kl" in r]
         if rows:
             tokens = [r["tokens"] for r in rows]
             ax_kl.plot(tokens, [r["kl"] for r in rows], label=split if split == "train" else "held-out", **style)
             ax_agree.plot(tokens, [100 * r["agreement"] for r in rows], label=split, **style)
     ax_kl.set(xlabel="training tokens", ylabel="KL(teacher || student), nats/token", yscale="log")
     ax_agree.set(xlabel="training tokens", ylabel="top-1 agreement with the teacher (%)")
-    for ax in (ax_kl, ax_agree):
+    if panels == 3:
+        for stage in stages:
+            rows = [r for r in records if r["split"] == "train" and r.get("stage") == stage]
+            axes[2].plot([r["tokens"] for r in rows], [r["loss"] for r in rows], label=stage)
+        axes[2].set(xlabel="training tokens", ylabel="the stage's own loss", yscale="log")
+        ends = [max(r["tokens"] for r in records if r["split"] == "train" and r.get("stage") == s) for s in stages]
+        for ax in axes:
+            for end in ends[:-1]:
+                ax.axvline(end, color="gray", ls=":", lw=1)
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)

@@ -33,23 +33,12 @@ def parse_args(argv):
     return p.parse_intermixed_args(argv)
 
 
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path, value) -> dict:
-    if len(path) == 1:
-        return {**tree, path[0]: value}
-    return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
-
-
-def _sums_to_metrics(sums: dict) -> dict:
-    tokens = max(float(sums["tokens"]), 1.0)
-    return {"kl": sums["kl"] / tokens, "agreement": sums["agree"] / tokens, "loss": sums["loss"] / tokens,
-            "student_nll": sums["student_nll"] / tokens, "teacher_nll": sums["teacher_nll"] / tokens,
-            "tokens": int(tokens)}
+def _sums_to_metrics(sums: dict, count: str = "tokens") -> dict:
+    """Means per `count` (the objective's: tokens, matrices) of every summed metric; `agree` is `agreement`."""
+    n = max(float(sums[count]), 1.0)
+    out = {("agreement" if k == "agree" else k): v / n for k, v in sums.items() if k not in (count, "grad_norm", "steps")}
+    out[count] = int(n)
+    return out
 
 
 def _host_array(x):
@@ -64,6 +53,10 @@ def _host_array(x):
     return np.asarray(jax.device_get(x))
 
 
+ORACLE_ROWS, ORACLE_TOKENS = 2, 32  # the float64 oracle runs token by token: a small check of the Llamba export
+ORACLE_TOLERANCE = 1e-4  # of the logit scale; fp32 against float64 on bf16-rounded weights
+
+
 class Job:
     """The pieces of one run, built in order; each stage is a method so that tests can drive them."""
 
@@ -72,21 +65,24 @@ class Job:
 
     def prepare(self) -> None:
         import jax
+        from flax import traverse_util
 
-        from bridge.hf_import import ArrayReader, load_hf_checkpoint, params_from_reader
+        from bridge.hf_import import load_hf_checkpoint
         from kept_jax import data, sharding
         from kept_jax.config import load_hf_config
-        from kept_jax.convert import run_mapping, source_tensor_reader
         from kept_jax.evaluate import batches_of
-        from kept_jax.mapping import build_mapping, calibrate, outer_sites, target_config
         from kept_jax.models import build_model
+        from kept_jax.recipes import RECIPES
         from kept_jax.tokenizer import load_tokenizer
-        from kept_jax.xkd.trainable import init_lora, split_student
+        from kept_jax.xkd.trainable import shared_leaves
 
         cfg, d = self.cfg, self.cfg.data
         source = load_hf_config(cfg.source)
-        if source.architecture != "orion":
-            raise KeptError(f"source must be an Orion checkpoint; {cfg.source!r} is {source.architecture!r}")
+        wanted = {"kept": ("Orion",), "mohawk": ("Llama", "Orion")}[cfg.recipe]
+        if source.architecture.capitalize() not in wanted:
+            hint = "; recipe=mohawk distills a Llama into a Llamba" if source.architecture == "llama" else ""
+            raise KeptError(f"source must be an {' or an '.join(wanted)} checkpoint for recipe {cfg.recipe}; "
+                            f"{cfg.source!r} is {source.architecture!r}{hint}")
         if cfg.model.attention_impl == "cudnn" and jax.default_backend() != "gpu":
             raise KeptError(f"model.attention_impl=cudnn needs an NVIDIA GPU and JAX runs on {jax.default_backend()}; "
                             f"set model.attention_impl=xla")
@@ -96,7 +92,7 @@ class Job:
         sharding.per_device_batch(d.batch_size, dict(self.mesh.shape))
 
         # Data: every source is indexed and checked now, before the model is loaded.
-        tokenizer = load_tokenizer(cfg.source, "orion")
+        tokenizer = load_tokenizer(cfg.source, source.architecture)
         self.tokenize = data.Tokenize(tokenizer.encode, source.eos_token_id)
         self.train_docs, self.weights, eval_docs = data.open_sources(d, cfg.train.seed)
         n_calib = -(-d.calib_tokens // d.seq_len)
@@ -110,50 +106,69 @@ class Job:
                             f"give more held-out text")
         self.eval_rows = heldout[n_calib : n_calib + n_eval]
 
-        teacher_config, teacher_params, _ = load_hf_checkpoint(cfg.source, **cfg.runtime())
-        self.teacher = build_model(teacher_config)
-        stats = calibrate(self.teacher, teacher_params, batches_of(calib_rows, d.batch_size),
-                          outer_sites=outer_sites(cfg.opm, teacher_config))
-        self.mapping = build_mapping(cfg.opm, teacher_config, stats)
-        tensors, _ = run_mapping(self.mapping, source_tensor_reader(cfg.source), cfg.precision.params)
-        student_config = target_config(teacher_config, cfg.opm).replace(lora_scale=cfg.lora.alpha / cfg.lora.rank)
-        student_params, _, _ = params_from_reader(ArrayReader(tensors), student_config)
-        del tensors
-        self.student = build_model(student_config)
-        # Recentering the writers leaves a LayerNorm teacher's function unchanged, so the teacher reads the
-        # student's recentered writers: one copy of them instead of two.
-        for path in sorted(self.mapping.params_paths(lambda t: t.startswith("recenter"))):
-            teacher_params = _set(teacher_params, path, _get(student_params, path))
-        variables = {"params": student_params}
-        if cfg.trainable == "lora":
-            variables["lora"] = init_lora(student_params, cfg.lora.rank, cfg.lora.targets, jax.random.key(cfg.train.seed))
-        split = split_student(variables, teacher_params, cfg.trainable)
-        if not split.trainable:
-            raise KeptError(f"trainable={cfg.trainable!r} selects no parameter of the student; check the patterns")
+        source_config, source_params, _ = load_hf_checkpoint(cfg.source, **cfg.runtime())
+        recipe = RECIPES[cfg.recipe](cfg, source_config, source_params, batches_of(calib_rows, d.batch_size))
+        del source_params
+        self.recipe, self.stages, self.mapping = recipe, recipe.stages, recipe.mapping
+        self.teacher, self.student = build_model(recipe.teacher_config), build_model(recipe.student_config)
 
-        # Placement on the mesh. Shared leaves live in the teacher's tree, with the teacher's sharding.
-        student_axes = sharding.logical_axes(student_config)
-        self.teacher_params = jax.device_put(teacher_params, sharding.tree_shardings(
-            teacher_params, sharding.logical_axes(teacher_config), self.mesh, teacher_rules))
-        self.trainable_shardings = sharding.flat_shardings(split.trainable, student_axes, self.mesh, self.rules)
-        frozen = jax.device_put(split.frozen, sharding.flat_shardings(split.frozen, student_axes, self.mesh, self.rules))
-        self.split = dataclasses.replace(split, frozen=frozen)  # trainable stays on the host until init_state
-        self.num_trainable = split.num_trainable()
+        # Placement on the mesh. Shared leaves live in the teacher's tree, with the teacher's sharding; the store
+        # holds the student's other leaves (after a stage, the ones it trained).
+        self.student_axes = sharding.logical_axes(recipe.student_config)
+        self.teacher_params = jax.device_put(recipe.teacher_params, sharding.tree_shardings(
+            recipe.teacher_params, sharding.logical_axes(recipe.teacher_config), self.mesh, teacher_rules))
+        flat = traverse_util.flatten_dict(recipe.student_variables)
+        self.twins = shared_leaves(flat, recipe.teacher_params, recipe.shared)
+        store = {k: v for k, v in flat.items() if k not in self.twins}
+        self.store = jax.device_put(store, sharding.flat_shardings(store, self.student_axes, self.mesh, self.rules))
+        self.split = self.stage_split(0)
+        self.num_trainable = self.split.num_trainable()  # the first stage's
+        self.stage_trainable: dict[str, int] = {}
         self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
         self.eval_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*self.batch_sharding.spec[1:]))
 
-    def evaluate(self, trainable) -> dict:
+    def stage_split(self, k: int):
+        """Stage k's split of the student: its trainable leaves (from the store, or the teacher's values for a
+        leaf the mapping shares), the frozen leaves of the store, and the frozen leaves read from the teacher."""
+        from flax import traverse_util
+
+        from kept_jax.xkd.trainable import split_by_paths
+
+        stage = self.stages[k]
+        teacher_flat = traverse_util.flatten_dict({"params": self.teacher_params})
+        view = {key: teacher_flat[twin] for key, twin in self.twins.items() if key not in self.store}
+        view.update(self.store)
+        shared = {key[1:]: twin[1:] for key, twin in self.twins.items() if key not in self.store}
+        split = split_by_paths(view, self.teacher_params, stage.trainable, shared)
+        if not split.trainable:
+            raise KeptError(f"stage {stage.name}: trainable={stage.trainable!r} selects no parameter of the student; "
+                            "check the patterns")
+        return split
+
+    def carried_keys(self, k: int) -> list:
+        """Leaves an earlier stage trained that stage k keeps frozen: not rebuilt by the conversion, so they are
+        saved with stage k's checkpoints."""
+        from kept_jax.xkd.trainable import is_trainable
+
+        keys = set(self.store) | set(self.twins)
+        before = {key for key in keys for s in self.stages[:k] if is_trainable(key, s.trainable)}
+        return sorted(key for key in before if not is_trainable(key, self.stages[k].trainable))
+
+    def evaluate(self, trainable, split=None) -> dict:
+        """Held-out KL(teacher || student), agreement and NLLs, with `trainable` in `split` (default: the current)."""
         from kept_jax import sharding
         from kept_jax.evaluate import batches_of
         from kept_jax.xkd.objectives import LogitKL
         from kept_jax.xkd.step import make_eval_step
 
-        if not hasattr(self, "_eval"):
-            self._eval = make_eval_step(LogitKL(self.teacher, self.student, self.cfg.loss), self.split)
+        split = self.split if split is None else split
+        if getattr(self, "_eval_split", None) is not split:  # the split's layout changes between stages
+            self._eval = make_eval_step(LogitKL(self.teacher, self.student, self.cfg.loss), split)
+            self._eval_split = split
         totals: dict = {}
         for rows in batches_of(self.eval_rows, self.cfg.data.batch_size):
             rows = sharding.global_rows(rows, self.eval_sharding)
-            for k, v in self._eval(trainable, self.teacher_params, self.split.frozen, rows).items():
+            for k, v in self._eval(trainable, self.teacher_params, split.frozen, rows).items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         return _sums_to_metrics(totals)
 
@@ -178,98 +193,127 @@ class Job:
             local = next(iterator).reshape(d.grad_accum, -1, d.seq_len)
             yield sharding.global_batch(local, self.batch_sharding)
 
-    def step_flops(self) -> float:
+    def step_flops(self, stage, split) -> float | None:
+        """FLOPs of one training step of `stage`, for MFU; None for the MOHAWK layer objectives (not modelled)."""
         from kept_jax.flops import step_flops_per_token
 
+        if stage.objective != "kl":
+            return None
         matmul_leaves = ("kernel", "a", "b")
-        trainable_matmul = sum(int(math.prod(v.shape)) for k, v in self.split.trainable.items()
+        trainable_matmul = sum(int(math.prod(v.shape)) for k, v in split.trainable.items()
                                if k[-1] in matmul_leaves)
         d = self.cfg.data
         return d.tokens_per_step * step_flops_per_token(self.teacher.config, self.student.config, d.seq_len,
                                                         trainable_matmul)
 
     def distill(self, log=None, checkpoints=None, stop=None):
-        """Trains from the latest checkpoint (if any) to `train.steps`; returns the final state.
+        """Trains every stage from the latest checkpoint (if any) to the last step; returns the final state.
 
-        `log` (RunLog) gets train and eval records; `checkpoints` (Checkpoints) saves as it goes; `stop`
-        (StopRequest) ends the loop after a step, with a checkpoint, when a signal came.
+        `log` (RunLog) gets train and eval records (held-out KL and agreement at the end of every stage);
+        `checkpoints` (Checkpoints) saves as it goes, with the stage; `stop` (StopRequest) ends the loop after a
+        step, with a checkpoint, when a signal came.
         """
+        start = (checkpoints.latest_step() if checkpoints else None) or 0
+        iterator = self.train_iterator()
+        self.history, self.stage_evals = [], {}
+        batches = self.batches(iterator)
+        for k, stage in enumerate(self.stages):
+            if start > stage.end:
+                continue
+            resume = start if start > stage.start else None
+            state = self._train_stage(k, resume, iterator, batches, log, checkpoints, stop)
+            self.store.update(state.trainable)  # what the stage trained, for the stages after it
+            self.stage_evals[stage.name] = self.log_eval(log, stage.end, self.evaluate(state.trainable), stage.name)
+        self.state = state
+        return state
+
+    def _train_stage(self, k, resume, iterator, batches, log, checkpoints, stop):
         import jax
         from tqdm import tqdm
 
         from kept_jax import sharding
         from kept_jax.checkpoint import abstract_like
         from kept_jax.flops import peak_flops
-        from kept_jax.xkd.objectives import LogitKL
-        from kept_jax.xkd.step import abstract_state, init_state, make_optimizer, make_schedule, make_train_step
+        from kept_jax.xkd.objectives import make_objective
+        from kept_jax.xkd.step import abstract_state, init_state, make_train_step
 
         cfg, t, d = self.cfg, self.cfg.train, self.cfg.data
-        schedule = make_schedule(t.lr, t.warmup, t.steps)
-        optimizer = make_optimizer(t.lr, t.warmup, t.steps, t.weight_decay, t.clip)
-        shapes = abstract_state(self.split, optimizer)
-        state_sh = sharding.state_shardings(shapes, self.trainable_shardings, self.mesh)
-        iterator = self.train_iterator()
-        start = checkpoints.latest_step() if checkpoints else None
-        if start is None:
-            state, start = init_state(self.split, optimizer, state_sh), 0
+        stage = self.stages[k]
+        carried = self.carried_keys(k)
+        split = self.stage_split(k)
+        shapes = abstract_state(split, stage.optimizer)
+        trainable_sh = sharding.flat_shardings(split.trainable, self.student_axes, self.mesh, self.rules)
+        state_sh = sharding.state_shardings(shapes, trainable_sh, self.mesh)
+        if resume is None:
+            state = init_state(split, stage.optimizer, state_sh)
         else:
-            state = checkpoints.restore(start, abstract_like(shapes, state_sh), iterator)
-            print(f"resuming from the checkpoint at step {start}", file=sys.stderr)
-        flops, peak = self.step_flops(), peak_flops(jax.devices()[0].device_kind, cfg.precision.compute)
-        self.split = dataclasses.replace(self.split, trainable={})  # the state holds them now
-        step_fn = make_train_step(LogitKL(self.teacher, self.student, cfg.loss), self.split, optimizer, state_sh)
+            carried_shapes = {key: jax.ShapeDtypeStruct(split.frozen[key].shape, jax.numpy.float32,
+                                                        sharding=split.frozen[key].sharding) for key in carried}
+            state, restored = checkpoints.restore(resume, abstract_like(shapes, state_sh), iterator, carried_shapes)
+            self.store.update(restored)
+            split = self.stage_split(k)
+            print(f"resuming from the checkpoint at step {resume} (stage {stage.name})", file=sys.stderr)
+        for key in split.trainable:  # the state holds them now: no second copy in the store
+            self.store.pop(key, None)
+        self.stage_trainable[stage.name] = split.num_trainable()
+        flops, peak = self.step_flops(stage, split), peak_flops(jax.devices()[0].device_kind, cfg.precision.compute)
+        self.split = dataclasses.replace(split, trainable={})  # the state holds them now
+        objective = make_objective(stage.objective, self.teacher, self.student, cfg.loss)
+        step_fn = make_train_step(objective, self.split, stage.optimizer, state_sh)
         tokens_per_step = d.tokens_per_step
-        history, window, timed_steps, t0, eval_seconds = [], {}, 0, None, 0.0
-        bar = tqdm(total=t.steps, initial=start, desc="distill", unit="step", file=sys.stderr, dynamic_ncols=True,
-                   mininterval=1.0, disable=jax.process_index() != 0)
-        batches = self.batches(iterator)
-        for i in range(start + 1, t.steps + 1):
+        window, timed_steps, t0, eval_seconds = {}, 0, None, 0.0
+        first = stage.start if resume is None else resume
+        bar = tqdm(total=stage.steps, initial=first - stage.start, desc=stage.name, unit="step", file=sys.stderr,
+                   dynamic_ncols=True, mininterval=1.0, disable=jax.process_index() != 0)
+        for i in range(first + 1, stage.end + 1):
             state, metrics = step_fn(state, self.teacher_params, self.split.frozen, next(batches))
             metrics = {k: float(v) for k, v in metrics.items()}
             if t0 is None:
                 t0 = time.perf_counter()  # after the first step: compilation is not throughput
             else:
                 timed_steps += 1
-            for k, v in metrics.items():
-                window[k] = window.get(k, 0.0) + v
+            for key, v in metrics.items():
+                window[key] = window.get(key, 0.0) + v
             window["steps"] = window.get("steps", 0) + 1
-            if i % t.log_every == 0 or i == t.steps:
-                m = _sums_to_metrics(window)
+            if i % t.log_every == 0 or i == stage.end:
+                m = _sums_to_metrics(window, objective.count)
                 seconds = max(time.perf_counter() - t0 - eval_seconds, 1e-9)  # training time only
-                record = {"split": "train", "step": i, "tokens": i * tokens_per_step, "kl": m["kl"],
-                          "agreement": m["agreement"], "loss": m["loss"], "student_nll": m["student_nll"],
-                          "teacher_nll": m["teacher_nll"], "grad_norm": window["grad_norm"] / window["steps"],
-                          "lr": float(schedule(i - 1)), "tokens_per_s": timed_steps * tokens_per_step / seconds}
-                status = f"KL {m['kl']:.3e} agree {m['agreement']:.2%} {record['tokens_per_s']:,.0f} tok/s"
-                if peak:
+                record = {"split": "train", "stage": stage.name, "step": i, "tokens": i * tokens_per_step, **{
+                          key: m[key] for key in ("kl", "agreement", "loss", "student_nll", "teacher_nll") if key in m},
+                          "grad_norm": window["grad_norm"] / window["steps"],
+                          "lr": float(stage.schedule(i - stage.start - 1)),
+                          "tokens_per_s": timed_steps * tokens_per_step / seconds}
+                status = (f"KL {m['kl']:.3e} agree {m['agreement']:.2%}" if "kl" in m else f"loss {m['loss']:.4g}")
+                status += f" {record['tokens_per_s']:,.0f} tok/s"
+                if peak and flops:
                     record["mfu"] = timed_steps * flops / seconds / (peak * jax.device_count())
                     status += f" MFU {record['mfu']:.1%}"
-                history.append(record)
+                self.history.append(record)
                 if log:
                     log.write(record)
                 bar.set_postfix_str(status, refresh=False)
                 window = {}
-            if t.eval_every and i % t.eval_every == 0 and i != t.steps:
+            if t.eval_every and i % t.eval_every == 0 and i != stage.end:
                 t_eval = time.perf_counter()
-                self.log_eval(log, i, self.evaluate(state.trainable))
+                self.log_eval(log, i, self.evaluate(state.trainable), stage.name)
                 eval_seconds += time.perf_counter() - t_eval
             bar.update(1)
-            saved = checkpoints.save(i, state, iterator, force=i == t.steps) if checkpoints else False
+            extra = {"carried": {key: self.split.frozen[key] for key in carried}, "stage": stage.name}
+            saved = checkpoints.save(i, state, iterator, force=i == stage.end, **extra) if checkpoints else False
             if stop is not None and stop.requested():
                 bar.close()
                 if checkpoints:
                     if not saved:
-                        checkpoints.save(i, state, iterator, force=True)
+                        checkpoints.save(i, state, iterator, force=True, **extra)
                     checkpoints.wait()
                 raise KeyboardInterrupt(f"stopped by a signal after step {i}; the checkpoint at step {i} is saved")
         bar.close()
         if checkpoints:
             checkpoints.wait()
-        self.state, self.history = state, history
         return state
 
-    def log_eval(self, log, step: int, metrics: dict) -> dict:
-        record = {"split": "eval", "step": step, "tokens": step * self.cfg.data.tokens_per_step,
+    def log_eval(self, log, step: int, metrics: dict, stage: str | None = None) -> dict:
+        record = {"split": "eval", "stage": stage, "step": step, "tokens": step * self.cfg.data.tokens_per_step,
                   "kl": metrics["kl"], "agreement": metrics["agreement"], "student_nll": metrics["student_nll"],
                   "teacher_nll": metrics["teacher_nll"], "eval_tokens": metrics["tokens"]}
         if log:
@@ -309,8 +353,46 @@ def _verify(export_dir: str, source: str) -> dict:
     return {"verified": rc == 0, "exit_code": rc}
 
 
+def _check_llamba(export_dir: str, rows) -> dict:
+    """The export re-imported and compared with the float64 oracle (bridge/llamba_oracle.py) on held-out rows."""
+    from bridge.llamba_oracle import check_export
+
+    result = check_export(export_dir, rows[:ORACLE_ROWS, :ORACLE_TOKENS])
+    ok = result["max_relative_error"] <= ORACLE_TOLERANCE and result["argmax_agreement"] == 1.0
+    why = {} if ok else {"why": f"the re-imported export differs from the float64 oracle by "
+                                f"{result['max_relative_error']:.2e} of the logit scale (tolerance "
+                                f"{ORACLE_TOLERANCE:.0e}), argmax agreement {result['argmax_agreement']:.2%}"}
+    return {"verified": ok, "oracle": result, **why}
+
+
+def _stage_summaries(stages, evals: list[dict], train_records: list[dict], tokens_per_step: int) -> list[dict]:
+    """Per stage: its steps and tokens, its loss at the first and last log line, and held-out KL and agreement
+    at its end."""
+    by_end = {r["step"]: r for r in evals if r["stage"] is not None}
+    out = []
+    for stage in stages:
+        lines = [r for r in train_records if r.get("stage") == stage.name]
+        end = by_end[stage.end]
+        out.append({"name": stage.name, "objective": stage.objective, "trainable": stage.trainable,
+                    "steps": stage.steps,
+                    "tokens": stage.steps * tokens_per_step, "loss_first": lines[0]["loss"] if lines else None,
+                    "loss_last": lines[-1]["loss"] if lines else None, "kl": end["kl"],
+                    "agreement": end["agreement"]})
+    return out
+
+
 def _summary_table(summary: dict) -> str:
     rows = [("KL (nats/tok)", "kl", ".4e"), ("agreement", "agreement", ".2%"), ("student ppl", "student_ppl", ".3f")]
+    if "stages" in summary:  # MOHAWK: held-out KL and agreement after init and after each stage
+        lines = [f"\n{'':<16}{'init':>12}" + "".join(f"{s['name']:>12}" for s in summary["stages"])]
+        lines.append(f"{'KL (nats/tok)':<16}{summary['kl_init']:>12.4e}" +
+                     "".join(f"{s['kl']:>12.4e}" for s in summary["stages"]))
+        lines.append(f"{'agreement':<16}{summary['agreement_init']:>12.2%}" +
+                     "".join(f"{s['agreement']:>12.2%}" for s in summary["stages"]))
+        lines.append(f"{'stage loss':<16}{'':>12}" + "".join(
+            f"{s['loss_first']:>5.3g}->{s['loss_last']:<5.3g}" if s["loss_first"] is not None else f"{'':>12}"
+            for s in summary["stages"]))
+        return "\n".join(lines)
     lines = [f"\n{'':<16}{'init':>12}{'final':>12}"]
     lines += [f"{label:<16}{summary[key + '_init']:>12{fmt}}{summary[key + '_final']:>12{fmt}}" for label, key, fmt in rows]
     lines.append(f"{'teacher ppl':<16}{summary['teacher_ppl']:>12.3f}{summary['teacher_ppl']:>12.3f}")
@@ -346,7 +428,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
 
     job = Job(cfg)
-    print(f"teacher {cfg.source} -> convert (opm={cfg.opm}) ...", file=sys.stderr, flush=True)
+    what = f"opm={cfg.opm}" if cfg.recipe == "kept" else f"recipe mohawk, mixer_init={cfg.mixer_init}"
+    print(f"teacher {cfg.source} -> convert ({what}) ...", file=sys.stderr, flush=True)
     job.prepare()
     if not resume and lead:
         checkpoint.create_run_dir(out_dir, config, args.force)
@@ -357,18 +440,19 @@ def main(argv=None) -> int:
     c = cfg.checkpoint
     checkpoints = checkpoint.Checkpoints(os.path.join(out_dir, "checkpoints"), c.every, c.keep, c.async_save)
     start = checkpoints.latest_step() or 0
-    # Records up to the restored step stand; later ones (and the final evaluation) are made again.
-    log = runlog.RunLog(out_dir, lambda r: start > 0 and r["step"] <= start and not (
-        r["split"] == "eval" and r["step"] == cfg.train.steps), enabled=lead)
+    # Records up to the restored step stand; later ones, and the evaluation closing a stage at the restored step
+    # (made again on resume), are dropped.
+    stage_ends = {stage.end for stage in job.stages}
+    log = runlog.RunLog(out_dir, lambda r: start > 0 and (r["step"] < start or r["step"] == start and not (
+        r["split"] == "eval" and r["step"] in stage_ends)), enabled=lead)
     try:
         if start == 0:
-            init = job.log_eval(log, 0, job.evaluate(job.split.trainable))
+            init = job.log_eval(log, 0, job.evaluate(job.split.trainable), "init")
             print(f"at init: KL {init['kl']:.4e} nats/token, agreement {init['agreement']:.2%} on "
                   f"{init['eval_tokens']:,} held-out tokens; training {job.num_trainable:,} parameters "
-                  f"({cfg.trainable})", file=sys.stderr)
+                  f"({job.stages[0].trainable}) in stage {job.stages[0].name}", file=sys.stderr)
         with checkpoint.StopRequest() as stop:
             job.distill(log, checkpoints, stop)
-        job.log_eval(log, cfg.train.steps, job.evaluate(job.state.trainable))
     finally:
         log.close()
         checkpoints.close()
@@ -385,14 +469,21 @@ def main(argv=None) -> int:
     export_dir = os.path.join(out_dir, "export")
     with atomic_output_dir(export_dir, force=True) as tmp:
         job.export(tmp)
-    verified = _verify(export_dir, cfg.source) if cfg.verify else {"verified": False, "why": "verify=false"}
+    if not cfg.verify:
+        verified = {"verified": False, "why": "verify=false"}
+    elif job.student.config.architecture == "llamba":
+        verified = _check_llamba(export_dir, job.eval_rows)
+    else:
+        verified = _verify(export_dir, cfg.source)
+    total_steps = job.stages[-1].end
     summary = {
+        "recipe": cfg.recipe,
         "opm": cfg.opm,
         "trainable": cfg.trainable if isinstance(cfg.trainable, str) else list(cfg.trainable),
         "trainable_params": job.num_trainable,
         "shared_tensors": len(job.split.shared),
-        "steps": cfg.train.steps,
-        "tokens": cfg.train.steps * cfg.data.tokens_per_step,
+        "steps": total_steps,
+        "tokens": total_steps * cfg.data.tokens_per_step,
         "kl_init": init["kl"], "kl_final": final["kl"],
         "agreement_init": init["agreement"], "agreement_final": final["agreement"],
         "student_ppl_init": math.exp(init["student_nll"]), "student_ppl_final": math.exp(final["student_nll"]),
@@ -407,14 +498,20 @@ def main(argv=None) -> int:
         "history": train_records,
         "config": raw,
     }
-    runlog.write_report(out_dir, f"{cfg.source} -> Llama: opm={cfg.opm}, trainable={summary['trainable']}")
+    if cfg.recipe == "mohawk":
+        summary["mixer_init"] = cfg.mixer_init
+        summary["stages"] = _stage_summaries(job.stages, evals, train_records, cfg.data.tokens_per_step)
+    title = (f"{cfg.source} -> Llama: opm={cfg.opm}, trainable={summary['trainable']}" if cfg.recipe == "kept" else
+             f"{cfg.source} -> Llamba (MOHAWK, {cfg.mixer_init} init): " + ", ".join(s.name for s in job.stages))
+    runlog.write_report(out_dir, title)
     with atomic_file(summary_path) as f:
         json.dump(summary, f, indent=2)
     print(_summary_table(summary))
-    print(f"\nopm={cfg.opm} trainable={summary['trainable']} steps={cfg.train.steps} tokens={summary['tokens']:,} "
-          f"verified={summary['verified']} time={summary['seconds_this_process']:.0f}s\nrun directory: {out_dir}")
+    print(f"\n{what} trainable={summary['trainable'] if cfg.recipe == 'kept' else 'per stage'} steps={total_steps} "
+          f"tokens={summary['tokens']:,} verified={summary['verified']} time={summary['seconds_this_process']:.0f}s\n"
+          f"run directory: {out_dir}")
     if cfg.verify and not summary["verified"]:
-        raise KeptError(f"the exported model did not verify through Transformers ({summary.get('why', 'see above')}); "
+        raise KeptError(f"the exported model did not verify ({summary.get('why', 'see above')}); "
                         f"the run directory {out_dir} keeps it for inspection")
     return 0
 

@@ -103,9 +103,28 @@ class ModelRuntime:
 
 
 @dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """One MOHAWK stage: its objective, token budget, peak learning rate and trainable set, trained with AdamW
+    (0.9, 0.95) on a warmup-stable-decay schedule that restarts with the stage."""
+
+    name: str
+    objective: Literal["matrix", "hidden", "kl"]  # 1: matrix orientation, 2: hidden-state alignment, 3: logits KL
+    tokens: int  # the stage's budget; steps = ceil(tokens / data.tokens_per_step)
+    lr: float  # the peak learning rate
+    trainable: str | tuple[str, ...] = "all"  # a named set, or regular expressions over parameter paths
+    warmup: float = 0.1  # the fraction of the stage's steps that warms up linearly from 0
+    decay: float = 0.1  # the fraction at the end that decays linearly to 1e-8
+    weight_decay: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
 class JobConfig:
     source: str = "kept_jax/assets/tiny-orion"
+    recipe: Literal["kept", "mohawk"] = "kept"  # kept: Orion -> Llama; mohawk: (Orion ->) Llama -> Llamba
     opm: Literal["copy", "lsq", "center", "center-lsq", "absorb", "exact"] = "absorb"
+    mixer_init: Literal["mohawk", "attention"] = "mohawk"  # mohawk: how each mixer starts (DESIGN.md section 6)
+    student_config: str = ""  # mohawk: the Llamba student's config.json (default: derived from the teacher)
+    stages: tuple[StageConfig, ...] = ()  # mohawk: the stages in order (kept trains once, with train.* and loss.*)
     trainable: str | tuple[str, ...] = "norms"  # a named set, or regular expressions over parameter paths
     verify: bool = True
     data: DataConfig = DataConfig()
@@ -118,18 +137,38 @@ class JobConfig:
     mesh: MeshConfig = MeshConfig()
     source_config: str = ""  # the source's config.json when `source` is not on this machine (dry runs only)
 
-    def runtime(self) -> dict:
-        """The ModelConfig runtime fields this job sets (dtypes, layer scan, remat, attention kernel)."""
-        return dict(compute_dtype=self.precision.compute, param_dtype=self.precision.params,
-                    scan_layers=self.model.scan_layers, remat_policy=self.model.remat,
-                    attention_impl=self.model.attention_impl)
+    def runtime(self, config_class=None) -> dict:
+        """The ModelConfig runtime fields this job sets (dtypes, layer scan, remat, attention kernel), those of
+        `config_class` only when given (a Llamba has no attention kernel)."""
+        fields = dict(compute_dtype=self.precision.compute, param_dtype=self.precision.params,
+                      scan_layers=self.model.scan_layers, remat_policy=self.model.remat,
+                      attention_impl=self.model.attention_impl)
+        if config_class is not None:
+            names = {f.name for f in dataclasses.fields(config_class)}
+            fields = {k: v for k, v in fields.items() if k in names}
+        return fields
 
     def __post_init__(self):
-        if isinstance(self.trainable, str) and self.trainable not in TRAINABLE_SETS:
-            close = difflib.get_close_matches(self.trainable, TRAINABLE_SETS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise KeptError(f"trainable must be one of {', '.join(TRAINABLE_SETS)} or a list of path patterns; "
-                            f"got {self.trainable!r}{hint}")
+        _check_trainable("trainable", self.trainable)
+        if self.recipe == "kept" and self.stages:
+            raise KeptError("stages: are for recipe: mohawk; the kept recipe trains once, with train.* and loss.*")
+        if self.recipe == "mohawk":
+            if not self.stages:
+                raise KeptError("recipe: mohawk needs a stages: list (see configs/tiny-llamba.yaml)")
+            if self.trainable == "lora":
+                raise KeptError("recipe: mohawk trains each stage's own trainable set; lora is for the kept recipe")
+            for i, stage in enumerate(self.stages):
+                where = f"stages[{i}] ({stage.name})"
+                _check_trainable(f"{where}.trainable", stage.trainable)
+                if stage.trainable == "lora":
+                    raise KeptError(f"{where}.trainable: lora is for the kept recipe")
+                if stage.tokens < 1 or not 0 < stage.lr < float("inf") or stage.weight_decay < 0:
+                    raise KeptError(f"{where}: tokens and lr must be positive and weight_decay not negative")
+                if not (0 <= stage.warmup < 1 and 0 <= stage.decay < 1 and stage.warmup + stage.decay <= 1):
+                    raise KeptError(f"{where}: warmup and decay are fractions of the stage with warmup + decay <= 1")
+            names = [s.name for s in self.stages]
+            if len(set(names)) != len(names):
+                raise KeptError(f"stage names must differ; got {names}")
         for name in ("steps", "warmup", "log_every", "eval_every"):
             if getattr(self.train, name) < (1 if name in ("steps", "log_every") else 0):
                 raise KeptError(f"train.{name} must be positive, got {getattr(self.train, name)}")
@@ -159,6 +198,14 @@ class JobConfig:
             raise KeptError("loss.temperature and loss.chunk_size must be positive")
         if not any((self.loss.forward_kl, self.loss.reverse_kl, self.loss.jsd, self.loss.ce)):
             raise KeptError("every loss weight is zero; set loss.forward_kl (the default) or another term")
+
+
+def _check_trainable(where: str, spec) -> None:
+    if isinstance(spec, str) and spec not in TRAINABLE_SETS:
+        close = difflib.get_close_matches(spec, TRAINABLE_SETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise KeptError(f"{where} must be one of {', '.join(TRAINABLE_SETS)} or a list of path patterns; "
+                        f"got {spec!r}{hint}")
 
 
 def _type_name(tp) -> str:
@@ -256,4 +303,8 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> tuple[Job
         except yaml.YAMLError:
             value = text
         _set_dotted(raw, key.strip(), value)
-    return _build(JobConfig, raw), raw
+    cfg = _build(JobConfig, raw)
+    if cfg.recipe == "mohawk" and {"steps", "warmup", "lr", "weight_decay"} & set(raw.get("train") or {}):
+        raise KeptError("recipe: mohawk takes each stage's tokens, lr and weight_decay from stages:, not "
+                        "train.steps/warmup/lr/weight_decay; remove those keys")
+    return cfg, raw

@@ -1,8 +1,9 @@
 """Llamba: the mixer's three forms agree (values and gradients), the model matches a float64 oracle written here from
 the math, token by token, and checkpoints read what the reference writes (round trips: tests/test_export.py).
 
-Transformers has no Llamba class and the reference code needs GPU kernels, so `oracle_logits` is the independent
-implementation: plain NumPy, one token at a time, reading the HF-named tensors of the checkpoint kept_jax imports.
+Transformers has no Llamba class and the reference code needs GPU kernels, so `oracle_logits`
+(bridge/llamba_oracle.py, which the training job also runs on its export) is the independent implementation: plain
+NumPy, one token at a time, reading the HF-named tensors of the checkpoint kept_jax imports.
 """
 
 import json
@@ -17,6 +18,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from bridge.hf_import import load_hf_checkpoint
+from bridge.llamba_oracle import oracle_logits
 from kept_jax.config import ModelConfig
 from kept_jax.errors import KeptError
 from kept_jax.models import LlambaConfig, build_model
@@ -24,7 +26,6 @@ from kept_jax.models.llamba import DiscreteMamba2
 from tests import fixtures as fx
 
 FP32_RELATIVE = 1e-5
-BLOCK_EPS = 1e-5  # the two block norms' eps, fixed in the reference
 
 # configs/models/tiny-llamba.json: tied, G = 2 < H = 4, expand 2, a vocabulary that pads (500 -> 504). Its variant:
 # untied, one B/C group, silu after the convolution, no conv bias, MLP biases. Sequences of 21 tokens, chunks of 8.
@@ -79,66 +80,6 @@ def random_tensors(hf: dict, seed: int = 0) -> dict[str, np.ndarray]:
     if not hf["tie_embeddings"]:
         t["lm_head.weight"] = normal((vocab, d), 4 * d ** -0.5)
     return t
-
-
-def oracle_logits(hf: dict, tensors: dict[str, np.ndarray], tokens: np.ndarray, mutation: str | None = None):
-    """Llamba in float64, one token at a time, from the math (DESIGN.md section 6).
-
-    `mutation` breaks one term on purpose ("no_D", "no_z_bias", "no_conv_bias", "delta_input": x scaled by
-    softplus(l) as in Mamba-2's discretization), to show that the comparison notices it.
-    """
-    w = {k: v.astype(np.float64) for k, v in tensors.items()}
-    ssm = hf["ssm_cfg"]
-    d, layers = hf["d_model"], hf["n_layer"]
-    h, g, n, k = ssm["n_v_heads"], ssm["n_qk_heads"], ssm["d_state"], ssm["d_conv"]
-    d_inner = ssm["expand"] * d
-    p_dim, channels = d_inner // h, d_inner + 2 * g * n
-
-    def rmsnorm(x, weight, eps):
-        return weight * x / np.sqrt(np.mean(x * x) + eps)
-
-    def silu(x):
-        return x / (1.0 + np.exp(-x))
-
-    head = w["backbone.embedding.weight"] if hf["tie_embeddings"] else w["lm_head.weight"]
-    out = np.zeros((*tokens.shape, head.shape[0]))
-    for row, sequence in enumerate(tokens):
-        window = [np.zeros((k - 1, channels)) for _ in range(layers)]  # the convolution's previous inputs
-        state = [np.zeros((h, p_dim, n)) for _ in range(layers)]
-        for pos, token in enumerate(sequence):
-            x_res = w["backbone.embedding.weight"][token]
-            for i in range(layers):
-                p = f"backbone.layers.{i}."
-                u = rmsnorm(x_res, w[p + "input_layernorm.weight"], BLOCK_EPS)
-                proj = w[p + "mixer.in_proj.weight"] @ u
-                xbc, z, ell = proj[:channels], proj[channels:channels + d_inner], proj[channels + d_inner:]
-                taps = np.concatenate([window[i], xbc[None]])  # [K, C], the current token last
-                window[i] = taps[1:]
-                conv = np.einsum("kc,ck->c", taps, w[p + "mixer.conv1d.weight"][:, 0, :])
-                if ssm["conv_bias"] and mutation != "no_conv_bias":
-                    conv = conv + w[p + "mixer.conv1d.bias"]
-                if ssm["activation"] == "silu":
-                    conv = silu(conv)
-                x = conv[:d_inner].reshape(h, p_dim)
-                b = conv[d_inner:d_inner + g * n].reshape(g, n)
-                c = conv[d_inner + g * n:].reshape(g, n)
-                y = np.zeros((h, p_dim))
-                for head_index in range(h):
-                    group = head_index // (h // g)
-                    decay = 1.0 / (1.0 + np.exp(ell[head_index]))  # sigmoid(-l)
-                    x_in = x[head_index] * (np.log1p(np.exp(ell[head_index])) if mutation == "delta_input" else 1.0)
-                    state[i][head_index] = decay * state[i][head_index] + np.outer(x_in, b[group])
-                    y[head_index] = state[i][head_index] @ c[group]
-                    if mutation != "no_D":
-                        y[head_index] += w[p + "mixer.D"][head_index] * x[head_index]
-                z_bias = 0.0 if mutation == "no_z_bias" else w[p + "mixer.z_bias"]
-                x_res = x_res + w[p + "mixer.out_proj.weight"] @ (y.reshape(-1) * silu(z + z_bias))
-                u = rmsnorm(x_res, w[p + "post_attention_layernorm.weight"], BLOCK_EPS)
-                gate, up = (w[p + f"mlp.{m}_proj.weight"] @ u + w.get(p + f"mlp.{m}_proj.bias", 0.0)
-                            for m in ("gate", "up"))
-                x_res = x_res + w[p + "mlp.down_proj.weight"] @ (silu(gate) * up) + w.get(p + "mlp.down_proj.bias", 0.0)
-            out[row, pos] = head @ rmsnorm(x_res, w["backbone.final_layernorm.weight"], hf["norm_epsilon"])
-    return out
 
 
 def write_checkpoint(directory, hf: dict, tensors: dict[str, np.ndarray]) -> str:

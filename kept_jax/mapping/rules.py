@@ -92,11 +92,29 @@ class Mapping:
             accepted[path] = accepted.get(path, True) and keep(transforms[spec.hf_name])
         return frozenset(path for path, ok in accepted.items() if ok)
 
-    def shared_with_teacher(self) -> frozenset[tuple[str, ...]]:
-        """Params paths where the target holds the source's values: copied unchanged, or recentered (which leaves a
-        LayerNorm source's function as it was, so the job gives the teacher the recentered copies too). Frozen,
-        these student leaves can share the teacher's buffers."""
-        return self.params_paths(lambda t: t == "identity" or t.startswith("recenter"))
+    def shared_with_teacher(self) -> dict[tuple[str, ...], tuple[str, ...]]:
+        """Target params path -> source params path, for the target leaves that hold the source's values: copied
+        unchanged (under the same name, or another: Llamba's `backbone/...` MLPs are Llama's `model/...` ones), or
+        recentered (which leaves a LayerNorm source's function as it was, so the job gives the teacher the
+        recentered copies too). Frozen, these student leaves can read the teacher's buffers. A scanned leaf
+        qualifies when each of its layers comes from the same layer of one source leaf."""
+        source_specs = {s.hf_name: s for s in self.source_config.tensor_table()}
+        rules = {r.target: r for r in self.rules}
+        found: dict[tuple[str, ...], tuple[str, ...] | None] = {}
+        for spec in self.target_config.tensor_table():
+            path = spec.params_path(self.target_config.scan_layers)
+            rule = rules[spec.hf_name]
+            source = None
+            if rule.transform == "identity":
+                source = source_specs.get(rule.sources[0])
+            elif rule.transform.startswith("recenter"):
+                source = source_specs.get(spec.hf_name)
+            twin = None
+            if (source is not None and source.layer == spec.layer and source.hf_shape == spec.hf_shape
+                    and source.transpose == spec.transpose):
+                twin = source.params_path(self.source_config.scan_layers)
+            found[path] = twin if found.get(path, twin) == twin else None  # one layer elsewhere spoils the leaf
+        return {path: twin for path, twin in found.items() if twin is not None}
 
     def materialize(self, read: Callable[[str], np.ndarray]) -> Iterator[tuple[str, np.ndarray, float | None]]:
         """Yields (target name, float64 tensor, rule error), one target at a time, in HF order."""

@@ -68,16 +68,16 @@ def merge_lora(params: dict, adapters: dict, scale: float) -> dict:
 
 @dataclasses.dataclass
 class StudentSplit:
-    """The student's variables in three parts; `shared` paths are read from the teacher's params."""
+    """The student's variables in three parts; each `shared` leaf is read from the teacher's params."""
 
     trainable: Flat
     frozen: Flat
-    shared: frozenset[tuple[str, ...]]  # (collection, *path) keys taken from the teacher
+    shared: dict[tuple[str, ...], tuple[str, ...]]  # student (collection, *path) -> the teacher's ("params", *path)
 
     def assemble(self, teacher_params: dict, trainable: Flat | None = None) -> dict:
         """The student's variables dict, e.g. inside the jitted step (trainable may be the traced version)."""
         teacher_flat = traverse_util.flatten_dict({"params": teacher_params})
-        flat = {key: teacher_flat[key] for key in self.shared}
+        flat = {key: teacher_flat[twin] for key, twin in self.shared.items()}
         flat.update(self.frozen)
         flat.update(self.trainable if trainable is None else trainable)
         return traverse_util.unflatten_dict(flat)
@@ -86,46 +86,41 @@ class StudentSplit:
         return sum(int(np.prod(x.shape)) for x in self.trainable.values())
 
 
-def split_student(student_variables: dict, teacher_params: dict, spec: str | tuple[str, ...]) -> StudentSplit:
-    """Trainable leaves (fp32 master copies), frozen leaves the teacher does not have, and shared paths.
+def _fp32(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    return jnp.asarray(x, jnp.float32)
 
-    A frozen leaf is shared when the teacher has a bit-identical array (same shape, dtype and values) at the
-    same path; the student's copy is then dropped.
-    """
+
+def shared_leaves(flat: Flat, teacher_params: dict,
+                  shared_paths: dict[tuple[str, ...], tuple[str, ...]]) -> dict[tuple[str, ...], tuple[str, ...]]:
+    """Student key -> teacher key, for the `params` leaves of `flat` that the mapping says hold the teacher's values
+    (`Mapping.shared_with_teacher`: student params path -> teacher params path) where the teacher has a leaf of
+    the same shape."""
     teacher_flat = traverse_util.flatten_dict({"params": teacher_params})
-    trainable, frozen, shared = {}, {}, set()
-    for key, value in traverse_util.flatten_dict(student_variables).items():
+    out = {}
+    for key, value in flat.items():
+        twin = ("params", *shared_paths[key[1:]]) if key[0] == "params" and key[1:] in shared_paths else None
+        if twin in teacher_flat and teacher_flat[twin].shape == value.shape:
+            out[key] = twin
+    return out
+
+
+def split_by_paths(student_variables: Flat | dict, teacher_params: dict, spec: str | tuple[str, ...],
+                   shared_paths: dict[tuple[str, ...], tuple[str, ...]]) -> StudentSplit:
+    """Trainable leaves (fp32 master copies), the frozen leaves the student keeps, and the frozen leaves it reads
+    from the teacher (`shared_leaves`). It works on shapes (`jax.ShapeDtypeStruct`, for plans) as well as on arrays.
+    `student_variables` is nested or flat (keys (collection, *path)).
+    """
+    flat = student_variables if all(isinstance(k, tuple) for k in student_variables) else \
+        traverse_util.flatten_dict(student_variables)
+    twins = shared_leaves(flat, teacher_params, shared_paths)
+    trainable, frozen, shared = {}, {}, {}
+    for key, value in flat.items():
         if is_trainable(key, spec):
-            trainable[key] = jnp.asarray(value, jnp.float32)
-            continue
-        twin = teacher_flat.get(key)
-        if (twin is not None and twin.shape == value.shape and twin.dtype == value.dtype
-                and bool(jnp.array_equal(twin, value))):
-            shared.add(key)
+            trainable[key] = _fp32(value)
+        elif key in twins:
+            shared[key] = twins[key]
         else:
             frozen[key] = value
-    return StudentSplit(trainable, frozen, frozenset(shared))
-
-
-def split_by_paths(student_variables: dict, teacher_params: dict, spec: str | tuple[str, ...],
-                   shared_paths: frozenset[tuple[str, ...]]) -> StudentSplit:
-    """The split when the mapping says which leaves hold the teacher's values (`Mapping.shared_with_teacher`)
-    instead of comparing them: it works on shapes (`jax.ShapeDtypeStruct`, for plans) as well as on arrays.
-
-    A frozen params leaf on `shared_paths` is shared when the teacher has a leaf of the same shape there.
-    """
-    def fp32(x):
-        if isinstance(x, jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct(x.shape, jnp.float32)
-        return jnp.asarray(x, jnp.float32)
-
-    teacher_flat = traverse_util.flatten_dict({"params": teacher_params})
-    trainable, frozen, shared = {}, {}, set()
-    for key, value in traverse_util.flatten_dict(student_variables).items():
-        if is_trainable(key, spec):
-            trainable[key] = fp32(value)
-        elif key[0] == "params" and key[1:] in shared_paths and key in teacher_flat and teacher_flat[key].shape == value.shape:
-            shared.add(key)
-        else:
-            frozen[key] = value
-    return StudentSplit(trainable, frozen, frozenset(shared))
+    return StudentSplit(trainable, frozen, shared)

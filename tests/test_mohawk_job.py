@@ -1,0 +1,110 @@
+"""`python -m kept_jax.train` with recipe: mohawk: Orion -> Llama -> Llamba in one job, three stages on the one
+step, an export the float64 oracle agrees with, and a resume in the middle of a stage that is bit-identical.
+
+The stages here train different sets on purpose (stage 2 only the MLPs), so that the mixers stage 1 trained are
+frozen in stage 2 and must come back from the checkpoint, not from the conversion.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from bridge.hf_import import load_hf_checkpoint
+from kept_jax import train
+from kept_jax.errors import KeptError
+from kept_jax.runlog import read_metrics
+from kept_jax.train_config import load_config
+from tests.test_resume import steps_saved, wait_for_checkpoint, without_timing
+
+# 128 tokens per step: stages of 4, 6 and 4 steps.
+STAGES = ("stages=[{name: matrix, objective: matrix, tokens: 512, lr: 3.0e-3, trainable: [mixer/]},"
+          " {name: hidden, objective: hidden, tokens: 768, lr: 3.0e-3, trainable: [mlp/]},"
+          " {name: kd, objective: kl, tokens: 512, lr: 1.0e-3, trainable: all}]")
+TOTAL = 14
+TINY_LLAMBA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny-llamba.yaml")
+
+
+def job_args(source, out):
+    return ["--config", TINY_LLAMBA, "--out", out, f"source={source}", STAGES, "train.log_every=1",
+            "checkpoint.every=1", "checkpoint.keep=3", "data.seq_len=32", "data.batch_size=4",
+            "data.calib_tokens=256", "data.eval_tokens=256"]
+
+
+def final_state(out):
+    return ocp.StandardCheckpointer().restore(os.path.join(out, "checkpoints", str(TOTAL), "state"))
+
+
+@pytest.fixture(scope="module")
+def reference(orion_checkpoint, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("mohawk") / "reference")
+    assert train.main(job_args(orion_checkpoint[0], out)) == 0
+    return out
+
+
+def test_three_stages_export_a_llamba_the_oracle_agrees_with(reference):
+    summary = json.load(open(os.path.join(reference, "summary.json")))
+    assert summary["recipe"] == "mohawk" and summary["steps"] == TOTAL
+    assert [s["name"] for s in summary["stages"]] == ["matrix", "hidden", "kd"]
+    assert [s["steps"] for s in summary["stages"]] == [4, 6, 4]
+    assert summary["verified"] is True, summary.get("why")
+    assert summary["oracle"]["max_relative_error"] < 1e-4 and summary["oracle"]["argmax_agreement"] == 1.0
+    for stage in summary["stages"]:
+        assert np.isfinite(stage["kl"]) and stage["loss_last"] is not None
+    assert summary["stages"][-1]["kl"] < summary["kl_init"]
+    records = read_metrics(reference)
+    assert {r["stage"] for r in records if r["split"] == "train"} == {"matrix", "hidden", "kd"}
+    assert all("kl" not in r for r in records if r["split"] == "train" and r["stage"] != "kd")
+    assert [r["step"] for r in records if r["split"] == "eval"] == [0, 4, 10, 14]
+    config, params, _ = load_hf_checkpoint(os.path.join(reference, "export"))
+    assert config.architecture == "llamba" and os.path.isfile(os.path.join(reference, "export", "tokenizer.json"))
+    assert os.path.isfile(os.path.join(reference, "report.png"))
+
+
+def test_stage_resume_is_bit_identical(orion_checkpoint, reference, tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-m", "kept_jax.train", *job_args(orion_checkpoint[0], out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(proc, out, 6, timeout=300)  # inside stage 2 (steps 5-10)
+    proc.kill()
+    proc.communicate(timeout=60)
+    killed_after = steps_saved(out)[-1]
+    assert 6 <= killed_after < TOTAL
+    # Stage 2 keeps stage 1's mixers frozen: they are saved with its checkpoints, and without them the resumed
+    # run would restart stage 2 from the converted mixers and not match the reference.
+    assert os.path.isdir(os.path.join(out, "checkpoints", str(killed_after), "carried")) or killed_after > 10
+
+    proc = subprocess.Popen([sys.executable, "-m", "kept_jax.train", *job_args(orion_checkpoint[0], out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resuming from the checkpoint at step" in err
+    assert without_timing(read_metrics(out)) == without_timing(read_metrics(reference))
+    a, b = final_state(reference), final_state(out)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with open(os.path.join(reference, "export", "model.safetensors"), "rb") as f:
+        exported = f.read()
+    with open(os.path.join(out, "export", "model.safetensors"), "rb") as f:
+        assert f.read() == exported
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages=[]", "needs a stages: list"),
+    ("trainable=lora", "lora is for the kept recipe"),
+    ("train.lr=0.1", "not train.steps/warmup/lr/weight_decay"),
+    ("stages=[{name: a, objective: matrix, tokens: 10, lr: -1.0}]", "lr must be positive"),
+    ("stages=[{name: a, objective: matrics, tokens: 10, lr: 1.0}]", "did you mean 'matrix'"),
+    ("stages=[{name: a, objective: kl, tokens: 10, lr: 1.0, warmup: 0.6, decay: 0.6}]", "warmup + decay <= 1"),
+    ("stages=[{name: a, objective: kl, tokens: 10, lr: 1.0, trainable: mixers}]", "trainable must be one of"),
+])
+def test_stage_config_errors(override, message):
+    with pytest.raises(KeptError, match=re.escape(message)):
+        load_config(TINY_LLAMBA, [override])
