@@ -98,6 +98,8 @@ def activation_bytes(cfg, config, micro_batch: int, mesh_sizes: dict) -> dict[st
 
 def plan(cfg, devices: int | None = None) -> dict:
     """Everything the dry run prints, as data (tests read it)."""
+    if cfg.recipe == "mohawk":
+        return plan_mohawk(cfg, devices)
     from kept_jax import sharding
     from kept_jax.mapping import build_mapping, target_config
     from kept_jax.models.params import abstract_params
@@ -166,8 +168,165 @@ def plan(cfg, devices: int | None = None) -> dict:
     }
 
 
+def _mesh_sizes(cfg, devices: int | None) -> tuple[int, dict]:
+    from kept_jax import sharding
+
+    m = cfg.mesh
+    if devices is None:
+        devices = math.prod(s for s in (m.data, m.fsdp, m.tensor) if s != -1)
+    return devices, dict(zip(sharding.MESH_AXES, sharding.mesh_shape(m.data, m.fsdp, m.tensor, devices)))
+
+
+def llamba_block_bytes(config, b: int, t: int, c: int) -> dict[str, float]:
+    """A Llamba block's activations for b sequences of t tokens in c-byte elements: everything its forward makes
+    (`none`), and what each remat policy saves of it. In elements per token: the input, two norms, the MLP's
+    residual (4 d), in_proj's output and the convolution's, y and the gated y (2 d_inner), the MLP (3 f); plus the
+    chunked SSD's fp32 within-chunk matrices (H x chunk per token)."""
+    d, f = config.hidden_size, config.intermediate_size
+    none = b * t * (4 * d + config.in_proj_size + config.conv_channels + 2 * config.d_inner + 3 * f) * c
+    none += b * t * config.n_v_heads * config.chunk_size * 4
+    return {"none": none, "full": b * t * d * c, "save-dots-no-batch": b * t * d * c,
+            "save-dots": b * t * (d + config.in_proj_size + config.d_inner + 2 * f) * c}
+
+
+def mohawk_activation_bytes(cfg, objective: str, teacher, student, b: int) -> dict[str, float]:
+    """Stage activations per device (estimates of XLA's live set; DESIGN.md section 6 for the objectives):
+      matrix  the teacher's layer inputs (L x b T d), then one layer at a time: the teacher's attention
+              probabilities and the student's mixing matrix with its segment sums and their gradients
+              (5 x b H T^2 fp32)
+      hidden  the teacher's layer inputs ((L+1) x b T d), then one student block at a time, forward and backward
+              (2 x its `none` activations)
+      kl      the student's saved activations per layer (by model.remat) x L, one block's recompute and
+              gradients, both final hidden states, and the loss's chunk logits (3 x chunk x vocab fp32)"""
+    t, c = cfg.data.seq_len, jnp.dtype(cfg.precision.compute).itemsize
+    d, layers, heads = student.hidden_size, student.num_hidden_layers, student.n_v_heads
+    block = llamba_block_bytes(student, b, t, c)
+    if objective == "matrix":
+        return {f"teacher layer inputs ({layers} x b T d)": layers * b * t * d * c,
+                f"one layer's matrices (5 x b H T^2 fp32, H = {heads})": 5 * b * heads * t * t * 4}
+    if objective == "hidden":
+        return {f"teacher layer inputs ({layers + 1} x b T d)": (layers + 1) * b * t * d * c,
+                "one block, forward and backward (2 x its activations)": 2 * block["none"]}
+    return {f"saved for backward ({cfg.model.remat}, {layers} layers)": layers * block[cfg.model.remat],
+            "one block's recompute + gradients": 2 * block["none"],
+            "final hidden states (teacher, student)": 2 * b * t * d * c,
+            f"loss chunk logits ({cfg.loss.chunk_size} x {student.padded_vocab_size})":
+                3 * cfg.loss.chunk_size * student.padded_vocab_size * 4}
+
+
+def plan_mohawk(cfg, devices: int | None = None) -> dict:
+    """The Llama -> Llamba job, stage by stage: weights (teacher, the student leaves not read from the teacher,
+    which grow as stages train them), trainable copies, AdamW state, gradients and the stage's activations."""
+    from kept_jax import sharding
+    from kept_jax.mapping.llamba_init import build_llamba_mapping, llamba_config_for
+    from kept_jax.models.params import abstract_params
+    from kept_jax.recipes import plan_stages, student_layout
+    from kept_jax.xkd.trainable import is_trainable, split_by_paths
+
+    layout_path, teacher_config = _source_layout(cfg)
+    if teacher_config.architecture == "orion":  # the job converts it to a Llama of the same shape first
+        from kept_jax.mapping import target_config
+
+        teacher_config = target_config(teacher_config, cfg.opm)
+    if teacher_config.architecture != "llama":
+        raise KeptError(f"recipe mohawk starts from a Llama or an Orion; {layout_path} describes "
+                        f"{teacher_config.architecture!r}")
+    student_config = llamba_config_for(teacher_config, cfg.mixer_init, student_layout(cfg))
+    student_config = student_config.replace(**cfg.runtime(type(student_config)))
+    mapping = build_llamba_mapping(teacher_config, student_config, cfg.mixer_init)
+    mapping.check()
+    teacher = abstract_params(teacher_config.replace(attention_impl="xla"))
+    student = traverse_util.flatten_dict({"params": abstract_params(student_config)})
+    teacher_flat = traverse_util.flatten_dict({"params": teacher})
+    devices, mesh_sizes = _mesh_sizes(cfg, devices)
+    student_rules = sharding.rules_from(cfg.mesh.rules)
+    teacher_rules = sharding.rules_from(cfg.mesh.teacher_rules, dict(student_rules))
+    student_axes, teacher_axes = sharding.logical_axes(student_config), sharding.logical_axes(teacher_config)
+    micro_batch = sharding.per_device_batch(cfg.data.batch_size, mesh_sizes)
+
+    def per_device(flat, axes, rules, itemsize=None):
+        total = 0.0
+        for key, value in flat.items():
+            spec = sharding.mesh_spec(sharding.variable_axes(key, axes), tuple(value.shape), mesh_sizes, rules,
+                                      "/".join(key))
+            size = _nbytes(value) if itemsize is None else int(np.prod(value.shape)) * itemsize
+            total += size / sharding.shard_factor(spec, mesh_sizes)
+        return total
+
+    shared_paths = mapping.shared_with_teacher()
+    teacher_bytes = per_device(teacher_flat, teacher_axes, teacher_rules)
+    stages, trained = [], set()
+    for stage in plan_stages(cfg):
+        # A leaf an earlier stage trained is the student's own from then on (fp32), no longer the teacher's.
+        own_paths = {p: t for p, t in shared_paths.items() if ("params", *p) not in trained}
+        split = split_by_paths(student, teacher, stage.trainable, own_paths)
+        if not split.trainable:
+            raise KeptError(f"stage {stage.name}: trainable={stage.trainable!r} selects no parameter of the student")
+        own = {k: (jax.ShapeDtypeStruct(v.shape, jnp.float32) if k in trained else v) for k, v in split.frozen.items()}
+        trainable_fp32 = per_device(split.trainable, student_axes, student_rules, itemsize=4)
+        memory = {
+            f"teacher weights ({cfg.precision.params})": teacher_bytes,
+            f"student weights not shared with the teacher ({len(own)} leaves)":
+                per_device(own, student_axes, student_rules),
+            "trainable leaves, fp32 master copies": trainable_fp32,
+            "optimizer state (AdamW m and v, fp32)": 2 * trainable_fp32,
+            "gradients (fp32" + (", and the accumulation sum)" if cfg.data.grad_accum > 1 else ")"):
+                trainable_fp32 * (2 if cfg.data.grad_accum > 1 else 1),
+        }
+        memory.update(mohawk_activation_bytes(cfg, stage.objective, teacher_config, student_config, micro_batch))
+        stages.append({"name": stage.name, "objective": stage.objective, "steps": stage.steps,
+                       "tokens": stage.steps * cfg.data.tokens_per_step, "trainable": stage.trainable,
+                       "trainable_params": _count(split.trainable), "shared_leaves": len(split.shared),
+                       "memory": memory, "total": sum(memory.values())})
+        trained |= {k for k in student if is_trainable(k, stage.trainable)}
+    return {"layout": layout_path, "teacher_config": teacher_config, "student_config": student_config,
+            "mapping": mapping, "mesh": mesh_sizes, "devices": devices, "micro_batch": micro_batch,
+            "teacher_params": _count(teacher_flat), "student_params": _count(student), "stages": stages,
+            "total": max(s["total"] for s in stages)}
+
+
+def _fits(total: float, capacity: int) -> str:
+    return f"{'fits' if total <= FIT_FRACTION * capacity else 'does NOT fit'} ({total / capacity:.0%})"
+
+
+def dry_run_mohawk(cfg, device_memory: str | None, devices: int | None) -> int:
+    p = plan_mohawk(cfg, devices)
+    t, s, mesh = p["teacher_config"], p["student_config"], p["mesh"]
+    capacity = parse_memory(device_memory) if device_memory else None
+    print(f"dry run: abstract shapes only, no weights read\n"
+          f"teacher        {p['layout']}: Llama, {t.num_hidden_layers} layers, hidden {t.hidden_size}, "
+          f"{t.num_attention_heads} heads x {t.head_dim} ({t.num_key_value_heads} KV), {p['teacher_params'] / 1e9:.2f}B\n"
+          f"student        Llamba, {s.n_v_heads} mixer heads x {s.head_dim}, d_state {s.d_state}, "
+          f"{s.n_qk_heads} B/C groups, {p['student_params'] / 1e9:.2f}B; mapping {p['mapping'].strategy}: every "
+          f"tensor covered\n"
+          f"mesh           data={mesh['data']} x fsdp={mesh['fsdp']} x tensor={mesh['tensor']} = {p['devices']} "
+          f"device(s); every sharded dimension splits evenly\n"
+          f"batch          {cfg.data.batch_size} x {cfg.data.seq_len} tokens per micro-step ({p['micro_batch']} "
+          f"sequences per device), {cfg.data.grad_accum} micro-steps per step", file=sys.stdout)
+    fits_all = True
+    for stage in p["stages"]:
+        print(f"\nstage {stage['name']} ({stage['objective']}): {stage['steps']:,} steps, {stage['tokens'] / 1e9:.2f}B "
+              f"tokens, trainable {stage['trainable_params'] / 1e6:,.1f}M ({stage['trainable']}), "
+              f"{stage['shared_leaves']} student leaves read from the teacher")
+        print(f"  {'memory per device':<62}{'GiB':>8}")
+        for name, value in stage["memory"].items():
+            print(f"    {name:<60}{value / GIB:>8.2f}")
+        line = f"    {'total':<60}{stage['total'] / GIB:>8.2f}"
+        if capacity:
+            line += f"   {_fits(stage['total'], capacity)}"
+            fits_all &= stage["total"] <= FIT_FRACTION * capacity
+        print(line)
+    if capacity is None:
+        return 0
+    print(f"\ndevice memory {device_memory} = {capacity / GIB:.1f} GiB: "
+          f"{'every stage fits' if fits_all else 'NOT every stage fits'} (the limit is {FIT_FRACTION:.0%}).")
+    return 0 if fits_all else 1
+
+
 def dry_run(cfg, device_memory: str | None, devices: int | None) -> int:
     """Prints the plan; returns 0, or 1 when `device_memory` is given and the job does not fit."""
+    if cfg.recipe == "mohawk":
+        return dry_run_mohawk(cfg, device_memory, devices)
     p = plan(cfg, devices)
     c = p["teacher_config"]
     mesh = p["mesh"]

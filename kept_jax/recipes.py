@@ -127,7 +127,6 @@ def kept(cfg, source_config, source_params, calib_batches) -> Recipe:
 
 def mohawk(cfg, source_config, source_params, calib_batches) -> Recipe:
     from bridge.hf_import import ArrayReader, params_from_reader
-    from kept_jax.config import load_hf_config
     from kept_jax.convert import run_mapping, source_tensor_reader
     from kept_jax.mapping.llamba_init import build_llamba_mapping, llamba_config_for
 
@@ -138,8 +137,7 @@ def mohawk(cfg, source_config, source_params, calib_batches) -> Recipe:
         read = lambda name: tensors[name].astype(np.float64)  # noqa: E731
     else:  # a Llama (the job checked the source's architecture before loading it)
         teacher_config, teacher_params, read = source_config, source_params, source_tensor_reader(cfg.source)
-    layout = load_hf_config(cfg.student_config) if cfg.student_config else None
-    student_config = llamba_config_for(teacher_config, cfg.mixer_init, layout)
+    student_config = llamba_config_for(teacher_config, cfg.mixer_init, student_layout(cfg))
     student_config = student_config.replace(**cfg.runtime(type(student_config)))
     if any(s.objective == "matrix" for s in cfg.stages) and student_config.n_v_heads != teacher_config.num_attention_heads:
         raise KeptError(f"the matrix stage compares each mixer head with an attention head, but the student has "
@@ -153,6 +151,26 @@ def mohawk(cfg, source_config, source_params, calib_batches) -> Recipe:
 
 
 RECIPES = {"kept": kept, "mohawk": mohawk}
+
+
+def student_layout(cfg):
+    """The Llamba layout `student_config` names (a config.json, or a directory holding one; relative to the working
+    directory or to the repository), or None: the student is then derived from the teacher."""
+    import os
+
+    from kept_jax.config import ModelConfig, read_config_json
+    from kept_jax.train_config import CONFIG_DIR
+
+    if not cfg.student_config:
+        return None
+    for path in (cfg.student_config, os.path.join(os.path.dirname(CONFIG_DIR), cfg.student_config)):
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if os.path.isfile(path):
+            return ModelConfig.from_hf_dict(read_config_json(path))
+    raise KeptError(f"student_config {cfg.student_config!r} is neither a config.json nor a directory holding one; "
+                    "give a Llamba config.json (e.g. configs/models/llamba-1b.json) or leave it out to derive the "
+                    "student from the teacher")
 
 
 def _get(tree, path):

@@ -57,3 +57,29 @@ def test_memory_sizes_parse():
     assert parse_memory("141 gb") == 141 * 10**9 and parse_memory("1024") == 1024
     with pytest.raises(KeptError, match="give a size such as 80GB"):
         parse_memory("eighty")
+
+
+# Llama-3.2-1B (DESIGN.md section 6): 16 layers, d 2048, ffn 8192, 32 heads x 64 (8 KV), vocab 128256, tied.
+def test_llamba_configs_plan_every_stage_on_1_and_8_devices(capsys):
+    cfg, _ = load_config("configs/llamba-1b.yaml")
+    p = plan(cfg)
+    assert [s["name"] for s in p["stages"]] == ["matrix", "hidden", "kd"]
+    step = 64 * 2048  # whole steps of 64 sequences of 2048 tokens, at least the paper's budget
+    assert [s["tokens"] for s in p["stages"]] == [-(-t // step) * step for t in (300e6, 2.7e9, 5e9)]
+    layers, d, f, h, n = 16, 2048, 8192, 32, 64
+    mixer = d * (2 * d + 2 * h * n + h) + d * d + d + (d + 2 * h * n) * 5 + h  # in/out_proj, z_bias, conv, D
+    matrix, hidden, kd = p["stages"]
+    assert matrix["trainable_params"] == layers * (mixer + d)  # the mixers and their input norms
+    assert hidden["trainable_params"] == layers * (mixer + 3 * d * f + 2 * d)
+    assert kd["trainable_params"] == p["student_params"]
+    # Stage 1 holds one layer's [b, H, T, T] matrices at a time: 5 of them, b = 8 sequences, fp32.
+    assert matrix["memory"]["one layer's matrices (5 x b H T^2 fp32, H = 32)"] == 5 * 8 * h * 2048 ** 2 * 4
+    # The MLPs, the post-mixer norms, the embedding and the final norm read the teacher's buffers until trained.
+    assert matrix["shared_leaves"] == 6 and kd["shared_leaves"] == 0
+    assert train.main(["--config", "configs/llamba-8b.yaml", "--dry-run", "--device-memory", "80GB"]) == 1
+    assert "NOT every stage fits" in capsys.readouterr().out
+    assert train.main(["--config", "configs/llamba-8b.yaml", "--dry-run", "--device-memory", "80GB", "--devices", "8",
+                       "mesh.fsdp=8"]) == 0
+    out = capsys.readouterr().out
+    assert "every stage fits" in out and out.count("stage ") >= 3
+    assert train.main(["--config", "configs/llamba-3b.yaml", "--dry-run"]) == 0
