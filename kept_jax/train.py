@@ -193,18 +193,16 @@ class Job:
             local = next(iterator).reshape(d.grad_accum, -1, d.seq_len)
             yield sharding.global_batch(local, self.batch_sharding)
 
-    def step_flops(self, stage, split) -> float | None:
-        """FLOPs of one training step of `stage`, for MFU; None for the MOHAWK layer objectives (not modelled)."""
-        from kept_jax.flops import step_flops_per_token
+    def step_flops(self, stage, split) -> float:
+        """FLOPs of one training step of `stage`, for MFU (kept_jax/flops.py)."""
+        from kept_jax.flops import stage_flops_per_token
 
-        if stage.objective != "kl":
-            return None
         matmul_leaves = ("kernel", "a", "b")
         trainable_matmul = sum(int(math.prod(v.shape)) for k, v in split.trainable.items()
                                if k[-1] in matmul_leaves)
         d = self.cfg.data
-        return d.tokens_per_step * step_flops_per_token(self.teacher.config, self.student.config, d.seq_len,
-                                                        trainable_matmul)
+        return d.tokens_per_step * stage_flops_per_token(stage.objective, self.teacher.config, self.student.config,
+                                                         d.seq_len, trainable_matmul)
 
     def distill(self, log=None, checkpoints=None, stop=None):
         """Trains every stage from the latest checkpoint (if any) to the last step; returns the final state.

@@ -71,3 +71,20 @@ def test_mixer_benchmark_times_every_form_and_skips_past_its_memory_budget(capsy
     assert [r[0] for r in timed] == ["chunked", "matrix", "recurrent"]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0 for r in timed)
     assert all(r[2] == r[3] == "-" for r in rows(["--memory-budget", "1MiB"]))
+
+
+@pytest.mark.slow  # about a minute: three compiled steps at the 1B width
+def test_mohawk_step_benchmark_runs_every_stage(capsys):
+    """The stage steps the job runs, at Llama-3.2-1B / Llamba-1B width (one layer, a small vocabulary)."""
+    import json
+
+    from benchmarks import mohawk_step
+
+    assert mohawk_step.main(["--layers", "1", "--seq", "32", "--batch", "1", "--reps", "1", "--vocab", "512",
+                             "--no-save"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["stage"] for r in rows] == ["matrix", "hidden", "kd"]
+    assert all(r["tokens_per_s"] > 0 and r["flops_per_token"] > 0 and r["temp_bytes"] > 0 for r in rows)
+    # Each stage trains more than the one before it: mixers, then whole blocks, then everything.
+    assert rows[0]["trainable_params"] < rows[1]["trainable_params"] < rows[2]["trainable_params"]
+    assert rows[0]["flops_per_token"] < rows[1]["flops_per_token"] < rows[2]["flops_per_token"]

@@ -1,0 +1,106 @@
+"""MOHAWK's three stages on the one step: throughput, FLOPs, MFU and compiled memory per stage.
+
+    python -m benchmarks.mohawk_step [--layers 2] [--seq 512] [--batch 2] [--reps 3] [--dtype float32]
+
+The teacher is Llama-3.2-1B's layout (configs/models/llama-3.2-1b-instruct.json) and the student the published
+Llamba-1B's, with `--layers` layers (16 is the real depth; fewer on a CPU), on random weights. Each stage is
+`kept_jax.xkd.step.make_train_step` with its objective, its trainable set from configs/llamba-1b.yaml and the
+shared-buffer split of the mapping: the step the job runs. Median of `--reps` steps after compilation and one
+warm-up. FLOPs per token from `kept_jax.flops.stage_flops_per_token`; MFU where the device's peak is known (GPUs);
+memory is XLA's `memory_analysis()` of the compiled step. Writes benchmarks/results/mohawk_step-<device>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from benchmarks.common import environment, median_seconds, write_result
+from kept_jax.config import ModelConfig, read_config_json
+from kept_jax.errors import cli_entry
+from kept_jax.flops import peak_flops, stage_flops_per_token
+from kept_jax.mapping.llamba_init import build_llamba_mapping, llamba_config_for
+from kept_jax.models import build_model, init_params
+from kept_jax.recipes import plan_stages
+from kept_jax.train_config import CONFIG_DIR, load_config
+from kept_jax.xkd.objectives import make_objective
+from kept_jax.xkd.step import init_state, make_train_step
+from kept_jax.xkd.trainable import split_by_paths
+
+MODELS = os.path.join(CONFIG_DIR, "models")
+
+
+@cli_entry
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.mohawk_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--vocab", type=int, help="a smaller vocabulary than Llama-3's 128256 (tests)")
+    p.add_argument("--no-save", action="store_true", help="print the rows as JSON instead of writing a result file")
+    args = p.parse_args(argv)
+
+    runtime = dict(compute_dtype=args.dtype, param_dtype=args.dtype)
+    teacher_hf = read_config_json(os.path.join(MODELS, "llama-3.2-1b-instruct.json"))
+    vocab = {"vocab_size": args.vocab} if args.vocab else {}
+    teacher_config = ModelConfig.from_hf_dict({**teacher_hf, "num_hidden_layers": args.layers, **vocab}, **runtime)
+    layout = ModelConfig.from_hf_dict({**read_config_json(os.path.join(MODELS, "llamba-1b.json")),
+                                       "n_layer": args.layers, **vocab})
+    student_config = llamba_config_for(teacher_config, "mohawk", layout).replace(**runtime)
+    teacher, student = build_model(teacher_config), build_model(student_config)
+    teacher_params = init_params(teacher_config, jax.random.key(0))
+    student_params = init_params(student_config, jax.random.key(1))
+    shared = build_llamba_mapping(teacher_config, student_config, "mohawk").shared_with_teacher()
+    job, _ = load_config(os.path.join(CONFIG_DIR, "llamba-1b.yaml"))
+    tokens = jax.random.randint(jax.random.key(2), (1, args.batch, args.seq), 0, teacher_config.vocab_size)
+    peak = peak_flops(jax.devices()[0].device_kind, args.dtype)
+
+    rows = []
+    for stage in plan_stages(job):
+        split = split_by_paths({"params": student_params}, teacher_params, stage.trainable, shared)
+        step = make_train_step(make_objective(stage.objective, teacher, student, job.loss), split, stage.optimizer)
+        state = init_state(split, stage.optimizer)
+        compiled = step.lower(state, teacher_params, split.frozen, tokens).compile()
+        memory = compiled.memory_analysis()
+        trainable_matmul = sum(v.size for k, v in split.trainable.items() if k[-1] == "kernel")
+        box = {"state": state}
+
+        def run(box=box, step=step, split=split):
+            box["state"], metrics = step(box["state"], teacher_params, split.frozen, tokens)
+            jax.block_until_ready(metrics)
+
+        run()  # warm-up
+        seconds, times = median_seconds(run, args.reps)
+        n_tokens = args.batch * args.seq
+        flops = stage_flops_per_token(stage.objective, teacher_config, student_config, args.seq, trainable_matmul)
+        row = {"stage": stage.name, "objective": stage.objective, "trainable": stage.trainable,
+               "trainable_params": int(sum(v.size for v in split.trainable.values())),
+               "shared_leaves": len(split.shared), "seconds": seconds, "times": times,
+               "tokens_per_s": n_tokens / seconds, "flops_per_token": flops,
+               "tflops_per_s": flops * n_tokens / seconds / 1e12,
+               "mfu": flops * n_tokens / seconds / peak if peak else None,
+               "temp_bytes": memory.temp_size_in_bytes, "argument_bytes": memory.argument_size_in_bytes}
+        rows.append(row)
+        mfu = "n/a" if row["mfu"] is None else f"{row['mfu']:.1%}"
+        print(f"{stage.name:<8} {row['tokens_per_s']:>10,.0f} tok/s  {flops / 1e9:>7.2f} GFLOP/token  "
+              f"{row['tflops_per_s']:>7.3f} TFLOP/s  MFU {mfu}  temp {row['temp_bytes'] / 2**30:.2f} GiB",
+              file=sys.stderr)
+    result = {"environment": environment(), "teacher": "llama-3.2-1b-instruct", "student": "llamba-1b",
+              "layers": args.layers, "vocab": teacher_config.vocab_size, "seq": args.seq, "batch": args.batch, "dtype": args.dtype, "stages": rows}
+    if args.no_save:
+        print(json.dumps(rows))
+        return 0
+    print(write_result("mohawk_step", result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
