@@ -18,8 +18,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
-from flax import traverse_util
 
 from benchmarks.common import environment, median_seconds, write_result
 from kept_jax.config import ModelConfig, read_config_json

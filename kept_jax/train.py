@@ -74,7 +74,7 @@ class Job:
         from kept_jax.models import build_model
         from kept_jax.recipes import RECIPES
         from kept_jax.tokenizer import load_tokenizer
-        from kept_jax.xkd.trainable import shared_leaves
+        from kept_jax.xkd.trainable import is_trainable, shared_leaves
 
         cfg, d = self.cfg, self.cfg.data
         source = load_hf_config(cfg.source)
@@ -109,7 +109,7 @@ class Job:
         source_config, source_params, _ = load_hf_checkpoint(cfg.source, **cfg.runtime())
         recipe = RECIPES[cfg.recipe](cfg, source_config, source_params, batches_of(calib_rows, d.batch_size))
         del source_params
-        self.recipe, self.stages, self.mapping = recipe, recipe.stages, recipe.mapping
+        self.stages, self.mapping = recipe.stages, recipe.mapping
         self.teacher, self.student = build_model(recipe.teacher_config), build_model(recipe.student_config)
 
         # Placement on the mesh. Shared leaves live in the teacher's tree, with the teacher's sharding; the store
@@ -119,6 +119,10 @@ class Job:
             recipe.teacher_params, sharding.logical_axes(recipe.teacher_config), self.mesh, teacher_rules))
         flat = traverse_util.flatten_dict(recipe.student_variables)
         self.twins = shared_leaves(flat, recipe.teacher_params, recipe.shared)
+        for stage in self.stages:  # before any stage trains: a later stage's typo must not waste the earlier ones
+            if not any(is_trainable(key, stage.trainable) for key in flat):
+                raise KeptError(f"stage {stage.name}: trainable={stage.trainable!r} selects no parameter of the "
+                                "student; check the patterns")
         store = {k: v for k, v in flat.items() if k not in self.twins}
         self.store = jax.device_put(store, sharding.flat_shardings(store, self.student_axes, self.mesh, self.rules))
         self.split = self.stage_split(0)
@@ -139,11 +143,7 @@ class Job:
         view = {key: teacher_flat[twin] for key, twin in self.twins.items() if key not in self.store}
         view.update(self.store)
         shared = {key[1:]: twin[1:] for key, twin in self.twins.items() if key not in self.store}
-        split = split_by_paths(view, self.teacher_params, stage.trainable, shared)
-        if not split.trainable:
-            raise KeptError(f"stage {stage.name}: trainable={stage.trainable!r} selects no parameter of the student; "
-                            "check the patterns")
-        return split
+        return split_by_paths(view, self.teacher_params, stage.trainable, shared)
 
     def carried_keys(self, k: int) -> list:
         """Leaves an earlier stage trained that stage k keeps frozen: not rebuilt by the conversion, so they are
@@ -154,14 +154,14 @@ class Job:
         before = {key for key in keys for s in self.stages[:k] if is_trainable(key, s.trainable)}
         return sorted(key for key in before if not is_trainable(key, self.stages[k].trainable))
 
-    def evaluate(self, trainable, split=None) -> dict:
-        """Held-out KL(teacher || student), agreement and NLLs, with `trainable` in `split` (default: the current)."""
+    def evaluate(self, trainable) -> dict:
+        """Held-out KL(teacher || student), agreement and NLLs of the student with `trainable` in the current split."""
         from kept_jax import sharding
         from kept_jax.evaluate import batches_of
         from kept_jax.xkd.objectives import LogitKL
         from kept_jax.xkd.step import make_eval_step
 
-        split = self.split if split is None else split
+        split = self.split
         if getattr(self, "_eval_split", None) is not split:  # the split's layout changes between stages
             self._eval = make_eval_step(LogitKL(self.teacher, self.student, self.cfg.loss), split)
             self._eval_split = split
@@ -477,7 +477,8 @@ def main(argv=None) -> int:
     summary = {
         "recipe": cfg.recipe,
         "opm": cfg.opm,
-        "trainable": cfg.trainable if isinstance(cfg.trainable, str) else list(cfg.trainable),
+        "trainable": (cfg.trainable if isinstance(cfg.trainable, str) else list(cfg.trainable)) if cfg.recipe == "kept"
+        else "per stage",
         "trainable_params": job.num_trainable,
         "shared_tensors": len(job.split.shared),
         "steps": total_steps,
@@ -505,7 +506,7 @@ def main(argv=None) -> int:
     with atomic_file(summary_path) as f:
         json.dump(summary, f, indent=2)
     print(_summary_table(summary))
-    print(f"\n{what} trainable={summary['trainable'] if cfg.recipe == 'kept' else 'per stage'} steps={total_steps} "
+    print(f"\n{what} trainable={summary['trainable']} steps={total_steps} "
           f"tokens={summary['tokens']:,} verified={summary['verified']} time={summary['seconds_this_process']:.0f}s\n"
           f"run directory: {out_dir}")
     if cfg.verify and not summary["verified"]:

@@ -155,8 +155,6 @@ class JobConfig:
         if self.recipe == "mohawk":
             if not self.stages:
                 raise KeptError("recipe: mohawk needs a stages: list (see configs/tiny-llamba.yaml)")
-            if self.trainable == "lora":
-                raise KeptError("recipe: mohawk trains each stage's own trainable set; lora is for the kept recipe")
             for i, stage in enumerate(self.stages):
                 where = f"stages[{i}] ({stage.name})"
                 _check_trainable(f"{where}.trainable", stage.trainable)
@@ -307,4 +305,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> tuple[Job
     if cfg.recipe == "mohawk" and {"steps", "warmup", "lr", "weight_decay"} & set(raw.get("train") or {}):
         raise KeptError("recipe: mohawk takes each stage's tokens, lr and weight_decay from stages:, not "
                         "train.steps/warmup/lr/weight_decay; remove those keys")
+    if cfg.recipe == "mohawk" and {"trainable", "lora"} & set(raw):
+        raise KeptError("recipe: mohawk trains each stage's own set (stages[i].trainable); remove the top-level "
+                        "trainable and lora keys, which are the kept recipe's")
     return cfg, raw

@@ -8,7 +8,6 @@ frozen in stage 2 and must come back from the checkpoint, not from the conversio
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 
@@ -98,7 +97,7 @@ def test_stage_resume_is_bit_identical(orion_checkpoint, reference, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("stages=[]", "needs a stages: list"),
-    ("trainable=lora", "lora is for the kept recipe"),
+    ("trainable=lora", "remove the top-level trainable and lora keys"),
     ("train.lr=0.1", "not train.steps/warmup/lr/weight_decay"),
     ("stages=[{name: a, objective: matrix, tokens: 10, lr: -1.0}]", "lr must be positive"),
     ("stages=[{name: a, objective: matrics, tokens: 10, lr: 1.0}]", "did you mean 'matrix'"),
