@@ -221,6 +221,7 @@ def plan_mohawk(cfg, devices: int | None = None) -> dict:
     from kept_jax.mapping.llamba_init import build_llamba_mapping, llamba_config_for
     from kept_jax.models.params import abstract_params
     from kept_jax.recipes import plan_stages, student_layout
+    from kept_jax.xkd.trainable import describe
     from kept_jax.xkd.trainable import is_trainable, split_by_paths
 
     layout_path, teacher_config = _source_layout(cfg)
@@ -275,7 +276,7 @@ def plan_mohawk(cfg, devices: int | None = None) -> dict:
         }
         memory.update(mohawk_activation_bytes(cfg, stage.objective, teacher_config, student_config, micro_batch))
         stages.append({"name": stage.name, "objective": stage.objective, "steps": stage.steps,
-                       "tokens": stage.steps * cfg.data.tokens_per_step, "trainable": stage.trainable,
+                       "tokens": stage.steps * cfg.data.tokens_per_step, "trainable": describe(stage.trainable),
                        "trainable_params": _count(split.trainable), "shared_leaves": len(split.shared),
                        "memory": memory, "total": sum(memory.values())})
         trained |= {k for k in student if is_trainable(k, stage.trainable)}

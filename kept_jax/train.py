@@ -366,12 +366,14 @@ def _check_llamba(export_dir: str, rows) -> dict:
 def _stage_summaries(stages, evals: list[dict], train_records: list[dict], tokens_per_step: int) -> list[dict]:
     """Per stage: its steps and tokens, its loss at the first and last log line, and held-out KL and agreement
     at its end."""
+    from kept_jax.xkd.trainable import describe
+
     by_end = {r["step"]: r for r in evals if r["stage"] is not None}
     out = []
     for stage in stages:
         lines = [r for r in train_records if r.get("stage") == stage.name]
         end = by_end[stage.end]
-        out.append({"name": stage.name, "objective": stage.objective, "trainable": stage.trainable,
+        out.append({"name": stage.name, "objective": stage.objective, "trainable": describe(stage.trainable),
                     "steps": stage.steps,
                     "tokens": stage.steps * tokens_per_step, "loss_first": lines[0]["loss"] if lines else None,
                     "loss_last": lines[-1]["loss"] if lines else None, "kl": end["kl"],
@@ -382,14 +384,14 @@ def _stage_summaries(stages, evals: list[dict], train_records: list[dict], token
 def _summary_table(summary: dict) -> str:
     rows = [("KL (nats/tok)", "kl", ".4e"), ("agreement", "agreement", ".2%"), ("student ppl", "student_ppl", ".3f")]
     if "stages" in summary:  # MOHAWK: held-out KL and agreement after init and after each stage
-        lines = [f"\n{'':<16}{'init':>12}" + "".join(f"{s['name']:>12}" for s in summary["stages"])]
+        lines = [f"\n{'':<16}{'init':>12}" + "".join(f"{s['name']:>16}" for s in summary["stages"])]
         lines.append(f"{'KL (nats/tok)':<16}{summary['kl_init']:>12.4e}" +
-                     "".join(f"{s['kl']:>12.4e}" for s in summary["stages"]))
+                     "".join(f"{s['kl']:>16.4e}" for s in summary["stages"]))
         lines.append(f"{'agreement':<16}{summary['agreement_init']:>12.2%}" +
-                     "".join(f"{s['agreement']:>12.2%}" for s in summary["stages"]))
-        lines.append(f"{'stage loss':<16}{'':>12}" + "".join(
-            f"{s['loss_first']:>5.3g}->{s['loss_last']:<5.3g}" if s["loss_first"] is not None else f"{'':>12}"
-            for s in summary["stages"]))
+                     "".join(f"{s['agreement']:>16.2%}" for s in summary["stages"]))
+        losses = [f"{s['loss_first']:.3g} -> {s['loss_last']:.3g}" if s["loss_first"] is not None else ""
+                  for s in summary["stages"]]
+        lines.append(f"{'stage loss':<16}{'':>12}" + "".join(f"{loss:>16}" for loss in losses))
         return "\n".join(lines)
     lines = [f"\n{'':<16}{'init':>12}{'final':>12}"]
     lines += [f"{label:<16}{summary[key + '_init']:>12{fmt}}{summary[key + '_final']:>12{fmt}}" for label, key, fmt in rows]
@@ -410,6 +412,7 @@ def main(argv=None) -> int:
     import jax
 
     from kept_jax import checkpoint, runlog, sharding
+    from kept_jax.xkd.trainable import describe
 
     sharding.initialize_distributed()
     lead = jax.process_index() == 0  # the first host writes logs, the export and the summary
@@ -448,7 +451,7 @@ def main(argv=None) -> int:
             init = job.log_eval(log, 0, job.evaluate(job.split.trainable), "init")
             print(f"at init: KL {init['kl']:.4e} nats/token, agreement {init['agreement']:.2%} on "
                   f"{init['eval_tokens']:,} held-out tokens; training {job.num_trainable:,} parameters "
-                  f"({job.stages[0].trainable}) in stage {job.stages[0].name}", file=sys.stderr)
+                  f"({describe(job.stages[0].trainable)}) in stage {job.stages[0].name}", file=sys.stderr)
         with checkpoint.StopRequest() as stop:
             job.distill(log, checkpoints, stop)
     finally:
@@ -473,6 +476,10 @@ def main(argv=None) -> int:
         verified = _check_llamba(export_dir, job.eval_rows)
     else:
         verified = _verify(export_dir, cfg.source)
+    if "oracle" in verified:
+        o = verified["oracle"]
+        print(f"float64 oracle vs the re-imported export on {ORACLE_ROWS} x {ORACLE_TOKENS} held-out tokens: max "
+              f"error {o['max_relative_error']:.2e} of the logit scale, argmax agreement {o['argmax_agreement']:.2%}")
     total_steps = job.stages[-1].end
     summary = {
         "recipe": cfg.recipe,

@@ -38,6 +38,11 @@ def is_trainable(key: tuple[str, ...], spec: str | tuple[str, ...]) -> bool:
     return any(re.search(pattern, joined) for pattern in spec)
 
 
+def describe(spec: str | tuple[str, ...]) -> str:
+    """A trainable set as a config spells it: `all`, or `[mixer/, input_layernorm]`."""
+    return spec if isinstance(spec, str) else "[" + ", ".join(spec) + "]"
+
+
 def init_lora(params: dict, rank: int, targets: tuple[str, ...], key) -> dict:
     """Adapters a [.., in, r] ~ N(0, 1/in) and b = 0 on each target kernel: the student starts exactly where it was."""
     flat = traverse_util.flatten_dict(params)
