@@ -92,7 +92,8 @@ def main(argv=None) -> int:
               f"{row['tflops_per_s']:>7.3f} TFLOP/s  MFU {mfu}  temp {row['temp_bytes'] / 2**30:.2f} GiB",
               file=sys.stderr)
     result = {"environment": environment(), "teacher": "llama-3.2-1b-instruct", "student": "llamba-1b",
-              "layers": args.layers, "vocab": teacher_config.vocab_size, "seq": args.seq, "batch": args.batch, "dtype": args.dtype, "stages": rows}
+              "layers": args.layers, "vocab": teacher_config.vocab_size, "seq": args.seq, "batch": args.batch,
+              "dtype": args.dtype, "stages": rows}
     if args.no_save:
         print(json.dumps(rows))
         return 0

@@ -73,6 +73,19 @@ def _nbytes(x) -> int:
     return int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
 
 
+def per_device_bytes(flat: dict, axes, rules, mesh_sizes: dict, itemsize: int | None = None) -> float:
+    """The bytes of `flat`'s leaves that one device holds under `rules` (in `itemsize`-byte elements when given)."""
+    from kept_jax import sharding
+
+    total = 0.0
+    for key, value in flat.items():
+        spec = sharding.mesh_spec(sharding.variable_axes(key, axes), tuple(value.shape), mesh_sizes, rules,
+                                  "/".join(key))
+        size = _nbytes(value) if itemsize is None else int(np.prod(value.shape)) * itemsize
+        total += size / sharding.shard_factor(spec, mesh_sizes)
+    return total
+
+
 def _count(flat: dict) -> int:
     return sum(int(np.prod(v.shape)) for v in flat.values())
 
@@ -134,13 +147,7 @@ def plan(cfg, devices: int | None = None) -> dict:
     student_axes, teacher_axes = sharding.logical_axes(student_config), sharding.logical_axes(teacher_config)
 
     def per_device(flat, axes, rules, itemsize=None):
-        total = 0.0
-        for key, value in flat.items():
-            spec = sharding.mesh_spec(sharding.variable_axes(key, axes), tuple(value.shape), mesh_sizes, rules,
-                                      "/".join(key))
-            size = _nbytes(value) if itemsize is None else int(np.prod(value.shape)) * itemsize
-            total += size / sharding.shard_factor(spec, mesh_sizes)
-        return total
+        return per_device_bytes(flat, axes, rules, mesh_sizes, itemsize)
 
     micro_batch = sharding.per_device_batch(cfg.data.batch_size, mesh_sizes)
     trainable_fp32 = per_device(trainable, student_axes, student_rules, itemsize=4)
@@ -246,13 +253,7 @@ def plan_mohawk(cfg, devices: int | None = None) -> dict:
     micro_batch = sharding.per_device_batch(cfg.data.batch_size, mesh_sizes)
 
     def per_device(flat, axes, rules, itemsize=None):
-        total = 0.0
-        for key, value in flat.items():
-            spec = sharding.mesh_spec(sharding.variable_axes(key, axes), tuple(value.shape), mesh_sizes, rules,
-                                      "/".join(key))
-            size = _nbytes(value) if itemsize is None else int(np.prod(value.shape)) * itemsize
-            total += size / sharding.shard_factor(spec, mesh_sizes)
-        return total
+        return per_device_bytes(flat, axes, rules, mesh_sizes, itemsize)
 
     shared_paths = mapping.shared_with_teacher()
     teacher_bytes = per_device(teacher_flat, teacher_axes, teacher_rules)
@@ -296,7 +297,8 @@ def dry_run_mohawk(cfg, device_memory: str | None, devices: int | None) -> int:
     capacity = parse_memory(device_memory) if device_memory else None
     print(f"dry run: abstract shapes only, no weights read\n"
           f"teacher        {p['layout']}: Llama, {t.num_hidden_layers} layers, hidden {t.hidden_size}, "
-          f"{t.num_attention_heads} heads x {t.head_dim} ({t.num_key_value_heads} KV), {p['teacher_params'] / 1e9:.2f}B\n"
+          f"{t.num_attention_heads} heads x {t.head_dim} ({t.num_key_value_heads} KV), "
+          f"{p['teacher_params'] / 1e9:.2f}B\n"
           f"student        Llamba, {s.n_v_heads} mixer heads x {s.head_dim}, d_state {s.d_state}, "
           f"{s.n_qk_heads} B/C groups, {p['student_params'] / 1e9:.2f}B; mapping {p['mapping'].strategy}: every "
           f"tensor covered\n"

@@ -61,10 +61,9 @@ def wsd_schedule(lr: float, steps: int, warmup: float, decay: float) -> optax.Sc
     linear to 1e-8 over the last `decay` fraction. Update k (from 0) uses schedule(k)."""
     n_warm, n_decay = round(warmup * steps), round(decay * steps)
     n_stable = steps - n_warm - n_decay
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, max(n_warm, 1)) if n_warm else optax.constant_schedule(lr),
-                                 optax.constant_schedule(lr),
-                                 optax.linear_schedule(lr, WSD_END, max(n_decay, 1))],
-                                [n_warm, n_warm + n_stable])
+    # With no warmup the first boundary is 0 and the warmup piece is never used.
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, max(n_warm, 1)), optax.constant_schedule(lr),
+                                 optax.linear_schedule(lr, WSD_END, max(n_decay, 1))], [n_warm, n_warm + n_stable])
 
 
 def stage_optimizer(schedule: optax.Schedule, weight_decay: float, clip: float) -> optax.GradientTransformation:
@@ -139,9 +138,10 @@ def mohawk(cfg, source_config, source_params, calib_batches) -> Recipe:
         teacher_config, teacher_params, read = source_config, source_params, source_tensor_reader(cfg.source)
     student_config = llamba_config_for(teacher_config, cfg.mixer_init, student_layout(cfg))
     student_config = student_config.replace(**cfg.runtime(type(student_config)))
-    if any(s.objective == "matrix" for s in cfg.stages) and student_config.n_v_heads != teacher_config.num_attention_heads:
+    heads = teacher_config.num_attention_heads
+    if any(s.objective == "matrix" for s in cfg.stages) and student_config.n_v_heads != heads:
         raise KeptError(f"the matrix stage compares each mixer head with an attention head, but the student has "
-                        f"{student_config.n_v_heads} heads and the teacher {teacher_config.num_attention_heads}; "
+                        f"{student_config.n_v_heads} heads and the teacher {heads}; "
                         "give the student n_v_heads equal to the teacher's heads, or drop the matrix stage")
     mapping = build_llamba_mapping(teacher_config, student_config, cfg.mixer_init, cfg.train.seed)
     tensors, _ = run_mapping(mapping, read, cfg.precision.params)

@@ -36,7 +36,8 @@ def parse_args(argv):
 def _sums_to_metrics(sums: dict, count: str = "tokens") -> dict:
     """Means per `count` (the objective's: tokens, matrices) of every summed metric; `agree` is `agreement`."""
     n = max(float(sums[count]), 1.0)
-    out = {("agreement" if k == "agree" else k): v / n for k, v in sums.items() if k not in (count, "grad_norm", "steps")}
+    out = {("agreement" if k == "agree" else k): v / n for k, v in sums.items()
+           if k not in (count, "grad_norm", "steps")}
     out[count] = int(n)
     return out
 

@@ -11,9 +11,7 @@ import re
 import subprocess
 import sys
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from bridge.hf_import import load_hf_checkpoint
@@ -21,7 +19,7 @@ from kept_jax import train
 from kept_jax.errors import KeptError
 from kept_jax.runlog import read_metrics
 from kept_jax.train_config import load_config
-from tests.test_resume import steps_saved, wait_for_checkpoint, without_timing
+from tests.test_resume import assert_same_weights, steps_saved, wait_for_checkpoint, without_timing
 
 # 128 tokens per step: stages of 4, 6 and 4 steps.
 STAGES = ("stages=[{name: matrix, objective: matrix, tokens: 512, lr: 3.0e-3, trainable: [mixer/]},"
@@ -35,10 +33,6 @@ def job_args(source, out):
     return ["--config", TINY_LLAMBA, "--out", out, f"source={source}", STAGES, "train.log_every=1",
             "checkpoint.every=1", "checkpoint.keep=3", "data.seq_len=32", "data.batch_size=4",
             "data.calib_tokens=256", "data.eval_tokens=256"]
-
-
-def final_state(out):
-    return ocp.StandardCheckpointer().restore(os.path.join(out, "checkpoints", str(TOTAL), "state"))
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +80,7 @@ def test_stage_resume_is_bit_identical(orion_checkpoint, reference, tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert "resuming from the checkpoint at step" in err
     assert without_timing(read_metrics(out)) == without_timing(read_metrics(reference))
-    a, b = final_state(reference), final_state(out)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    with open(os.path.join(reference, "export", "model.safetensors"), "rb") as f:
-        exported = f.read()
-    with open(os.path.join(out, "export", "model.safetensors"), "rb") as f:
-        assert f.read() == exported
+    assert_same_weights(reference, out, TOTAL)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -107,3 +95,14 @@ def test_stage_resume_is_bit_identical(orion_checkpoint, reference, tmp_path):
 def test_stage_config_errors(override, message):
     with pytest.raises(KeptError, match=re.escape(message)):
         load_config(TINY_LLAMBA, [override])
+
+
+def test_wsd_schedule_warms_holds_and_decays():
+    from kept_jax.recipes import WSD_END, wsd_schedule
+
+    lr = wsd_schedule(2.0, 100, 0.1, 0.1)
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(1.0)  # linear warmup over 10 updates
+    assert all(float(lr(k)) == pytest.approx(2.0) for k in (10, 50, 89))  # stable
+    assert float(lr(95)) == pytest.approx(1.0, rel=1e-6) and float(lr(100)) == pytest.approx(WSD_END)
+    no_warmup = wsd_schedule(2.0, 10, 0.0, 0.5)
+    assert float(no_warmup(0)) == pytest.approx(2.0) and float(no_warmup(10)) == pytest.approx(WSD_END)

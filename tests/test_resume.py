@@ -43,8 +43,17 @@ def wait_for_checkpoint(proc, out, at_least, timeout=240):
     raise AssertionError(f"no checkpoint at step >= {at_least}; exit {proc.poll()}: {proc.communicate()[1][-2000:]}")
 
 
-def final_state(out):
-    return ocp.StandardCheckpointer().restore(os.path.join(out, "checkpoints", str(STEPS), "state"))
+def assert_same_weights(reference, out, last_step):
+    """The final checkpoint's state and the exported weights of two runs are bit-identical."""
+    a, b = (ocp.StandardCheckpointer().restore(os.path.join(run, "checkpoints", str(last_step), "state"))
+            for run in (reference, out))
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with open(os.path.join(reference, "export", "model.safetensors"), "rb") as f:
+        exported = f.read()
+    with open(os.path.join(out, "export", "model.safetensors"), "rb") as f:
+        assert f.read() == exported
 
 
 def without_timing(records):
@@ -87,13 +96,6 @@ def test_interrupted_run_resumes_bit_identically(orion_checkpoint, tmp_path):
     assert without_timing(read_metrics(out)) == without_timing(read_metrics(reference))
     steps = [r["step"] for r in read_metrics(out) if r["split"] == "train"]
     assert steps == list(range(3, STEPS + 1, 3))  # nothing lost, nothing repeated
-    a, b = final_state(reference), final_state(out)
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    with open(os.path.join(reference, "export", "model.safetensors"), "rb") as f:
-        exported = f.read()
-    with open(os.path.join(out, "export", "model.safetensors"), "rb") as f:
-        assert f.read() == exported
+    assert_same_weights(reference, out, STEPS)
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["resumed_from_step"] == resumed_from
