@@ -25,7 +25,7 @@ from kept_jax.errors import cli_entry
 from kept_jax.flops import peak_flops, stage_flops_per_token
 from kept_jax.mapping.llamba_init import build_llamba_mapping, llamba_config_for
 from kept_jax.models import build_model, init_params
-from kept_jax.recipes import plan_stages
+from kept_jax.stages import plan_stages
 from kept_jax.train_config import CONFIG_DIR, load_config
 from kept_jax.xkd.objectives import make_objective
 from kept_jax.xkd.step import init_state, make_train_step

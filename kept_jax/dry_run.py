@@ -57,13 +57,13 @@ def parse_memory(text: str) -> int:
 
 def _source_layout(cfg):
     from kept_jax.config import ModelConfig, read_config_json
-    from kept_jax.train_config import CONFIG_DIR
+    from kept_jax.train_config import find_config_json
 
     candidates = [os.path.join(cfg.source, "config.json")]
     if cfg.source_config:
-        candidates += [cfg.source_config, os.path.join(os.path.dirname(CONFIG_DIR), cfg.source_config)]
+        candidates.append(find_config_json(cfg.source_config))
     for path in candidates:
-        if os.path.isfile(path):
+        if path and os.path.isfile(path):
             return path, ModelConfig.from_hf_dict(read_config_json(path), **cfg.runtime())
     raise KeptError(f"no config.json at {cfg.source!r} and no source_config set; give the source's config.json "
                     f"with source_config=PATH to plan without the weights")
@@ -138,27 +138,11 @@ def plan(cfg, devices: int | None = None) -> dict:
     if not trainable:
         raise KeptError(f"trainable={cfg.trainable!r} selects no parameter of the student; check the patterns")
 
-    m = cfg.mesh
-    if devices is None:
-        devices = math.prod(s for s in (m.data, m.fsdp, m.tensor) if s != -1)
-    mesh_sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(m.data, m.fsdp, m.tensor, devices)))
-    student_rules = sharding.rules_from(m.rules)
-    teacher_rules = sharding.rules_from(m.teacher_rules, dict(student_rules))
-    student_axes, teacher_axes = sharding.logical_axes(student_config), sharding.logical_axes(teacher_config)
-
-    def per_device(flat, axes, rules, itemsize=None):
-        return per_device_bytes(flat, axes, rules, mesh_sizes, itemsize)
-
+    devices, mesh_sizes = _mesh_sizes(cfg, devices)
+    teacher_bytes, student_bytes = _placement(cfg, mesh_sizes, teacher_config, student_config)
     micro_batch = sharding.per_device_batch(cfg.data.batch_size, mesh_sizes)
-    trainable_fp32 = per_device(trainable, student_axes, student_rules, itemsize=4)
-    memory = {
-        f"teacher weights ({cfg.precision.params})": per_device(teacher_flat, teacher_axes, teacher_rules),
-        f"student weights not shared with the teacher ({len(own)} leaves)": per_device(own, student_axes, student_rules),
-        "trainable leaves, fp32 master copies": trainable_fp32,
-        "optimizer state (AdamW m and v, fp32)": 2 * trainable_fp32,
-        "gradients (fp32" + (", and the accumulation sum)" if cfg.data.grad_accum > 1 else ")"):
-            trainable_fp32 * (2 if cfg.data.grad_accum > 1 else 1),
-    }
+    memory = _weight_rows(cfg, teacher_bytes(teacher_flat), own, student_bytes(own),
+                          student_bytes(trainable, itemsize=4))
     memory.update(activation_bytes(cfg, student_config, micro_batch, mesh_sizes))
     if mesh_sizes["fsdp"] > 1:  # XLA gathers a layer's fsdp-sharded weights (teacher's and student's) to use them
         c = teacher_config
@@ -182,6 +166,35 @@ def _mesh_sizes(cfg, devices: int | None) -> tuple[int, dict]:
     if devices is None:
         devices = math.prod(s for s in (m.data, m.fsdp, m.tensor) if s != -1)
     return devices, dict(zip(sharding.MESH_AXES, sharding.mesh_shape(m.data, m.fsdp, m.tensor, devices)))
+
+
+def _placement(cfg, mesh_sizes: dict, teacher_config, student_config):
+    """(teacher_bytes(flat), student_bytes(flat, itemsize=None)): per-device bytes under the job's sharding rules."""
+    from kept_jax import sharding
+
+    student_rules = sharding.rules_from(cfg.mesh.rules)
+    teacher_rules = sharding.rules_from(cfg.mesh.teacher_rules, dict(student_rules))
+    student_axes, teacher_axes = sharding.logical_axes(student_config), sharding.logical_axes(teacher_config)
+
+    def teacher_bytes(flat):
+        return per_device_bytes(flat, teacher_axes, teacher_rules, mesh_sizes)
+
+    def student_bytes(flat, itemsize=None):
+        return per_device_bytes(flat, student_axes, student_rules, mesh_sizes, itemsize)
+
+    return teacher_bytes, student_bytes
+
+
+def _weight_rows(cfg, teacher: float, own: dict, own_bytes: float, trainable_fp32: float) -> dict[str, float]:
+    """The memory rows every job has: weights, fp32 trainable copies, AdamW's m and v, gradients."""
+    return {
+        f"teacher weights ({cfg.precision.params})": teacher,
+        f"student weights not shared with the teacher ({len(own)} leaves)": own_bytes,
+        "trainable leaves, fp32 master copies": trainable_fp32,
+        "optimizer state (AdamW m and v, fp32)": 2 * trainable_fp32,
+        "gradients (fp32" + (", and the accumulation sum)" if cfg.data.grad_accum > 1 else ")"):
+            trainable_fp32 * (2 if cfg.data.grad_accum > 1 else 1),
+    }
 
 
 def llamba_block_bytes(config, b: int, t: int, c: int) -> dict[str, float]:
@@ -225,11 +238,10 @@ def plan_mohawk(cfg, devices: int | None = None) -> dict:
     """The Llama -> Llamba job, stage by stage: weights (teacher, the student leaves not read from the teacher,
     which grow as stages train them), trainable copies, AdamW state, gradients and the stage's activations."""
     from kept_jax import sharding
-    from kept_jax.mapping.llamba_init import build_llamba_mapping, llamba_config_for
+    from kept_jax.mapping.llamba_init import build_llamba_mapping
     from kept_jax.models.params import abstract_params
-    from kept_jax.recipes import plan_stages, student_layout
-    from kept_jax.xkd.trainable import describe
-    from kept_jax.xkd.trainable import is_trainable, split_by_paths
+    from kept_jax.stages import mohawk_student_config, plan_stages
+    from kept_jax.xkd.trainable import describe, is_trainable, split_by_paths
 
     layout_path, teacher_config = _source_layout(cfg)
     if teacher_config.architecture == "orion":  # the job converts it to a Llama of the same shape first
@@ -239,24 +251,17 @@ def plan_mohawk(cfg, devices: int | None = None) -> dict:
     if teacher_config.architecture != "llama":
         raise KeptError(f"recipe mohawk starts from a Llama or an Orion; {layout_path} describes "
                         f"{teacher_config.architecture!r}")
-    student_config = llamba_config_for(teacher_config, cfg.mixer_init, student_layout(cfg))
-    student_config = student_config.replace(**cfg.runtime(type(student_config)))
+    student_config = mohawk_student_config(cfg, teacher_config)
     mapping = build_llamba_mapping(teacher_config, student_config, cfg.mixer_init)
     mapping.check()
     teacher = abstract_params(teacher_config.replace(attention_impl="xla"))
     student = traverse_util.flatten_dict({"params": abstract_params(student_config)})
     teacher_flat = traverse_util.flatten_dict({"params": teacher})
     devices, mesh_sizes = _mesh_sizes(cfg, devices)
-    student_rules = sharding.rules_from(cfg.mesh.rules)
-    teacher_rules = sharding.rules_from(cfg.mesh.teacher_rules, dict(student_rules))
-    student_axes, teacher_axes = sharding.logical_axes(student_config), sharding.logical_axes(teacher_config)
+    teacher_bytes, student_bytes = _placement(cfg, mesh_sizes, teacher_config, student_config)
     micro_batch = sharding.per_device_batch(cfg.data.batch_size, mesh_sizes)
-
-    def per_device(flat, axes, rules, itemsize=None):
-        return per_device_bytes(flat, axes, rules, mesh_sizes, itemsize)
-
     shared_paths = mapping.shared_with_teacher()
-    teacher_bytes = per_device(teacher_flat, teacher_axes, teacher_rules)
+    teacher_weights = teacher_bytes(teacher_flat)
     stages, trained = [], set()
     for stage in plan_stages(cfg):
         # A leaf an earlier stage trained is the student's own from then on (fp32), no longer the teacher's.
@@ -265,16 +270,8 @@ def plan_mohawk(cfg, devices: int | None = None) -> dict:
         if not split.trainable:
             raise KeptError(f"stage {stage.name}: trainable={stage.trainable!r} selects no parameter of the student")
         own = {k: (jax.ShapeDtypeStruct(v.shape, jnp.float32) if k in trained else v) for k, v in split.frozen.items()}
-        trainable_fp32 = per_device(split.trainable, student_axes, student_rules, itemsize=4)
-        memory = {
-            f"teacher weights ({cfg.precision.params})": teacher_bytes,
-            f"student weights not shared with the teacher ({len(own)} leaves)":
-                per_device(own, student_axes, student_rules),
-            "trainable leaves, fp32 master copies": trainable_fp32,
-            "optimizer state (AdamW m and v, fp32)": 2 * trainable_fp32,
-            "gradients (fp32" + (", and the accumulation sum)" if cfg.data.grad_accum > 1 else ")"):
-                trainable_fp32 * (2 if cfg.data.grad_accum > 1 else 1),
-        }
+        memory = _weight_rows(cfg, teacher_weights, own, student_bytes(own),
+                              student_bytes(split.trainable, itemsize=4))
         memory.update(mohawk_activation_bytes(cfg, stage.objective, teacher_config, student_config, micro_batch))
         stages.append({"name": stage.name, "objective": stage.objective, "steps": stage.steps,
                        "tokens": stage.steps * cfg.data.tokens_per_step, "trainable": describe(stage.trainable),

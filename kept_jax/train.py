@@ -128,7 +128,6 @@ class Job:
         self.store = jax.device_put(store, sharding.flat_shardings(store, self.student_axes, self.mesh, self.rules))
         self.split = self.stage_split(0)
         self.num_trainable = self.split.num_trainable()  # the first stage's
-        self.stage_trainable: dict[str, int] = {}
         self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
         self.eval_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*self.batch_sharding.spec[1:]))
 
@@ -214,7 +213,7 @@ class Job:
         """
         start = (checkpoints.latest_step() if checkpoints else None) or 0
         iterator = self.train_iterator()
-        self.history, self.stage_evals = [], {}
+        self.history = []
         batches = self.batches(iterator)
         for k, stage in enumerate(self.stages):
             if start > stage.end:
@@ -222,7 +221,7 @@ class Job:
             resume = start if start > stage.start else None
             state = self._train_stage(k, resume, iterator, batches, log, checkpoints, stop)
             self.store.update(state.trainable)  # what the stage trained, for the stages after it
-            self.stage_evals[stage.name] = self.log_eval(log, stage.end, self.evaluate(state.trainable), stage.name)
+            self.log_eval(log, stage.end, self.evaluate(state.trainable), stage.name)
         self.state = state
         return state
 
@@ -239,7 +238,7 @@ class Job:
         cfg, t, d = self.cfg, self.cfg.train, self.cfg.data
         stage = self.stages[k]
         carried = self.carried_keys(k)
-        split = self.stage_split(k)
+        split = self.split if k == 0 else self.stage_split(k)  # prepare made stage 0's: no second fp32 copy
         shapes = abstract_state(split, stage.optimizer)
         trainable_sh = sharding.flat_shardings(split.trainable, self.student_axes, self.mesh, self.rules)
         state_sh = sharding.state_shardings(shapes, trainable_sh, self.mesh)
@@ -254,9 +253,9 @@ class Job:
             print(f"resuming from the checkpoint at step {resume} (stage {stage.name})", file=sys.stderr)
         for key in split.trainable:  # the state holds them now: no second copy in the store
             self.store.pop(key, None)
-        self.stage_trainable[stage.name] = split.num_trainable()
         flops, peak = self.step_flops(stage, split), peak_flops(jax.devices()[0].device_kind, cfg.precision.compute)
-        self.split = dataclasses.replace(split, trainable={})  # the state holds them now
+        self.split = dataclasses.replace(split, trainable={})  # nor in the split
+        del split
         objective = make_objective(stage.objective, self.teacher, self.student, cfg.loss)
         step_fn = make_train_step(objective, self.split, stage.optimizer, state_sh)
         tokens_per_step = d.tokens_per_step
@@ -311,7 +310,7 @@ class Job:
             checkpoints.wait()
         return state
 
-    def log_eval(self, log, step: int, metrics: dict, stage: str | None = None) -> dict:
+    def log_eval(self, log, step: int, metrics: dict, stage: str) -> dict:
         record = {"split": "eval", "stage": stage, "step": step, "tokens": step * self.cfg.data.tokens_per_step,
                   "kl": metrics["kl"], "agreement": metrics["agreement"], "student_nll": metrics["student_nll"],
                   "teacher_nll": metrics["teacher_nll"], "eval_tokens": metrics["tokens"]}
@@ -369,7 +368,7 @@ def _stage_summaries(stages, evals: list[dict], train_records: list[dict], token
     at its end."""
     from kept_jax.xkd.trainable import describe
 
-    by_end = {r["step"]: r for r in evals if r["stage"] is not None}
+    by_end = {r["step"]: r for r in evals}  # a stage's closing evaluation is the only one at its end step
     out = []
     for stage in stages:
         lines = [r for r in train_records if r.get("stage") == stage.name]

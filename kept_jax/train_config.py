@@ -198,6 +198,17 @@ class JobConfig:
             raise KeptError("every loss weight is zero; set loss.forward_kl (the default) or another term")
 
 
+def find_config_json(path: str) -> str | None:
+    """The config.json a job config names: a file, or a directory holding one; relative to the working directory,
+    or else to the repository (so `configs/models/...` works from anywhere). None when there is none."""
+    for candidate in (path, os.path.join(os.path.dirname(CONFIG_DIR), path)):
+        if os.path.isdir(candidate):
+            candidate = os.path.join(candidate, "config.json")
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
 def _check_trainable(where: str, spec) -> None:
     if isinstance(spec, str) and spec not in TRAINABLE_SETS:
         close = difflib.get_close_matches(spec, TRAINABLE_SETS, n=1)

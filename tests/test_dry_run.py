@@ -83,3 +83,11 @@ def test_llamba_configs_plan_every_stage_on_1_and_8_devices(capsys):
     out = capsys.readouterr().out
     assert "every stage fits" in out and out.count("stage ") >= 3
     assert train.main(["--config", "configs/llamba-3b.yaml", "--dry-run"]) == 0
+
+
+def test_llamba_dry_run_refuses_what_the_job_refuses():
+    """The published Llamba-3B (32 mixer heads) cannot be paired with Llama-3.2-3B's 24 attention heads in stage 1;
+    the dry run builds the student where the job does, so it says so too."""
+    cfg, _ = load_config("configs/llamba-3b.yaml", ["student_config=configs/models/llamba-3b.json"])
+    with pytest.raises(KeptError, match="compares each mixer head with an attention head"):
+        plan(cfg)

@@ -98,7 +98,7 @@ def test_stage_config_errors(override, message):
 
 
 def test_wsd_schedule_warms_holds_and_decays():
-    from kept_jax.recipes import WSD_END, wsd_schedule
+    from kept_jax.stages import WSD_END, wsd_schedule
 
     lr = wsd_schedule(2.0, 100, 0.1, 0.1)
     assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(1.0)  # linear warmup over 10 updates

@@ -1,0 +1,95 @@
+"""The stages of a training job, planned from its config alone (the job and its dry run share them).
+
+`kept` trains one stage, XKD's logits KL, with `train.*` (linear warmup, cosine decay). `mohawk` trains the config's
+`stages:` in order, each with its objective, token budget, peak learning rate and trainable set, and a fresh AdamW
+(0.9, 0.95) on a warmup-stable-decay schedule (Bick et al. 2024).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import optax
+
+from kept_jax.errors import KeptError
+
+WSD_END = 1e-8  # where each stage's decay ends
+ADAM_B1, ADAM_B2 = 0.9, 0.95  # MOHAWK's AdamW
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One training stage: steps (global_start, global_start + steps], with its own fresh optimizer."""
+
+    name: str
+    objective: str  # a key of kept_jax.xkd.objectives.OBJECTIVES
+    start: int  # the global step before the stage's first
+    steps: int
+    trainable: Any  # a named set or path patterns (kept_jax.xkd.trainable.is_trainable)
+    schedule: optax.Schedule
+    optimizer: optax.GradientTransformation
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+def wsd_schedule(lr: float, steps: int, warmup: float, decay: float) -> optax.Schedule:
+    """Warmup-stable-decay over `steps`: linear from 0 to `lr` over the first `warmup` fraction, constant, then
+    linear to 1e-8 over the last `decay` fraction. Update k (from 0) uses schedule(k)."""
+    n_warm, n_decay = round(warmup * steps), round(decay * steps)
+    n_stable = steps - n_warm - n_decay
+    # With no warmup the first boundary is 0 and the warmup piece is never used.
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, max(n_warm, 1)), optax.constant_schedule(lr),
+                                 optax.linear_schedule(lr, WSD_END, max(n_decay, 1))], [n_warm, n_warm + n_stable])
+
+
+def stage_optimizer(schedule: optax.Schedule, weight_decay: float, clip: float) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(clip),
+                       optax.adamw(schedule, b1=ADAM_B1, b2=ADAM_B2, weight_decay=weight_decay))
+
+
+def plan_stages(cfg) -> list[Stage]:
+    """The job's stages: kept's one (train.*), or mohawk's `stages:` with steps from their token budgets."""
+    from kept_jax.xkd.step import make_optimizer, make_schedule
+
+    t = cfg.train
+    if cfg.recipe == "kept":
+        return [Stage("xkd", "kl", 0, t.steps, cfg.trainable, make_schedule(t.lr, t.warmup, t.steps),
+                      make_optimizer(t.lr, t.warmup, t.steps, t.weight_decay, t.clip))]
+    stages, start = [], 0
+    for s in cfg.stages:
+        steps = max(1, math.ceil(s.tokens / cfg.data.tokens_per_step))
+        schedule = wsd_schedule(s.lr, steps, s.warmup, s.decay)
+        stages.append(Stage(s.name, s.objective, start, steps, s.trainable, schedule,
+                            stage_optimizer(schedule, s.weight_decay, t.clip)))
+        start += steps
+    return stages
+
+
+def mohawk_student_config(cfg, teacher_config):
+    """The Llamba student of a mohawk job: the layout `student_config` names (a config.json, or a directory holding
+    one), or one derived from the teacher, with the job's runtime fields; refused when a matrix stage cannot pair
+    each mixer head with an attention head. The job and its dry run both build the student here."""
+    from kept_jax.config import ModelConfig, read_config_json
+    from kept_jax.mapping.llamba_init import llamba_config_for
+    from kept_jax.train_config import find_config_json
+
+    layout = None
+    if cfg.student_config:
+        path = find_config_json(cfg.student_config)
+        if path is None:
+            raise KeptError(f"student_config {cfg.student_config!r} is neither a config.json nor a directory "
+                            "holding one; give a Llamba config.json (e.g. configs/models/llamba-1b.json) or leave it "
+                            "out to derive the student from the teacher")
+        layout = ModelConfig.from_hf_dict(read_config_json(path))
+    student = llamba_config_for(teacher_config, cfg.mixer_init, layout)
+    student = student.replace(**cfg.runtime(type(student)))
+    heads = teacher_config.num_attention_heads
+    if any(s.objective == "matrix" for s in cfg.stages) and student.n_v_heads != heads:
+        raise KeptError(f"the matrix stage compares each mixer head with an attention head, but the student has "
+                        f"{student.n_v_heads} heads and the teacher {heads}; "
+                        "give the student n_v_heads equal to the teacher's heads, or drop the matrix stage")
+    return student
