@@ -135,6 +135,12 @@ class ModelConfig:
         """Every HF tensor the config implies, in HF order."""
         raise NotImplementedError
 
+    def empty_cache(self, batch: int, length: int) -> tuple:
+        """Generation: each layer's state at the start of `batch` sequences of up to `length` tokens (a KV cache,
+        a recurrent state). The block's `extend(x, layer_cache, positions, lengths)` reads and returns it, and the
+        model's `embed(tokens)` and `head(x)` are what comes before and after the layers (`kept_jax.decoding`)."""
+        raise NotImplementedError
+
     @property
     def max_position_embeddings(self) -> int | None:
         """The longest sequence the architecture was built for, or None when it has no such limit."""

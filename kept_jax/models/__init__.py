@@ -14,8 +14,8 @@ import flax.linen as nn
 from kept_jax.config import ModelConfig
 from kept_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from kept_jax.models.llamba import LlambaConfig, LlambaForCausalLM
-from kept_jax.models.params import (abstract_params, head_kernel, init_params, layer_params, stack_layers,
-                                    unstack_layers)
+from kept_jax.models.params import (abstract_params, head_kernel, init_params, layer_list, layer_params,
+                                    stack_layers, unstack_layers)
 
 ARCHITECTURES: dict[str, type[ModelConfig]] = {"llama": LlamaConfig, "orion": LlamaConfig, "llamba": LlambaConfig}
 
@@ -27,5 +27,6 @@ def build_model(config: ModelConfig) -> nn.Module:
 
 __all__ = [
     "ARCHITECTURES", "LlamaConfig", "LlamaForCausalLM", "LlambaConfig", "LlambaForCausalLM", "ModelConfig",
-    "abstract_params", "build_model", "head_kernel", "init_params", "layer_params", "stack_layers", "unstack_layers",
+    "abstract_params", "build_model", "head_kernel", "init_params", "layer_list", "layer_params", "stack_layers",
+    "unstack_layers",
 ]

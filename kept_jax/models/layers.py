@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -247,6 +247,31 @@ def causal_attention(q: Array, k: Array, v: Array) -> Array:
     return jnp.concatenate(outputs, axis=1).reshape(batch, seq, heads, head_dim)
 
 
+def cached_attention(q: Array, k: Array, v: Array, positions: Array) -> Array:
+    """Attention of new queries over a whole preallocated cache: query i of row b sees the cache entries at indices
+    <= positions[b, i] (fp32 logits and softmax).
+
+    q: [batch, T, heads, head_dim]; k, v: [batch, S, kv_heads, head_dim] (S the cache size); positions: [batch, T].
+    Entries past a row's position are masked whatever they hold, so a right-padded prefill's leftovers are harmless
+    until decoding overwrites them.
+    """
+    batch, seq, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) / np.sqrt(head_dim)
+    visible = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]  # [b, T, S]
+    logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(batch, seq, heads, head_dim)
+
+
+class KVCache(NamedTuple):
+    """One attention layer's keys and values [batch, S, kv_heads, head_dim] for S positions, in the compute dtype."""
+
+    k: Array
+    v: Array
+
+
 
 class Attention(nn.Module):
     """Causal multi-head attention with grouped KV heads (MHA, GQA and MQA are the same code)."""
@@ -279,11 +304,30 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         q, k = self._queries_keys(x, cos, sin)
         v = self.v_proj(x).reshape(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
-        if cfg.attention_impl == "cudnn":  # the fused flash kernel on NVIDIA GPUs
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-        else:
-            out = causal_attention(q, k, v)
+        out = self._causal(q, k, v)
         return self.o_proj(out.reshape(batch, seq, cfg.num_attention_heads * cfg.head_dim))
+
+    def _causal(self, q: Array, k: Array, v: Array) -> Array:
+        if self.config.attention_impl == "cudnn":  # the fused flash kernel on NVIDIA GPUs
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        return causal_attention(q, k, v)
+
+    def extend(self, x: Array, cos: Array, sin: Array, cache: KVCache, positions: Array) -> tuple[Array, KVCache]:
+        """Generation: writes the keys and values of `x` [b, T, d] into `cache` at `positions` [b, T], then attends.
+        Several tokens are a prefill from position 0 (attention among themselves, as in training); one token
+        attends over the cache up to its position."""
+        cfg = self.config
+        batch, seq, _ = x.shape
+        q, k = self._queries_keys(x, cos, sin)
+        v = self.v_proj(x).reshape(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
+        rows = jnp.arange(batch)[:, None]
+        cache = KVCache(cache.k.at[rows, positions].set(k.astype(cache.k.dtype)),
+                        cache.v.at[rows, positions].set(v.astype(cache.v.dtype)))
+        if seq > 1:
+            out = self._causal(q, k, v)
+        else:
+            out = cached_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), positions)
+        return self.o_proj(out.reshape(batch, seq, cfg.num_attention_heads * cfg.head_dim)), cache
 
     def probabilities(self, x: Array, cos: Array, sin: Array) -> Array:
         """The causal attention probabilities [b, heads, T, T] (fp32), KV heads repeated over their query heads:

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 
 from kept_jax.config import ModelConfig, check_choice, check_hf_keys, check_positive_ints, hf_dtype
 from kept_jax.errors import KeptError
-from kept_jax.models.layers import (MLP, NORMS, Attention, Embed, Linear, RopeConfig, layer_stack, rope_cos_sin,
-                                    rope_inv_freq)
+from kept_jax.models.layers import (MLP, NORMS, Attention, Embed, KVCache, Linear, RopeConfig, layer_stack,
+                                    rope_cos_sin, rope_inv_freq)
 from kept_jax.models.names import TensorSpec, linear_specs, norm_specs
 
 Array = jax.Array
@@ -94,6 +94,12 @@ class LlamaConfig(ModelConfig):
 
     def block_args(self, tokens: Array) -> tuple[Array, Array]:
         return rope_tables(self, tokens)
+
+    def empty_cache(self, batch: int, length: int) -> tuple[KVCache, ...]:
+        """Each layer's KV cache for `length` positions, zeros, in the compute dtype: [b, length, kv_heads, hd]."""
+        shape = (batch, length, self.num_key_value_heads, self.head_dim)
+        dtype = jnp.dtype(self.compute_dtype)
+        return tuple(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(self.num_hidden_layers))
 
     def layout_flags(self) -> dict[str, Any]:
         return {"attention_bias": self.attention_bias, **super().layout_flags()}
@@ -297,18 +303,29 @@ class DecoderLayer(nn.Module):
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, None
 
+    def extend(self, x: Array, cache: KVCache, positions: Array, lengths: Array) -> tuple[Array, KVCache]:
+        """Generation: the layer on `x` [b, T, d] at `positions` [b, T], reading and writing its KV `cache` (see
+        `Attention.extend`). `lengths` is unused: a right-padded prompt's padding sits after its real tokens, which
+        causal attention never lets them see, and decoding overwrites its cache entries before they are visible."""
+        cos, sin = rope_tables(self.config, positions, positions, cache.k.shape[1])
+        out, cache = self.self_attn.extend(self.input_layernorm(x), cos, sin, cache, positions)
+        x = x + out
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
     def attention_probabilities(self, x: Array, cos: Array, sin: Array) -> Array:
         """[b, heads, T, T]: the attention probabilities of this layer for its input x."""
         return self.self_attn.probabilities(self.input_layernorm(x), cos, sin)
 
 
-def rope_tables(cfg: LlamaConfig, tokens: Array, positions: Array | None = None) -> tuple[Array, Array]:
+def rope_tables(cfg: LlamaConfig, tokens: Array, positions: Array | None = None,
+                length: int | None = None) -> tuple[Array, Array]:
     """cos and sin for `tokens` [b, T] at `positions` (default 0..T-1). `dynamic` rope rescales by the (static)
-    sequence length, like HF for positions 0..T-1."""
+    sequence `length` (default T), like HF for positions 0..T-1."""
     seq = tokens.shape[-1]
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), tokens.shape)
-    return rope_cos_sin(positions, rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, seq))
+    inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, length or seq)
+    return rope_cos_sin(positions, inv_freq)
 
 
 class Decoder(nn.Module):
@@ -393,3 +410,11 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.attend(hidden)
         return self.lm_head(hidden)
+
+    def embed(self, tokens: Array) -> Array:
+        """What enters the first layer (generation runs the layers itself, with their caches)."""
+        return self.model.embed_tokens(tokens)
+
+    def head(self, x: Array) -> Array:
+        """fp32 logits from what leaves the last layer: the final norm, then the head."""
+        return self.logits(self.model.norm(x))

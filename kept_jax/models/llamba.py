@@ -113,6 +113,13 @@ class LlambaConfig(ModelConfig):
         """No maximum: position comes from the convolution and the decays, not from a table of positions."""
         return None
 
+    def empty_cache(self, batch: int, length: int) -> tuple[MixerState, ...]:
+        """Each layer's generation state at the start of a sequence: conv window [b, K-1, C] in the compute dtype,
+        state-space state [b, H, P, N] in fp32. Its size does not depend on `length`."""
+        conv = jnp.zeros((batch, self.d_conv - 1, self.conv_channels), jnp.dtype(self.compute_dtype))
+        ssm = jnp.zeros((batch, self.n_v_heads, self.head_dim, self.d_state), jnp.float32)
+        return tuple(MixerState(conv, ssm) for _ in range(self.num_hidden_layers))
+
     @property
     def padded_vocab_size(self) -> int:
         m = self.pad_vocab_size_multiple
@@ -287,7 +294,7 @@ class CausalConv1d(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, history: Array | None = None) -> tuple[Array, Array]:
+    def __call__(self, x: Array, history: Array | None = None, lengths: Array | None = None) -> tuple[Array, Array]:
         kernel = self.param("kernel", logical_init(nn.initializers.normal(self.kernel_size ** -0.5),
                                                    (None, None, "ssm_conv")),
                             (self.kernel_size, 1, self.channels), self.param_dtype)
@@ -295,7 +302,7 @@ class CausalConv1d(nn.Module):
         if self.use_bias:
             bias = self.param("bias", logical_init(nn.initializers.zeros, ("ssm_conv",)), (self.channels,),
                               self.param_dtype)
-        return ssd.causal_conv(x, kernel, bias, history)
+        return ssd.causal_conv(x, kernel, bias, history, lengths)
 
 
 class DiscreteMamba2(nn.Module):
@@ -317,13 +324,13 @@ class DiscreteMamba2(nn.Module):
         self.out_proj = Linear(cfg.hidden_size, False, ("ssm_inner", "embed"), dtype, param_dtype,
                                lora_scale=cfg.lora_scale)
 
-    def _inputs(self, u: Array, conv_history: Array | None):
+    def _inputs(self, u: Array, conv_history: Array | None, lengths: Array | None = None):
         """in_proj and the convolution: x [b, T, H, P], B and C [b, T, G, N], z [b, T, d_inner], the log-decays
-        [b, T, H] (fp32), and the convolution's new history."""
+        [b, T, H] (fp32), and the convolution's new history (at `lengths`, see `ssd.causal_conv`)."""
         cfg = self.config
         b, t, _ = u.shape
         xbc, z, ell = jnp.split(self.in_proj(u), [cfg.conv_channels, cfg.conv_channels + cfg.d_inner], axis=-1)
-        xbc, conv_history = self.conv1d(xbc, conv_history)
+        xbc, conv_history = self.conv1d(xbc, conv_history, lengths)
         if cfg.ssm_activation == "silu":
             xbc = jax.nn.silu(xbc)
         gn = cfg.n_qk_heads * cfg.d_state
@@ -351,15 +358,24 @@ class DiscreteMamba2(nn.Module):
             y, _ = ssd.ssd_chunked(x, B, C, log_a, cfg.chunk_size)
         return self._output(y, x, z)
 
-    def extend(self, u: Array, state: MixerState | None = None) -> tuple[Array, MixerState]:
+    def extend(self, u: Array, state: MixerState | None = None,
+               lengths: Array | None = None) -> tuple[Array, MixerState]:
         """The output for `u` [b, T, d] following `state` (None: the sequence starts here), and the state after it.
-        Several tokens run in the chunked form, one token as a step of the recurrence."""
-        x, B, C, z, log_a, conv = self._inputs(u, None if state is None else state.conv)
+        Several tokens run in the chunked form, one token as a step of the recurrence.
+
+        `lengths` [b]: row i's real tokens are its first lengths[i] (a right-padded batch of prompts); the returned
+        state is the state after them, and the outputs at the padding are not meaningful."""
+        x, B, C, z, log_a, conv = self._inputs(u, None if state is None else state.conv, lengths)
         ssm = None if state is None else state.ssm
         if u.shape[1] == 1:
             y, ssm = ssd.ssd_recurrent(x, B, C, log_a, initial_state=ssm)
         else:
-            y, ssm = ssd.ssd_chunked(x, B, C, log_a, self.config.chunk_size, initial_state=ssm)
+            x_in, log_a_in = x, log_a
+            if lengths is not None:  # padding leaves the state as it is: no input, decay 1
+                real = jnp.arange(u.shape[1])[None, :] < lengths[:, None]
+                x_in = jnp.where(real[..., None, None], x, 0)
+                log_a_in = jnp.where(real[..., None], log_a, 0.0)
+            y, ssm = ssd.ssd_chunked(x_in, B, C, log_a_in, self.config.chunk_size, initial_state=ssm)
         return self._output(y, x, z), MixerState(conv, ssm)
 
     def mixing_matrix(self, u: Array) -> Array:
@@ -386,6 +402,13 @@ class LlambaBlock(nn.Module):
         x = x + self.mixer(self.input_layernorm(x)).astype(x.dtype)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, None
+
+    def extend(self, x: Array, state: MixerState, positions: Array, lengths: Array) -> tuple[Array, MixerState]:
+        """Generation: the block on `x` [b, T, d] following the mixer's `state`; see `DiscreteMamba2.extend`.
+        `positions` is unused: the state carries the position."""
+        out, state = self.mixer.extend(self.input_layernorm(x), state, lengths)
+        x = x + out.astype(x.dtype)
+        return x + self.mlp(self.post_attention_layernorm(x)), state
 
     def mixing_matrix(self, x: Array) -> Array:
         """[b, H, T, T]: the mixer's matrix for this block's input x (MOHAWK's stage 1)."""
@@ -438,3 +461,11 @@ class LlambaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             return self.backbone.embedding.attend(hidden)
         return self.lm_head(hidden)
+
+    def embed(self, tokens: Array) -> Array:
+        """What enters the first layer (generation runs the layers itself, with their states)."""
+        return self.backbone.embedding(tokens)
+
+    def head(self, x: Array) -> Array:
+        """fp32 logits from what leaves the last layer: the final norm, then the head."""
+        return self.logits(self.backbone.final_layernorm(x))

@@ -56,6 +56,12 @@ def layer_params(params: Params) -> Params:
     return stack_layers(params)[_layers_parent(params)]["layers"]
 
 
+def layer_list(params: Params) -> list[Params]:
+    """Each layer's own parameters, in order, whichever layout `params` is in (a stacked tree is unstacked)."""
+    layers = unstack_layers(params)[_layers_parent(params)]["layers"]
+    return [layers[str(i)] for i in range(len(layers))]
+
+
 def _get(tree: Params, path: tuple[str, ...]) -> Any:
     for key in path:
         tree = tree[key]

@@ -125,12 +125,14 @@ def _initial_state(state: Array | None, b: int, h: int, p: int, n: int) -> Array
     return jnp.zeros((b, h, p, n), jnp.float32) if state is None else state.astype(jnp.float32)
 
 
-def causal_conv(x: Array, kernel: Array, bias: Array | None, history: Array | None = None) -> tuple[Array, Array]:
+def causal_conv(x: Array, kernel: Array, bias: Array | None, history: Array | None = None,
+                lengths: Array | None = None) -> tuple[Array, Array]:
     """Depthwise causal convolution: out[t, c] = sum_k kernel[k, 0, c] x[t - (K-1) + k, c] (+ bias[c]).
 
     x: [b, T, C]; kernel: [K, 1, C] (HF's Conv1d weight [C, 1, K] transposed; k = K-1 is the current token);
     history: the K-1 inputs before x ([b, K-1, C], zeros at the start of a sequence). Returns the output and the
-    new history (the last K-1 inputs), so T = 1 is the generation step.
+    new history: the K-1 inputs before position `lengths[i]` of row i (default T, the last K-1), so that a
+    right-padded batch keeps each row's own window and T = 1 is the generation step.
     """
     k = kernel.shape[0]
     if history is None:
@@ -140,4 +142,8 @@ def causal_conv(x: Array, kernel: Array, bias: Array | None, history: Array | No
     out = sum(window[:, i : i + t] * kernel[i, 0].astype(x.dtype) for i in range(k))
     if bias is not None:
         out = out + bias.astype(x.dtype)
-    return out, window[:, t:]
+    if lengths is None:
+        return out, window[:, t:]
+    # Window index j holds position j - (K-1): the inputs at positions lengths - (K-1) ... lengths - 1.
+    rows = lengths[:, None] + jnp.arange(k - 1)[None, :]
+    return out, jnp.take_along_axis(window, rows[..., None], axis=1)

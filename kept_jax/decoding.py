@@ -1,0 +1,230 @@
+"""Generation for every architecture: one prefill, then a jitted decode loop with static shapes.
+
+    generator = Generator(config, Sampling(temperature=0.7, top_p=0.9), eos_ids=(2,))
+    result = generator.generate(params, [[1, 5, 9], [1, 7]], max_new_tokens=32, key=jax.random.key(0))
+
+Prompts of different lengths are right-padded into one [b, T] batch. The prefill runs the layers over it once,
+each layer's `extend` filling its entry of `config.empty_cache(b, T + max_new)`: Llama and Orion write keys and
+values into a preallocated KV cache (the padding's entries are masked, then overwritten); Llamba runs the chunked
+form, where padding has no input and decay 1, so each row's state is the state after its own prompt. Each row's
+first token comes from the logits at its last real position. Decoding is one `lax.while_loop` of one-token steps
+until every row has produced an end-of-sequence token or `max_new` tokens; `advance(state, steps)` runs at most
+`steps` of them, so that a caller can stream text between calls of the same compiled loop.
+
+Sampling follows Transformers' logits processors, in their order: temperature, then top-k, then top-p (the smallest
+set of most likely tokens whose probability reaches p; at least one), then a categorical draw with an explicit PRNG
+key. Temperature 0 is greedy (argmax). A Llamba vocabulary padded past `vocab_size` is never sampled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kept_jax.config import ModelConfig
+from kept_jax.errors import KeptError
+from kept_jax.models import build_model, layer_list
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise KeptError(f"temperature must be a finite number >= 0 (0 is greedy), got {self.temperature!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise KeptError(f"top-k must be an integer >= 0 (0 is off), got {self.top_k!r}")
+        if not (0 < self.top_p <= 1):
+            raise KeptError(f"top-p must be in (0, 1] (1 is off), got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def filter_logits(logits: Array, sampling: Sampling) -> Array:
+    """fp32 logits [..., V] scaled by the temperature, -inf outside the top-k and the top-p set."""
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k and sampling.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1:
+        ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # the mass of the tokens more likely than each
+        kept = jnp.where(before < sampling.top_p, ordered, jnp.inf)  # the first token is always kept
+        logits = jnp.where(logits < jnp.min(kept, axis=-1, keepdims=True), -jnp.inf, logits)
+    return logits
+
+
+def sample(logits: Array, key: Array, sampling: Sampling) -> Array:
+    """int32 token ids [...] from logits [..., V]."""
+    if sampling.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
+
+
+class DecodeState(NamedTuple):
+    """What the decode loop carries: everything has a static shape."""
+
+    cache: tuple  # each layer's KV cache or recurrent state
+    tokens: Array  # [b, max_new] int32: the generated ids, pad after a row's end
+    positions: Array  # [b] int32: where each row's next token goes (its length so far)
+    done: Array  # [b] bool: the row has produced an end-of-sequence token
+    count: Array  # int32: tokens generated per row so far
+    key: Array
+
+
+def run_layers(config: ModelConfig, params, tokens: Array, cache: tuple, positions: Array,
+               lengths: Array) -> tuple[Array, tuple]:
+    """The model on `tokens` [b, T] at `positions` [b, T] following `cache`: what leaves the last layer [b, T, d]
+    and the updated cache. `lengths` [b]: each row's real tokens among the T (a right-padded prefill)."""
+    model = build_model(config)
+    block = config.block_class(config)
+    x = model.apply({"params": params}, tokens, method="embed")
+    new_cache = []
+    for layer, layer_cache in zip(layer_list(params), cache):
+        x, layer_cache = block.apply({"params": layer}, x, layer_cache, positions, lengths, method="extend")
+        new_cache.append(layer_cache)
+    return x, tuple(new_cache)
+
+
+def logits_at(config: ModelConfig, params, x: Array) -> Array:
+    """fp32 logits over the real vocabulary (a padded one is cut) for what leaves the last layer."""
+    return build_model(config).apply({"params": params}, x, method="head")[..., : config.vocab_size]
+
+
+@dataclasses.dataclass
+class Generation:
+    """Generated ids per row (each ends at its end-of-sequence token, included, or at max_new), whether it ended
+    there, and the wall time of the prefill (with the first token) and of the decode steps, compilation excluded."""
+
+    tokens: list[list[int]]
+    stopped_at_eos: list[bool]
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
+class Generator:
+    """Prefill and decode loop for one model config and sampling rule; compiled once per (batch, prompt length,
+    max_new). Parameters are arguments, never baked in; a stacked (scanned) tree is unstacked by `prepare`."""
+
+    def __init__(self, config: ModelConfig, sampling: Sampling = Sampling(), eos_ids: Sequence[int] = (),
+                 pad_id: int | None = None):
+        self.config = config
+        self.sampling = sampling
+        self.eos_ids = tuple(int(i) for i in eos_ids)
+        self.pad_id = int(pad_id if pad_id is not None else (self.eos_ids[0] if self.eos_ids else 0))
+        self._compiled: dict[tuple[int, int, int], tuple[Callable, Callable]] = {}
+
+    @staticmethod
+    def prepare(params):
+        """Each layer's parameters as their own buffers (`model/layers/<i>`), so that no step slices a stack."""
+        from kept_jax.models import unstack_layers
+
+        return unstack_layers(params)
+
+    def _is_eos(self, tokens: Array) -> Array:
+        return jnp.isin(tokens, jnp.asarray(self.eos_ids, jnp.int32)) if self.eos_ids else jnp.zeros_like(tokens, bool)
+
+    def _start(self, params, prompts: Array, lengths: Array, key: Array, max_new: int) -> DecodeState:
+        b, t = prompts.shape
+        cache = self.config.empty_cache(b, t + max_new)
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x, cache = run_layers(self.config, params, prompts, cache, positions, lengths)
+        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [b, 1, d]
+        key, draw = jax.random.split(key)
+        first = sample(logits_at(self.config, params, last)[:, 0], draw, self.sampling)
+        tokens = jnp.full((b, max_new), self.pad_id, jnp.int32).at[:, 0].set(first)
+        return DecodeState(cache, tokens, lengths.astype(jnp.int32), self._is_eos(first), jnp.int32(1), key)
+
+    def _advance(self, params, state: DecodeState, steps: Array) -> DecodeState:
+        max_new = state.tokens.shape[1]
+        stop = jnp.minimum(state.count + steps, max_new)
+
+        def going(s: DecodeState) -> Array:
+            return (s.count < stop) & ~jnp.all(s.done)
+
+        def step(s: DecodeState) -> DecodeState:
+            previous = jax.lax.dynamic_index_in_dim(s.tokens, s.count - 1, axis=1, keepdims=True)  # [b, 1]
+            lengths = jnp.ones_like(s.positions)
+            x, cache = run_layers(self.config, params, previous, s.cache, s.positions[:, None], lengths)
+            key, draw = jax.random.split(s.key)
+            token = sample(logits_at(self.config, params, x)[:, 0], draw, self.sampling)
+            token = jnp.where(s.done, self.pad_id, token)
+            tokens = jax.lax.dynamic_update_index_in_dim(s.tokens, token[:, None], s.count, axis=1)
+            return DecodeState(cache, tokens, s.positions + 1, s.done | self._is_eos(token), s.count + 1, key)
+
+        return jax.lax.while_loop(going, step, state)
+
+    def compile(self, params, batch: int, prompt_length: int, max_new: int) -> tuple[Callable, Callable]:
+        """The compiled prefill `(params, prompts, lengths, key) -> state` and decode loop
+        `(params, state, steps) -> state` for these shapes (compiled once, then reused)."""
+        shapes = (batch, prompt_length, max_new)
+        if shapes not in self._compiled:
+            if max_new < 1:
+                raise KeptError(f"max_new_tokens must be at least 1, got {max_new}")
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+            prompts = jax.ShapeDtypeStruct((batch, prompt_length), jnp.int32)
+            lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+            key = jax.eval_shape(lambda: jax.random.key(0))
+            start = jax.jit(self._start, static_argnums=4).lower(abstract, prompts, lengths, key, max_new).compile()
+            state = jax.eval_shape(functools.partial(self._start, max_new=max_new), abstract, prompts, lengths, key)
+            advance = jax.jit(self._advance, donate_argnums=1).lower(abstract, state, jnp.int32(0)).compile()
+            self._compiled[shapes] = (start, advance)
+        return self._compiled[shapes]
+
+    def generate(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, key: Array | None = None,
+                 prompt_length: int | None = None, steps_per_call: int | None = None,
+                 on_step: Callable[[DecodeState], None] | None = None) -> Generation:
+        """Generates for a batch of prompts (token ids, each non-empty). `prompt_length` pads the batch to a fixed
+        length (one compilation for many batches); `on_step(state)` is called after the prefill and after every
+        `steps_per_call` decode steps (default: all of them in one call), e.g. to stream text."""
+        lengths = [len(p) for p in prompts]
+        if not prompts or min(lengths) < 1:
+            raise KeptError("every prompt needs at least one token")
+        width = prompt_length or max(lengths)
+        if max(lengths) > width:
+            raise KeptError(f"a prompt has {max(lengths)} tokens, more than prompt_length={width}")
+        padded = np.full((len(prompts), width), self.pad_id, np.int32)
+        for row, p in zip(padded, prompts):
+            row[: len(p)] = p
+        start, advance = self.compile(params, len(prompts), width, max_new_tokens)
+        began = time.perf_counter()
+        state = jax.block_until_ready(start(params, padded, np.asarray(lengths, np.int32),
+                                            jax.random.key(0) if key is None else key))
+        prefill_s, decode_s = time.perf_counter() - began, 0.0
+        steps = np.int32(steps_per_call or max_new_tokens)
+        while True:
+            if on_step is not None:
+                on_step(state)
+            if int(state.count) >= max_new_tokens or bool(np.all(state.done)):
+                break
+            began = time.perf_counter()
+            state = jax.block_until_ready(advance(params, state, steps))
+            decode_s += time.perf_counter() - began
+        return self.finish(state, prefill_s, decode_s)
+
+    def finish(self, state: DecodeState, prefill_s: float = 0.0, decode_s: float = 0.0) -> Generation:
+        """Each row's ids up to its end-of-sequence token (included) or the tokens generated so far."""
+        tokens = np.asarray(state.tokens)[:, : int(state.count)]
+        rows, stopped = [], []
+        for row in tokens.tolist():
+            end = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
+            rows.append(row if end is None else row[: end + 1])
+            stopped.append(end is not None)
+        return Generation(rows, stopped, prefill_s, decode_s)
