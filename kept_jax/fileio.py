@@ -15,6 +15,21 @@ from typing import Any, Iterator
 from kept_jax.errors import KeptError
 
 
+def read_text(path: str, what: str) -> str:
+    """The UTF-8 text of a file a user named with the flag `what`; each way it can fail is one clear message."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise KeptError(f"{what} {path!r} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise KeptError(f"{what} {path!r} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    except IsADirectoryError:
+        raise KeptError(f"{what} {path!r} is a directory; pass a text file") from None
+    except PermissionError:
+        raise KeptError(f"{what} {path!r} cannot be read (permission denied)") from None
+
+
 def check_output_dir(out_dir: str, force: bool) -> None:
     """Refuses a non-empty output directory unless forced; call before any expensive work."""
     if os.path.isfile(out_dir):

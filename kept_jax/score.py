@@ -34,19 +34,10 @@ def _tokens(args: argparse.Namespace, model_dir: str, architecture: str) -> list
             return [int(t) for t in args.tokens.replace(" ", "").split(",") if t != ""]
         except ValueError:
             raise KeptError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
-    if args.file is not None:
-        try:
-            with open(args.file, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise KeptError(f"--file {args.file!r} does not exist") from None
-        except UnicodeDecodeError as e:
-            raise KeptError(f"--file {args.file!r} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
-        except IsADirectoryError:
-            raise KeptError(f"--file {args.file!r} is a directory; pass a text file") from None
-    else:
-        text = args.text
+    from kept_jax.fileio import read_text
     from kept_jax.tokenizer import load_tokenizer
+
+    text = args.text if args.file is None else read_text(args.file, "--file")
 
     return load_tokenizer(args.tokenizer or model_dir, architecture).encode(text)
 

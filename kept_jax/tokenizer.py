@@ -10,12 +10,18 @@ from kept_jax.errors import KeptError
 
 
 class Tokenizer:
-    def __init__(self, encode: Callable[[str], list[int]], source: str):
+    def __init__(self, encode: Callable[[str], list[int]], source: str,
+                 decode: Callable[[list[int]], str] | None = None):
         self._encode = encode
+        self._decode = decode
         self.source = source
 
     def encode(self, text: str) -> list[int]:
         return list(self._encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`, special tokens (BOS, EOS, ...) left out."""
+        return self._decode(list(ids))
 
 
 def _tokenizer_config(model_dir: str) -> dict:
@@ -29,7 +35,8 @@ def _tokenizer_config(model_dir: str) -> dict:
         raise KeptError(f"{path} is not valid JSON ({e}); fix or remove it") from None
 
 
-def load_tokenizer(model_dir: str, architecture: str) -> Tokenizer:
+def load_tokenizer(model_dir: str, architecture: str,
+                   missing_fix: str = "pass token ids with --tokens instead") -> Tokenizer:
     """`tokenizer.json` wins when both are present: it carries the BOS/EOS template itself.
 
     For a bare SentencePiece model, `add_bos_token`/`add_eos_token` come from `tokenizer_config.json`; absent
@@ -44,7 +51,8 @@ def load_tokenizer(model_dir: str, architecture: str) -> Tokenizer:
             tok = HFTokenizer.from_file(json_path)
         except Exception as e:
             raise KeptError(f"cannot read {json_path}: {e}; the tokenizer file is corrupt") from None
-        return Tokenizer(lambda text: tok.encode(text).ids, json_path)
+        return Tokenizer(lambda text: tok.encode(text).ids, json_path,
+                         lambda ids: tok.decode(ids, skip_special_tokens=True))
     if os.path.isfile(sp_path):
         import sentencepiece as spm
 
@@ -56,7 +64,5 @@ def load_tokenizer(model_dir: str, architecture: str) -> Tokenizer:
         config = _tokenizer_config(model_dir)
         add_bos = bool(config.get("add_bos_token", architecture == "llama"))
         add_eos = bool(config.get("add_eos_token", False))
-        return Tokenizer(lambda text: sp.Encode(text, add_bos=add_bos, add_eos=add_eos), sp_path)
-    raise KeptError(
-        f"{model_dir!r} has no tokenizer (tokenizer.json or tokenizer.model); pass token ids with --tokens instead"
-    )
+        return Tokenizer(lambda text: sp.Encode(text, add_bos=add_bos, add_eos=add_eos), sp_path, sp.Decode)
+    raise KeptError(f"{model_dir!r} has no tokenizer (tokenizer.json or tokenizer.model); {missing_fix}")

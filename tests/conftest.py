@@ -1,4 +1,6 @@
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -34,3 +36,14 @@ def orion_copy(orion_checkpoint, tmp_path) -> str:
     dst = str(tmp_path / "orion")
     shutil.copytree(orion_checkpoint[0], dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def kept_export(tmp_path_factory):
+    """(directory, stdout) of `python -m kept_jax.convert` on the embedded tiny Orion: the KEPT student as a stock
+    Llama export (bf16), with its tokenizer. Do not modify."""
+    out = str(tmp_path_factory.mktemp("convert") / "tiny-llama")
+    proc = subprocess.run([sys.executable, "-m", "kept_jax.convert", "--out", out, "--opm", "absorb",
+                           "--calib-tokens", "2048", "--eval-tokens", "2048"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -12,16 +10,9 @@ from bridge import verify
 from kept_jax import convert
 from tests import fixtures as fx
 
-SMALL = ["--calib-tokens", "2048", "--eval-tokens", "2048"]
-
-
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("convert") / "tiny-llama")
-    proc = subprocess.run([sys.executable, "-m", "kept_jax.convert", "--out", out, "--opm", "absorb", *SMALL],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return out, proc.stdout
+def exported(kept_export):
+    return kept_export
 
 
 def test_convert_prints_the_report_and_exports_a_stock_llama(exported):

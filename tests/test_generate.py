@@ -1,0 +1,213 @@
+"""Generation (`kept_jax/decoding.py`, `python -m kept_jax.generate`) against independent implementations.
+
+Llama and the exported KEPT student: greedy tokens equal Transformers' `generate(do_sample=False)`. Llamba (no
+Transformers class): every decoded token's logits equal the full forward's at its position, which
+tests/test_llamba.py checks against a float64 oracle; so do Orion's (no Transformers class either). Prompts of
+different lengths share a right-padded batch, and batched generation equals one prompt at a time. Sampling filters
+equal Transformers' logits processors.
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
+
+from bridge.hf_import import load_hf_checkpoint
+from kept_jax import generate
+from kept_jax.decoding import Generator, Sampling, filter_logits, logits_at, run_layers, sample
+from kept_jax.errors import KeptError
+from kept_jax.models import build_model
+from tests.test_llamba import CASES, _hf_config, random_tensors, write_checkpoint
+
+FP32_RELATIVE = 1e-5
+
+
+def _hf_greedy(model, prompt: list[int], max_new: int, eos: int | None) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
+                             pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_matches_transformers_on_llama_batched_and_alone(llama_checkpoint):
+    path, hf_model = llama_checkpoint
+    config, params, _ = load_hf_checkpoint(path)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (7, 3, 12)]
+    free = _hf_greedy(hf_model, prompts[1], 10, None)
+    eos = free[4]  # a token the second prompt produces mid-way: that row must stop there, the others go on
+    expected = [_hf_greedy(hf_model, p, 10, eos) for p in prompts]
+    assert len(expected[1]) == 5 and expected[1][-1] == eos and max(map(len, expected)) == 10
+
+    generator = Generator(config, eos_ids=[eos])
+    params = generator.prepare(params)
+    batched = generator.generate(params, prompts, 10)
+    assert batched.tokens == expected
+    assert batched.stopped_at_eos == [eos in row for row in expected] and batched.stopped_at_eos[1]
+    alone = [generator.generate(params, [p], 10, prompt_length=12).tokens[0] for p in prompts]
+    assert alone == expected
+
+
+def test_greedy_matches_transformers_on_the_exported_kept_student(kept_export):
+    path = kept_export[0]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = [tokenizer(t).input_ids for t in ("Python Library Documentation: module os", "Return a new list of")]
+    expected = [_hf_greedy(hf_model, p, 24, tokenizer.eos_token_id) for p in prompts]
+
+    config, params, _ = load_hf_checkpoint(path)
+    generator = Generator(config, eos_ids=[tokenizer.eos_token_id])
+    assert generator.generate(generator.prepare(params), prompts, 24).tokens == expected
+
+
+def _teacher_forced_errors(config, params, tokens: np.ndarray, prefill: list[int]) -> list[float]:
+    """Prefill row i with its first prefill[i] tokens (one right-padded batch), then feed the rest of the row one
+    token at a time; the largest relative error of each step's logits against the full forward's."""
+    full = np.asarray(build_model(config).apply({"params": params}, tokens))[..., : config.vocab_size]
+    params = Generator.prepare(params)
+    b, t = tokens.shape
+    lengths = np.asarray(prefill, np.int32)
+    cache = config.empty_cache(b, t)
+    positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+    x, cache = run_layers(config, params, np.where(positions < lengths[:, None], tokens, 0), cache, positions, lengths)
+    last = np.asarray(logits_at(config, params, x))[np.arange(b), lengths - 1]
+    errors = [float(np.max(np.abs(last - full[np.arange(b), lengths - 1])) / np.abs(full).max())]
+
+    @jax.jit
+    def step(params, token, cache, position):
+        x, cache = run_layers(config, params, token, cache, position, np.ones(b, np.int32))
+        return logits_at(config, params, x)[:, 0], cache
+
+    for offset in range(t - max(prefill)):
+        position = lengths + offset
+        logits, cache = step(params, tokens[np.arange(b), position][:, None], cache, position[:, None])
+        reference = full[np.arange(b), position]
+        errors.append(float(np.max(np.abs(np.asarray(logits) - reference)) / np.abs(reference).max()))
+    return errors
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_llamba_decoded_logits_equal_the_full_forward(case, tmp_path):
+    """Prefills of 1, 2 and 5 tokens in one batch: the boundary falls inside the first conv window (d_conv 4 and
+    3), in the middle of a later one, and the shorter rows' padding must leave their states alone."""
+    hf = _hf_config(case)
+    config, params, _ = load_hf_checkpoint(write_checkpoint(tmp_path, hf, random_tensors(hf)))
+    tokens = np.random.default_rng(3).integers(0, hf["vocab_size"], size=(3, 21)).astype(np.int32)
+    errors = _teacher_forced_errors(config, params, tokens, [5, 1, 2])
+    assert len(errors) == 1 + 21 - 5 and max(errors) <= FP32_RELATIVE, errors
+
+
+def test_orion_decoded_logits_equal_the_full_forward(orion_checkpoint):
+    config, params, _ = load_hf_checkpoint(orion_checkpoint[0])
+    tokens = np.random.default_rng(4).integers(0, config.vocab_size, size=(2, 14)).astype(np.int32)
+    errors = _teacher_forced_errors(config, params, tokens, [6, 2])
+    assert max(errors) <= FP32_RELATIVE, errors
+
+
+def test_llamba_batched_generation_equals_one_prompt_at_a_time(tmp_path):
+    hf = _hf_config("untied-one-group-silu")
+    config, params, _ = load_hf_checkpoint(write_checkpoint(tmp_path, hf, random_tensors(hf)))
+    generator = Generator(config)
+    params = generator.prepare(params)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, hf["vocab_size"], n).tolist() for n in (9, 2, 5)]
+    batched = generator.generate(params, prompts, 12, steps_per_call=5).tokens
+    alone = [generator.generate(params, [p], 12, prompt_length=9).tokens[0] for p in prompts]
+    assert batched == alone and all(len(t) == 12 for t in batched)
+    assert all(max(t) < hf["vocab_size"] for t in batched)  # never the padded vocabulary
+
+
+# ---- Sampling ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampling", [Sampling(0.7), Sampling(1.3, top_k=5), Sampling(1.0, top_p=0.8),
+                                      Sampling(0.5, top_k=7, top_p=0.6), Sampling(2.0, top_p=0.05)])
+def test_sampling_filters_equal_transformers_logits_processors(sampling):
+    logits = np.random.default_rng(6).standard_normal((4, 50)).astype(np.float32) * 3
+    ids = torch.zeros((4, 1), dtype=torch.long)
+    expected = torch.from_numpy(logits)
+    for warper in ([TemperatureLogitsWarper(sampling.temperature)]
+                   + ([TopKLogitsWarper(sampling.top_k)] if sampling.top_k else [])
+                   + ([TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1 else [])):
+        expected = warper(ids, expected)
+    ours = np.asarray(filter_logits(logits, sampling))
+    np.testing.assert_array_equal(np.isinf(ours), np.isinf(expected.numpy()))
+    np.testing.assert_allclose(ours[~np.isinf(ours)], expected.numpy()[~np.isinf(ours)], rtol=1e-6)
+
+
+def test_sampling_draws_from_the_filtered_distribution():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    draws = np.asarray(sample(np.broadcast_to(logits, (20000, 4)), jax.random.key(0), Sampling(1.0, top_p=0.9)))
+    frequencies = np.bincount(draws, minlength=4) / draws.size
+    np.testing.assert_allclose(frequencies, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0], atol=0.01)
+    assert np.all(np.asarray(sample(np.broadcast_to(logits, (50, 4)), jax.random.key(1), Sampling(1.0, top_k=1))) == 0)
+
+
+def test_sampled_generation_is_reproducible_with_its_seed(llama_checkpoint):
+    config, params, _ = load_hf_checkpoint(llama_checkpoint[0])
+    generator = Generator(config, Sampling(1.5, top_k=50))
+    params = generator.prepare(params)
+
+    def run(seed):
+        return generator.generate(params, [[1, 5, 9]] * 2, 16, jax.random.key(seed)).tokens
+
+    assert run(0) == run(0) != run(1)
+    assert run(0)[0] != run(0)[1]  # the rows draw independently
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(temperature=-1), "temperature"), (dict(top_k=-2), "top-k"),
+                                             (dict(top_p=0), "top-p"), (dict(top_p=1.5), "top-p")])
+def test_sampling_settings_are_checked(kwargs, message):
+    with pytest.raises(KeptError, match=message):
+        Sampling(**kwargs)
+
+
+# ---- The command line ---------------------------------------------------------------------------
+
+
+def test_cli_streams_transformers_greedy_text(kept_export, capsys):
+    path = kept_export[0]
+    prompt = "Python Library Documentation: module os"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = tokenizer(prompt).input_ids
+    expected = tokenizer.decode(_hf_greedy(hf_model, ids, 20, tokenizer.eos_token_id), skip_special_tokens=True)
+    assert generate.main(["--model", path, "--prompt", prompt, "--max-new-tokens", "20"]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected + "\n"
+    assert "prefill:" in err and "tokens/s" in err and "decode:" in err
+
+
+def test_cli_batches_a_jsonl_file_of_prompts_in_bfloat16(kept_export, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ("Return a new", "NAME", "module")) + "\n")
+    argv = ["--model", kept_export[0], "--file", str(prompts), "--batch", "2", "--max-new-tokens", "6",
+            "--dtype", "bfloat16", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]
+    assert generate.main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == [0, 1, 2] and all(1 <= r["new_tokens"] <= 6 for r in rows)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "{missing}", "--prompt", "hi"], "is not a directory"),
+    (["--prompt", " \n"], "--prompt is empty"),
+    (["--prompt", "word " * 1100], "the model's maximum is 1024"),
+    (["--prompt", "hi", "--top-p", "0"], "top-p must be in"),
+    (["--file", "{missing}"], "does not exist"),
+    (["--file", "{empty_jsonl}"], "holds no prompts"),
+])
+def test_cli_user_errors_get_one_line(argv, message, kept_export, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    names = {"missing": str(tmp_path / "nothing"), "empty_jsonl": str(empty)}
+    argv = [a.format(**names) for a in argv]
+    if "--model" not in argv:
+        argv = ["--model", kept_export[0], *argv]
+    assert generate.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and message in err, err
