@@ -141,7 +141,9 @@ class Generator:
     def _is_eos(self, tokens: Array) -> Array:
         return jnp.isin(tokens, jnp.asarray(self.eos_ids, jnp.int32)) if self.eos_ids else jnp.zeros_like(tokens, bool)
 
-    def _start(self, params, prompts: Array, lengths: Array, key: Array, max_new: int) -> DecodeState:
+    def start(self, params, prompts: Array, lengths: Array, key: Array, max_new: int) -> DecodeState:
+        """The prefill (pure; `compile` jits it): prompts [b, T] right-padded, lengths [b] -> the first token's
+        state."""
         b, t = prompts.shape
         cache = self.config.empty_cache(b, t + max_new)
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -152,7 +154,9 @@ class Generator:
         tokens = jnp.full((b, max_new), self.pad_id, jnp.int32).at[:, 0].set(first)
         return DecodeState(cache, tokens, lengths.astype(jnp.int32), self._is_eos(first), jnp.int32(1), key)
 
-    def _advance(self, params, state: DecodeState, steps: Array) -> DecodeState:
+    def advance(self, params, state: DecodeState, steps: Array) -> DecodeState:
+        """At most `steps` decode steps (pure; `compile` jits it, the state donated): a `lax.while_loop` that also
+        stops when every row is done or max_new tokens are generated."""
         max_new = state.tokens.shape[1]
         stop = jnp.minimum(state.count + steps, max_new)
 
@@ -182,9 +186,9 @@ class Generator:
             prompts = jax.ShapeDtypeStruct((batch, prompt_length), jnp.int32)
             lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
             key = jax.eval_shape(lambda: jax.random.key(0))
-            start = jax.jit(self._start, static_argnums=4).lower(abstract, prompts, lengths, key, max_new).compile()
-            state = jax.eval_shape(functools.partial(self._start, max_new=max_new), abstract, prompts, lengths, key)
-            advance = jax.jit(self._advance, donate_argnums=1).lower(abstract, state, jnp.int32(0)).compile()
+            start = jax.jit(self.start, static_argnums=4).lower(abstract, prompts, lengths, key, max_new).compile()
+            state = jax.eval_shape(functools.partial(self.start, max_new=max_new), abstract, prompts, lengths, key)
+            advance = jax.jit(self.advance, donate_argnums=1).lower(abstract, state, jnp.int32(0)).compile()
             self._compiled[shapes] = (start, advance)
         return self._compiled[shapes]
 

@@ -1,0 +1,286 @@
+"""Decode speed and memory against context length and batch size: a Llama and a Llamba of the same width and depth,
+side by side in one run, and Transformers' own `generate` on the same Llama shape as the baseline.
+
+    python -m benchmarks.generate [--layers 2] [--contexts 1024,2048,4096,8192,16384,32768]
+                                  [--batches 1,4,16,64,256] [--batch-context 1024] [--steps 32] [--reps 3]
+                                  [--dtype float32] [--hf-max-context 8192] [--fit-memory 80GiB]
+                                  [--fit-contexts 8192,32768] [--fit-dtype bfloat16] [--no-save]
+
+Shapes: `configs/models/llama-3.2-1b-instruct.json` and `configs/models/llamba-1b.json` (d_model 2048, 32 heads x
+64, MLP 8192, vocabulary 128,256, tied), cut to `--layers` layers (the full 16 on a GPU), random weights.
+
+kept_jax (both models): the compiled decode loop that `python -m kept_jax.generate` runs (`Generator.advance`, a
+`lax.while_loop` of one-token steps, the state donated), timed for `--steps` tokens per row from a state that
+already holds `context` tokens (a KV cache of context + steps positions, or the recurrent state, filled with random
+values: decode cost does not depend on them, and a 32K prefill per point would cost more than the measurement);
+median of `--reps`. Memory: XLA's `memory_analysis()` of that compiled loop (arguments + outputs + temporaries -
+aliased), i.e. parameters + state + workspace. Transformers: `model.generate` (greedy, SDPA attention, its dynamic
+cache) after a real prefill of `context` tokens; decode tokens/s from the time between the first and the last
+generated token (a logits processor records each step), up to `--hf-max-context` (a CPU prefill past it takes
+minutes); its memory is parameters + the final KV cache.
+
+Largest batch: the same decode loop compiled (not run) for the full-depth model in `--fit-dtype`: its compiled
+memory is affine in the batch, so two compilations give the slope, the largest batch within `--fit-memory` follows,
+and a third compilation at that batch confirms it. Writes `benchmarks/results/generate-<device>-<date>.json` and
+a plot beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import environment, write_result
+from kept_jax.config import ModelConfig
+from kept_jax.decoding import DecodeState, Generator
+from kept_jax.dry_run import parse_memory
+from kept_jax.models import build_model
+
+MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
+SHAPES = {"llama": "llama-3.2-1b-instruct.json", "llamba": "llamba-1b.json"}
+GIB = 2**30
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.generate", description=__doc__.split("\n\n")[0])
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--contexts", type=ints, default=[1024, 2048, 4096, 8192, 16384, 32768])
+    p.add_argument("--batches", type=ints, default=[1, 4, 16, 64, 256])
+    p.add_argument("--batch-context", type=int, default=4096, help="context of the batch sweep")
+    p.add_argument("--steps", type=int, default=32, help="decode steps timed per point (fewer for large batches)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--hf-max-context", type=int, default=8192, help="Transformers baseline up to this context")
+    p.add_argument("--hf-max-batch", type=int, default=4, help="and up to this batch (its prefill is real)")
+    p.add_argument("--memory-limit", default="16GiB", help="points whose compiled loop and state exceed it are "
+                                                          "compiled and reported, not run")
+    p.add_argument("--fit-memory", default="80GiB", help="memory for the largest-batch figure ('' to skip)")
+    p.add_argument("--fit-contexts", type=ints, default=[8192, 32768])
+    p.add_argument("--fit-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="bfloat16 on a GPU (XLA:CPU widens bf16 matmuls to fp32, so its bf16 figures overstate)")
+    p.add_argument("--no-save", action="store_true")
+    return p.parse_args(argv)
+
+
+def model_config(name: str, layers: int | None, dtype: str) -> ModelConfig:
+    with open(os.path.join(MODELS, SHAPES[name]), encoding="utf-8") as f:
+        hf = json.load(f)
+    config = ModelConfig.from_hf_dict(hf, compute_dtype=dtype, param_dtype=dtype, scan_layers=False)
+    if name == "llama":  # room for the longest context measured; the rope is the same function of position
+        config = config.replace(max_position_embeddings=max(config.max_position_embeddings, 2**17))
+    return config if layers is None else config.replace(num_hidden_layers=layers)
+
+
+def random_params(config: ModelConfig):
+    model = build_model(config)
+    return jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+
+
+def decode_state(config: ModelConfig, batch: int, context: int, steps: int, abstract: bool = False) -> DecodeState:
+    """A state `context` tokens into every row, with room for `steps` more (random cache or state values)."""
+    def build():
+        cache = config.empty_cache(batch, context + steps)
+        keys = jax.random.split(jax.random.key(1), len(jax.tree.leaves(cache)))
+        leaves = [jax.random.normal(k, x.shape, x.dtype) * 0.5 for k, x in zip(keys, jax.tree.leaves(cache))]
+        cache = jax.tree.unflatten(jax.tree.structure(cache), leaves)
+        tokens = jnp.zeros((batch, steps + 1), jnp.int32)
+        return DecodeState(cache, tokens, jnp.full((batch,), context, jnp.int32), jnp.zeros((batch,), bool),
+                           jnp.int32(1), jax.random.key(2))
+    return jax.eval_shape(build) if abstract else jax.jit(build)()
+
+
+def compiled_loop(generator: Generator, params, state):
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, state))
+    return jax.jit(generator.advance, donate_argnums=1).lower(*abstract, jnp.int32(0)).compile()
+
+
+def peak_bytes(compiled) -> int:
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def state_bytes(config: ModelConfig, batch: int, length: int) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(lambda: config.empty_cache(batch, length))))
+
+
+def measure_jax(name, config, params, batch, context, steps, reps, limit) -> dict:
+    """The compiled loop's memory; then, when it fits in `limit` bytes, its median time over `reps` runs, each from
+    a fresh state (the loop consumes its state)."""
+    compiled = compiled_loop(Generator(config), params, decode_state(config, batch, context, steps, abstract=True))
+    row = {"model": name, "impl": "kept_jax", "context": context, "batch": batch, "steps": steps,
+           "peak_GiB": peak_bytes(compiled) / GIB, "state_GiB": state_bytes(config, batch, context + steps) / GIB}
+    if peak_bytes(compiled) + state_bytes(config, batch, context + steps) > limit:
+        return {**row, "fits": False}  # compiled, not run: it and a fresh state exceed --memory-limit
+    times = []
+    for _ in range(reps + 1):  # the first is a warm-up
+        state = jax.block_until_ready(decode_state(config, batch, context, steps))
+        began = time.perf_counter()
+        out = jax.block_until_ready(compiled(params, state, np.int32(steps)))
+        times.append(time.perf_counter() - began)
+        assert int(out.count) == steps + 1
+        del state, out
+    seconds = float(np.median(times[1:]))
+    return {**row, "fits": True, "tokens_per_s": batch * steps / seconds, "ms_per_step": 1000 * seconds / steps,
+            "times_s": times[1:]}
+
+
+def measure_transformers(config, batch, context, steps) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+
+    hf = dict(config.to_hf_dict())
+    for key in ("architectures", "model_type", "rope_scaling", "rope_theta", "dtype", "torch_dtype"):
+        hf.pop(key, None)
+    torch.manual_seed(0)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.compute_dtype]
+    model = LlamaForCausalLM(LlamaConfig(**hf, attn_implementation="sdpa")).to(dtype).eval()
+
+    class Stamp(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    stamp = Stamp()
+    prompt = torch.randint(0, config.vocab_size, (batch, context))
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False,
+                             logits_processor=LogitsProcessorList([stamp]), return_dict_in_generate=True,
+                             pad_token_id=0)
+    seconds = stamp.times[-1] - stamp.times[0]
+    cache = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"model": "llama", "impl": "transformers", "context": context, "batch": batch, "steps": steps,
+            "tokens_per_s": batch * steps / seconds, "ms_per_step": 1000 * seconds / steps,
+            "peak_GiB": (cache + params) / GIB, "state_GiB": cache / GIB}
+
+
+def largest_batch(name: str, context: int, dtype: str, budget: int) -> dict:
+    """Compile (not run) the full-depth decode loop: memory is affine in the batch; two points give the line."""
+    config = model_config(name, None, dtype)
+    params = jax.eval_shape(lambda: random_params(config))
+    generator = Generator(config)
+
+    def bytes_at(batch):
+        return peak_bytes(compiled_loop(generator, params, decode_state(config, batch, context, 1, abstract=True)))
+
+    one, two = bytes_at(8), bytes_at(16)
+    per_row = (two - one) / 8
+    fixed = one - 8 * per_row
+    batch = max(int((budget - fixed) // per_row), 0)
+    confirmed = bytes_at(batch) if batch else None
+    while batch and confirmed > budget:  # the line is a model: step down until the compiled figure fits
+        batch = int(batch * 0.95)
+        confirmed = bytes_at(batch) if batch else None
+    return {"model": name, "context": context, "dtype": dtype, "layers": config.num_hidden_layers,
+            "budget_GiB": budget / GIB, "fixed_GiB": fixed / GIB, "per_row_MiB": per_row / 2**20,
+            "largest_batch": batch, "compiled_GiB_at_largest": None if confirmed is None else confirmed / GIB}
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    sweeps = (("context", 1, "tokens_per_s", "decode tokens/s (batch 1)"),
+              ("context", 1, "peak_GiB", "memory, GiB (batch 1)"),
+              ("batch", result["settings"]["batch_context"], "tokens_per_s", "decode tokens/s vs batch"))
+    for ax, (axis, fixed, metric, title) in zip(axes, sweeps):
+        other = "batch" if axis == "context" else "context"
+        for label, rows in _series(result["points"], axis, other, fixed).items():
+            ax.plot([r[axis] for r in rows], [r[metric] for r in rows], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(axis if axis == "batch" else "context (tokens)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    env = result["environment"]
+    fig.suptitle(f"Decode, 1B shapes x {result['settings']['layers']} layers, {result['settings']['dtype']}, "
+                 f"{env['device']} ({env['cpu_count']} cores), {env['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _series(points, axis, other, fixed) -> dict:
+    series = {}
+    for r in sorted(points, key=lambda r: r[axis]):
+        if r[other] == fixed and r.get("sweep") == axis and "tokens_per_s" in r:
+            series.setdefault(f"{r['model']} ({r['impl']})", []).append(r)
+    return series
+
+
+def run(args) -> dict:
+    points = []
+    limit = parse_memory(args.memory_limit)
+    for name in ("llama", "llamba"):
+        config = model_config(name, args.layers, args.dtype)
+        params = Generator.prepare(random_params(config))
+        for sweep, sizes in (("context", args.contexts), ("batch", args.batches)):
+            for size in sizes:
+                batch, context = (1, size) if sweep == "context" else (size, args.batch_context)
+                steps = max(4, min(args.steps, 512 // batch))
+                row = measure_jax(name, config, params, batch, context, steps, args.reps, limit)
+                points.append({**row, "sweep": sweep})
+                print(json.dumps({k: v for k, v in row.items() if k != "times_s"}), flush=True)
+        del params
+    config = model_config("llama", args.layers, args.dtype)
+    for context in [c for c in args.contexts if c <= args.hf_max_context]:
+        row = measure_transformers(config, 1, context, args.steps)
+        points.append({**row, "sweep": "context"})
+        print(json.dumps(row), flush=True)
+    for batch in [b for b in args.batches if b <= args.hf_max_batch]:
+        steps = max(4, min(args.steps, 512 // batch))
+        row = measure_transformers(config, batch, args.batch_context, steps)
+        points.append({**row, "sweep": "batch"})
+        print(json.dumps(row), flush=True)
+    fits = []
+    if args.fit_memory:
+        budget = parse_memory(args.fit_memory)
+        for context in args.fit_contexts:
+            for name in ("llama", "llamba"):
+                fits.append(largest_batch(name, context, args.fit_dtype, budget))
+                print(json.dumps(fits[-1]), flush=True)
+    result = {"benchmark": "generate", "environment": environment(), "settings": {
+        "layers": args.layers, "dtype": args.dtype, "steps": args.steps, "reps": args.reps,
+        "batch_context": args.batch_context, "hf_max_context": args.hf_max_context,
+        "hf_max_batch": args.hf_max_batch, "memory_limit": args.memory_limit},
+        "points": points, "largest_batch": fits}
+    result["summary"] = summarize(points)
+    if not args.no_save:
+        path = write_result("generate", result)
+        plot(result, path.removesuffix(".json") + ".png")
+        print(f"wrote {path} and its plot", flush=True)
+    print(json.dumps(result["summary"], indent=1))
+    return result
+
+
+def summarize(points) -> dict:
+    """Batch-1 decode tokens/s by context per model, Llamba's speedup over kept_jax's Llama, and each model's change
+    from the shortest to the longest context."""
+    by = {}
+    for r in points:
+        if r["sweep"] == "context" and "tokens_per_s" in r:
+            by.setdefault(f"{r['model']} ({r['impl']})", {})[r["context"]] = r["tokens_per_s"]
+    llama, llamba = by.get("llama (kept_jax)", {}), by.get("llamba (kept_jax)", {})
+    out = {"tokens_per_s": by,
+           "llamba_over_llama": {c: llamba[c] / llama[c] for c in sorted(llama) if c in llamba}}
+    for label, series in by.items():
+        contexts = sorted(series)
+        out.setdefault("longest_over_shortest", {})[label] = series[contexts[-1]] / series[contexts[0]]
+    return out
+
+
+if __name__ == "__main__":
+    run(parse_args())
