@@ -30,7 +30,7 @@ import numpy as np
 
 from kept_jax.config import ModelConfig
 from kept_jax.errors import KeptError
-from kept_jax.models import build_model, layer_list
+from kept_jax.models import build_model, layer_list, unstack_layers
 
 Array = jax.Array
 
@@ -134,8 +134,6 @@ class Generator:
     @staticmethod
     def prepare(params):
         """Each layer's parameters as their own buffers (`model/layers/<i>`), so that no step slices a stack."""
-        from kept_jax.models import unstack_layers
-
         return unstack_layers(params)
 
     def _is_eos(self, tokens: Array) -> Array:

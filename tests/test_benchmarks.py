@@ -88,3 +88,21 @@ def test_mohawk_step_benchmark_runs_every_stage(capsys):
     # Each stage trains more than the one before it: mixers, then whole blocks, then everything.
     assert rows[0]["trainable_params"] < rows[1]["trainable_params"] < rows[2]["trainable_params"]
     assert rows[0]["flops_per_token"] < rows[1]["flops_per_token"] < rows[2]["flops_per_token"]
+
+
+@pytest.mark.slow
+def test_generate_benchmark_runs_and_its_memory_follows_the_state():
+    """One layer of the 1B shapes at short contexts: every point is measured, Llama's state grows with the context
+    and Llamba's does not, and the largest-batch figure is confirmed by its own compilation."""
+    from benchmarks import generate
+
+    result = generate.run(generate.parse_args(
+        ["--layers", "1", "--contexts", "256,512", "--batches", "1,2", "--batch-context", "256", "--steps", "4",
+         "--reps", "1", "--hf-max-context", "256", "--hf-max-batch", "1", "--fit-memory", "10GiB",
+         "--fit-contexts", "256", "--no-save"]))
+    state = {(r["model"], r["impl"], r["context"]): r["state_GiB"] for r in result["points"] if r["batch"] == 1}
+    assert state[("llama", "kept_jax", 512)] > 1.9 * state[("llama", "kept_jax", 256)]
+    assert state[("llamba", "kept_jax", 512)] == state[("llamba", "kept_jax", 256)]
+    assert all(r["tokens_per_s"] > 0 for r in result["points"])
+    for fit in result["largest_batch"]:
+        assert fit["largest_batch"] > 0 and fit["compiled_GiB_at_largest"] <= fit["budget_GiB"]

@@ -68,14 +68,19 @@ def test_greedy_matches_transformers_on_the_exported_kept_student(kept_export):
 def _teacher_forced_errors(config, params, tokens: np.ndarray, prefill: list[int]) -> list[float]:
     """Prefill row i with its first prefill[i] tokens (one right-padded batch), then feed the rest of the row one
     token at a time; the largest relative error of each step's logits against the full forward's."""
-    full = np.asarray(build_model(config).apply({"params": params}, tokens))[..., : config.vocab_size]
+    full = np.asarray(jax.jit(build_model(config).apply)({"params": params}, tokens))[..., : config.vocab_size]
     params = Generator.prepare(params)
     b, t = tokens.shape
     lengths = np.asarray(prefill, np.int32)
-    cache = config.empty_cache(b, t)
     positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
-    x, cache = run_layers(config, params, np.where(positions < lengths[:, None], tokens, 0), cache, positions, lengths)
-    last = np.asarray(logits_at(config, params, x))[np.arange(b), lengths - 1]
+
+    @jax.jit
+    def prefill_logits(params, tokens):
+        x, cache = run_layers(config, params, tokens, config.empty_cache(b, t), positions, lengths)
+        return logits_at(config, params, x), cache
+
+    logits, cache = prefill_logits(params, np.where(positions < lengths[:, None], tokens, 0))
+    last = np.asarray(logits)[np.arange(b), lengths - 1]
     errors = [float(np.max(np.abs(last - full[np.arange(b), lengths - 1])) / np.abs(full).max())]
 
     @jax.jit
