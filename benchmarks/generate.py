@@ -107,7 +107,8 @@ def peak_bytes(compiled) -> int:
 
 
 def state_bytes(config: ModelConfig, batch: int, length: int) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(lambda: config.empty_cache(batch, length))))
+    cache = jax.eval_shape(lambda: config.empty_cache(batch, length))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
 
 
 def measure_jax(name, config, params, batch, context, steps, reps, limit) -> dict:
@@ -157,7 +158,8 @@ def measure_transformers(config, batch, context, steps) -> dict:
                              logits_processor=LogitsProcessorList([stamp]), return_dict_in_generate=True,
                              pad_token_id=0)
     seconds = stamp.times[-1] - stamp.times[0]
-    cache = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
+    layers = out.past_key_values.layers
+    cache = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"model": "llama", "impl": "transformers", "context": context, "batch": batch, "steps": steps,
             "tokens_per_s": batch * steps / seconds, "ms_per_step": 1000 * seconds / steps,

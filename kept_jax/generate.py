@@ -131,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     longest = max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise KeptError("a prompt encodes to no tokens; give some text to continue")
+    outside = [t for p in prompts for t in p if not 0 <= t < config.vocab_size]
+    if outside:
+        raise KeptError(f"the tokenizer ({tokenizer.source}) gives id {outside[0]}, outside the model's vocabulary "
+                        f"[0, {config.vocab_size}); use the model's own tokenizer")
     max_new = args.max_new_tokens
     limit = config.max_position_embeddings
     if limit is not None:

@@ -205,11 +205,17 @@ def test_cli_batches_a_jsonl_file_of_prompts_in_bfloat16(kept_export, tmp_path, 
     (["--prompt", "hi", "--top-p", "0"], "top-p must be in"),
     (["--file", "{missing}"], "does not exist"),
     (["--file", "{empty_jsonl}"], "holds no prompts"),
+    (["--prompt", "hi", "--tokenizer", "{other_tokenizer}"], "outside the model's vocabulary"),
 ])
 def test_cli_user_errors_get_one_line(argv, message, kept_export, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    names = {"missing": str(tmp_path / "nothing"), "empty_jsonl": str(empty)}
+    other = tmp_path / "tokenizer"  # a tokenizer whose ids run past the tiny model's 2,048
+    other.mkdir()
+    (other / "tokenizer.json").write_text(json.dumps({
+        "version": "1.0", "model": {"type": "WordLevel", "vocab": {"hi": 5000, "[UNK]": 0}, "unk_token": "[UNK]"},
+        "pre_tokenizer": {"type": "Whitespace"}}))
+    names = {"missing": str(tmp_path / "nothing"), "empty_jsonl": str(empty), "other_tokenizer": str(other)}
     argv = [a.format(**names) for a in argv]
     if "--model" not in argv:
         argv = ["--model", kept_export[0], *argv]
