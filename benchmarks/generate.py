@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import environment, write_result
+from benchmarks.common import compiled_peak_bytes, environment, write_result
 from kept_jax.config import ModelConfig
 from kept_jax.decoding import DecodeState, Generator
 from kept_jax.dry_run import parse_memory
@@ -101,11 +101,6 @@ def compiled_loop(generator: Generator, params, state):
     return jax.jit(generator.advance, donate_argnums=1).lower(*abstract, jnp.int32(0)).compile()
 
 
-def peak_bytes(compiled) -> int:
-    m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
-
-
 def state_bytes(config: ModelConfig, batch: int, length: int) -> int:
     cache = jax.eval_shape(lambda: config.empty_cache(batch, length))
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
@@ -115,9 +110,10 @@ def measure_jax(name, config, params, batch, context, steps, reps, limit) -> dic
     """The compiled loop's memory; then, when it fits in `limit` bytes, its median time over `reps` runs, each from
     a fresh state (the loop consumes its state)."""
     compiled = compiled_loop(Generator(config), params, decode_state(config, batch, context, steps, abstract=True))
+    peak, state_size = compiled_peak_bytes(compiled), state_bytes(config, batch, context + steps)
     row = {"model": name, "impl": "kept_jax", "context": context, "batch": batch, "steps": steps,
-           "peak_GiB": peak_bytes(compiled) / GIB, "state_GiB": state_bytes(config, batch, context + steps) / GIB}
-    if peak_bytes(compiled) + state_bytes(config, batch, context + steps) > limit:
+           "peak_GiB": peak / GIB, "state_GiB": state_size / GIB}
+    if peak + state_size > limit:
         return {**row, "fits": False}  # compiled, not run: it and a fresh state exceed --memory-limit
     times = []
     for _ in range(reps + 1):  # the first is a warm-up
@@ -173,7 +169,8 @@ def largest_batch(name: str, context: int, dtype: str, budget: int) -> dict:
     generator = Generator(config)
 
     def bytes_at(batch):
-        return peak_bytes(compiled_loop(generator, params, decode_state(config, batch, context, 1, abstract=True)))
+        state = decode_state(config, batch, context, 1, abstract=True)
+        return compiled_peak_bytes(compiled_loop(generator, params, state))
 
     one, two = bytes_at(8), bytes_at(16)
     per_row = (two - one) / 8

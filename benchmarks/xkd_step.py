@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from benchmarks.common import environment, median_seconds, write_result
+from benchmarks.common import compiled_peak_bytes, environment, median_seconds, write_result
 from kept_jax.errors import KeptError, cli_entry
 from kept_jax.flops import peak_flops, step_flops_per_token
 from kept_jax.mapping import build_mapping, target_config
@@ -326,8 +326,7 @@ def compile_only(args, config: LlamaConfig) -> dict:
     memory = compiled.memory_analysis()
     gib = {name: round(getattr(memory, f"{name}_size_in_bytes") / 2**30, 2)
            for name in ("argument", "output", "alias", "temp", "generated_code")}
-    # Donated state aliases its outputs; what is live at the peak is arguments + fresh outputs + temporaries.
-    gib["total"] = round(gib["argument"] + gib["output"] - gib["alias"] + gib["temp"], 2)
+    gib["total"] = round(compiled_peak_bytes(compiled) / 2**30, 2)
     print(f"compiled in {seconds:.1f} s; memory_analysis, GiB per device: {gib}", flush=True)
     return {"compile_s": round(seconds, 1), "memory_GiB": gib}
 

@@ -7,6 +7,7 @@ leaves either the old output or none; `check_output_dir` refuses a destination b
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -28,6 +29,17 @@ def read_text(path: str, what: str) -> str:
         raise KeptError(f"{what} {path!r} is a directory; pass a text file") from None
     except PermissionError:
         raise KeptError(f"{what} {path!r} cannot be read (permission denied)") from None
+
+
+def read_optional_json(path: str) -> dict:
+    """A checkpoint's optional JSON side file (`tokenizer_config.json`, `generation_config.json`): {} when absent."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KeptError(f"{path} is not valid JSON ({e}); fix or remove it") from None
 
 
 def check_output_dir(out_dir: str, force: bool) -> None:

@@ -76,16 +76,11 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def end_ids(model_dir: str, config) -> tuple[list[int], int | None]:
     """End-of-sequence ids (config.json's and generation_config.json's) and the pad id."""
-    eos, pad = config.eos_token_id, config.pad_token_id
-    path = os.path.join(model_dir, "generation_config.json")
-    if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                generation = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise KeptError(f"{path} is not valid JSON ({e}); fix or remove it") from None
-        eos = generation.get("eos_token_id", eos)
-        pad = generation.get("pad_token_id", pad)
+    from kept_jax.fileio import read_optional_json
+
+    generation = read_optional_json(os.path.join(model_dir, "generation_config.json"))
+    eos = generation.get("eos_token_id", config.eos_token_id)
+    pad = generation.get("pad_token_id", config.pad_token_id)
     ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     return ids, pad
 

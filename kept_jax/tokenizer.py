@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable
 
 from kept_jax.errors import KeptError
+from kept_jax.fileio import read_optional_json
 
 
 class Tokenizer:
@@ -22,17 +22,6 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`, special tokens (BOS, EOS, ...) left out."""
         return self._decode(list(ids))
-
-
-def _tokenizer_config(model_dir: str) -> dict:
-    path = os.path.join(model_dir, "tokenizer_config.json")
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KeptError(f"{path} is not valid JSON ({e}); fix or remove it") from None
 
 
 def load_tokenizer(model_dir: str, architecture: str,
@@ -61,7 +50,7 @@ def load_tokenizer(model_dir: str, architecture: str,
             sp.Load(sp_path)
         except (OSError, RuntimeError) as e:
             raise KeptError(f"cannot read {sp_path}: {e}; the tokenizer file is corrupt") from None
-        config = _tokenizer_config(model_dir)
+        config = read_optional_json(os.path.join(model_dir, "tokenizer_config.json"))
         add_bos = bool(config.get("add_bos_token", architecture == "llama"))
         add_eos = bool(config.get("add_eos_token", False))
         return Tokenizer(lambda text: sp.Encode(text, add_bos=add_bos, add_eos=add_eos), sp_path, sp.Decode)

@@ -326,7 +326,7 @@ class Attention(nn.Module):
         if seq > 1:
             out = self._causal(q, k, v)
         else:
-            out = cached_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), positions)
+            out = cached_attention(q, cache.k, cache.v, positions)  # the cache is in the compute dtype
         return self.o_proj(out.reshape(batch, seq, cfg.num_attention_heads * cfg.head_dim)), cache
 
     def probabilities(self, x: Array, cos: Array, sin: Array) -> Array:
