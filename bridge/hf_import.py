@@ -13,7 +13,7 @@ import json
 import os
 import pickle
 import zipfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_dtypes  # registers bfloat16 with NumPy; safetensors' NumPy reader needs it
@@ -276,15 +276,16 @@ def _read_checked(reader: CheckpointReader, spec: TensorSpec, dtypes: collection
 
 
 def iter_params(
-    reader: CheckpointReader, config: ModelConfig, dtypes: collections.Counter
+    reader: CheckpointReader, config: ModelConfig, dtypes: collections.Counter,
+    keep: Callable[[TensorSpec], bool] = lambda spec: True,
 ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
-    """Yields (params path, NumPy array in `config.param_dtype`), one leaf at a time.
+    """Yields (params path, NumPy array in `config.param_dtype`), one leaf at a time, of the tensors `keep` selects.
 
     With `scan_layers` a leaf is the [L, ...] stack of one tensor kind, filled layer by layer in place.
     """
     target = NUMPY_DTYPES[config.param_dtype]
     by_leaf: dict[tuple[str, ...], list[TensorSpec]] = collections.defaultdict(list)
-    for spec in config.tensor_table():
+    for spec in filter(keep, config.tensor_table()):
         by_leaf[spec.params_path(config.scan_layers)].append(spec)
     for path, specs in by_leaf.items():
         first = specs[0]
@@ -306,17 +307,31 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def params_from_reader(reader, config: ModelConfig) -> tuple[dict, list[tuple[str, str]], dict[str, int]]:
-    """Validated kept_jax params (on the default device) from any reader of HF-named tensors."""
+def params_from_reader(reader, config: ModelConfig, keep: Callable[[TensorSpec], bool] = lambda spec: True
+                       ) -> tuple[dict, list[tuple[str, str]], dict[str, int]]:
+    """Validated kept_jax params (on the default device) from any reader of HF-named tensors: all of them, or the
+    part `keep` selects (the checkpoint's names are checked in full either way)."""
     skipped = _check_names(reader, config.tensor_table(), config)
     dtypes: collections.Counter = collections.Counter()
     params: dict = {}
-    for path, leaf in iter_params(reader, config, dtypes):
+    for path, leaf in iter_params(reader, config, dtypes, keep):
         _set(params, path, jax.device_put(leaf))
         del leaf
         if getattr(reader, "format", None) == "safetensors":
             reader.release()  # a .bin shard would be unpickled again: keep it
     return params, skipped, dict(dtypes)
+
+
+def streamed_layers(reader, config: ModelConfig) -> Iterator[dict]:
+    """Each layer's own params (validated, on the default device), read from the checkpoint when the previous one
+    is done with: only one layer of a large model is in memory."""
+    unscanned = config.replace(scan_layers=False)
+    for i in range(config.num_hidden_layers):
+        params, _, _ = params_from_reader(reader, unscanned, lambda spec, i=i: spec.layer == i)
+        layer = next(iter(params.values()))["layers"][str(i)]
+        del params
+        yield layer
+        del layer  # before the next layer is read
 
 
 def load_hf_checkpoint(model_dir: str | os.PathLike, **runtime: Any) -> tuple[ModelConfig, dict, ImportReport]:

@@ -34,31 +34,53 @@ DEFAULT_SOURCE = os.path.join(os.path.dirname(__file__), "assets", "tiny-orion")
 class ConversionResult:
     strategy: str
     config: Any  # target ModelConfig (runtime dtype set)
-    tensors: dict[str, np.ndarray]  # HF-named, in the export dtype
-    errors: dict[str, float | None]
-    metrics: dict[str, float]
-    mapping_rows: list[dict]
+    mapping: Any  # kept_jax.mapping.Mapping
+    tensors: dict[str, np.ndarray] | None  # HF-named, in the export dtype; None: computed while exporting
+    errors: dict[str, float | None]  # per target, filled as the tensors are computed
+    metrics: dict[str, float]  # empty without an evaluation
+
+    @property
+    def mapping_rows(self) -> list[dict]:
+        return self.mapping.table(self.errors)
+
+    def tensor_getter(self, source_dir: str, dtype: str) -> Callable[[str], np.ndarray]:
+        """`get(hf_name)` for the writer: the kept tensors, or each rule run as the writer asks for its target (in
+        HF order), so that one tensor at a time exists."""
+        if self.tensors is not None:
+            return self.tensors.__getitem__
+        from kept_jax.config import NUMPY_DTYPES
+
+        produced = self.mapping.materialize(source_tensor_reader(source_dir), NUMPY_DTYPES[dtype])
+
+        def get(name: str) -> np.ndarray:
+            target, value, self.errors[target] = next(produced)
+            if target != name:
+                raise AssertionError(f"the writer asked for {name}, the mapping produced {target}")
+            return value
+        return get
 
 
 def source_tensor_reader(model_dir: str) -> Callable[[str], np.ndarray]:
-    """float64 HF tensors straight from the source checkpoint (exact, whatever the evaluation dtype)."""
+    """HF tensors straight from the source checkpoint, in their stored dtype (the rules compute in float64)."""
     from bridge.hf_import import CheckpointReader
 
     reader = CheckpointReader(model_dir)
-    return lambda name: reader.read(name).astype(np.float64)
+
+    def read(name: str) -> np.ndarray:
+        value = reader.read(name)  # a copy: closing the file unmaps what was read, so RSS stays one tensor
+        if reader.format == "safetensors":
+            reader.release()
+        return value
+    return read
 
 
 def run_mapping(mapping, read: Callable[[str], np.ndarray], dtype: str) -> tuple[dict[str, np.ndarray], dict]:
-    """Evaluates every rule (float64), casts to `dtype`; returns tensors and per-target errors."""
+    """Every rule's tensor in `dtype`, kept in memory (for an evaluation), and the per-target errors."""
     from kept_jax.config import NUMPY_DTYPES
 
     tensors, errors = {}, {}
-    for name, value, error in mapping.materialize(read):
-        if not np.isfinite(value).all():
-            raise KeptError(f"strategy {mapping.strategy!r} produced non-finite values in {name}; "
-                            "the calibration statistics are degenerate (give more or different --calib text)")
-        tensors[name] = value.astype(NUMPY_DTYPES[dtype])
-        errors[name] = error
+    for name, value, error in mapping.materialize(read, NUMPY_DTYPES[dtype]):
+        tensors[name], errors[name] = value, error
     return tensors, errors
 
 
@@ -110,6 +132,8 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="export and evaluation dtype (default: source's)")
     p.add_argument("--ridge", type=float, help="--to llama: relative ridge of the rank-1 absorb solve (default 1e-6)")
     p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--no-eval", action="store_true", help="skip the KL evaluation: the conversion then streams, "
+                   "one layer and one tensor at a time, so peak memory stays a fraction of the checkpoint")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     args = p.parse_args(argv)
     if args.out is None and not args.dry_run:
@@ -121,6 +145,9 @@ def parse_args(argv):
                         f"{'they are' if len(wrong) > 1 else 'it is'} for --to {other}")
     args.opm = args.opm or "absorb"
     args.mixer_init = args.mixer_init or "mohawk"
+    if args.no_eval and "all" in (args.opm, args.mixer_init):
+        raise KeptError("--no-eval leaves nothing to compare with --opm all or --mixer-init all; pick one choice, "
+                        "or drop --no-eval")
     args.calib_tokens = 16384 if args.calib_tokens is None else args.calib_tokens
     for name in ("calib_tokens", "eval_tokens", "seq_len", "batch"):
         if getattr(args, name) <= 0:
@@ -148,8 +175,13 @@ def opm_mappings(args, teacher_config, stats: dict) -> list:
     """Orion -> Llama: one NPM + OPM mapping per requested strategy (`stats={}` for a plan: rules read them lazily)."""
     from kept_jax.mapping import build_mapping
 
-    ridge = 1e-6 if args.ridge is None else args.ridge
-    return [build_mapping(strategy, teacher_config, stats, ridge=ridge) for strategy in opm_strategies(args)]
+    return [build_mapping(strategy, teacher_config, stats, ridge=ridge(args)) for strategy in opm_strategies(args)]
+
+
+def ridge(args) -> float:
+    from kept_jax.mapping.opm import DEFAULT_RIDGE
+
+    return DEFAULT_RIDGE if args.ridge is None else args.ridge
 
 
 def _target_layout(args):
@@ -175,61 +207,86 @@ def check_source(args, source_config) -> None:
 
 
 def convert_all(args) -> tuple[Any, list[ConversionResult], dict]:
-    """Loads the teacher once, calibrates once (OPM), and converts + evaluates each requested method."""
-    from bridge.hf_import import ArrayReader, load_hf_checkpoint, params_from_reader
+    """Calibrates once (OPM: the teacher streamed from its files, layer by layer), builds each requested mapping
+    and, unless --no-eval, converts and evaluates each (both models in memory); without the evaluation the
+    tensors are computed only as the export writes them."""
+    from bridge.hf_import import ArrayReader, CheckpointReader, params_from_reader, streamed_layers
     from kept_jax import corpus
     from kept_jax.config import load_hf_config
-    from kept_jax.evaluate import batches_of, compare
-    from kept_jax.models import build_model
+    from kept_jax.evaluate import batches_of
+    from kept_jax.runlog import phase
     from kept_jax.tokenizer import load_tokenizer
 
     source_config = load_hf_config(args.source)
     check_source(args, source_config)
     dtype = args.dtype or (source_config.dtype if source_config.dtype in ("bfloat16", "float32") else "bfloat16")
+    teacher_config = load_hf_config(args.source, compute_dtype=dtype, param_dtype=dtype)
     tokenizer = load_tokenizer(args.source, source_config.architecture)
 
     eval_file = args.eval_file or corpus.HELDOUT
-    calib_rows, skip, info = None, 0, {"source": os.path.abspath(args.source), "to": args.to, "dtype": dtype}
+    calib_rows, skip = None, 0
+    info = {"source": os.path.abspath(args.source), "to": args.to, "dtype": dtype, "timings_s": {}}
     if args.to == "llama":
         calib_file = args.calib or corpus.HELDOUT
         calib_rows = token_rows(calib_file, tokenizer, source_config.eos_token_id, args.seq_len, 0, args.calib_tokens)
         skip = len(calib_rows) if os.path.abspath(calib_file) == os.path.abspath(eval_file) else 0
         info["calibration"] = {"file": calib_file, "tokens": int(calib_rows.size)}
-    eval_rows = token_rows(eval_file, tokenizer, source_config.eos_token_id, args.seq_len, skip, args.eval_tokens)
+    eval_rows = None
+    if not args.no_eval:
+        eval_rows = token_rows(eval_file, tokenizer, source_config.eos_token_id, args.seq_len, skip, args.eval_tokens)
 
-    teacher_config, teacher_params, report = load_hf_checkpoint(args.source, compute_dtype=dtype, param_dtype=dtype)
-    teacher = build_model(teacher_config)
-    read = source_tensor_reader(args.source)
+    reader = CheckpointReader(args.source)
+    _, info["import_skipped"], _ = params_from_reader(reader, teacher_config, lambda spec: False)  # names checked
     final_shift = None
     if args.to == "llamba":
         mappings = llamba_mappings(args, teacher_config)
     else:
         from kept_jax.mapping import calibrate, outer_sites
+        from kept_jax.mapping.opm import solved
 
         sites = sorted({s for strategy in opm_strategies(args) for s in outer_sites(strategy, teacher_config)})
-        stats = calibrate(teacher, teacher_params, batches_of(calib_rows, args.batch), outer_sites=sites)
+        embedding, _, _ = params_from_reader(reader, teacher_config.replace(scan_layers=False),
+                                             lambda spec: spec.hf_name == teacher_config.hf_embedding_name)
+        with phase("calibrate", f"the teacher's {teacher_config.num_hidden_layers} layers one at a time on "
+                   f"{calib_rows.size:,} tokens", info["timings_s"]):
+            stats = calibrate(teacher_config.replace(scan_layers=False), embedding,
+                              streamed_layers(reader, teacher_config), batches_of(calib_rows, args.batch),
+                              outer_sites=sites, finish=lambda st: solved(st, ridge(args)))
+        del embedding
         mappings = opm_mappings(args, teacher_config, stats)
-        if not source_config.tie_word_embeddings:
-            final_shift = read("lm_head.weight") @ read("model.norm.bias")
-    compare_all = len(mappings) > 1
+        if not source_config.tie_word_embeddings and not args.no_eval:
+            read = source_tensor_reader(args.source)
+            final_shift = read("lm_head.weight").astype(np.float64) @ read("model.norm.bias").astype(np.float64)
+    if args.no_eval:
+        mapping = mappings[0]
+        config = mapping.target_config.replace(compute_dtype=dtype, param_dtype=dtype)
+        info.update(evaluation=None, predicted_final_beta_kl=None)
+        return teacher_config, [ConversionResult(mapping.strategy.removeprefix("llamba/"), config, mapping, None,
+                                                 {}, {})], info
+
+    from bridge.hf_import import load_hf_checkpoint
+    from kept_jax.evaluate import compare
+    from kept_jax.models import build_model
+
+    teacher_config, teacher_params, _ = load_hf_checkpoint(args.source, compute_dtype=dtype, param_dtype=dtype)
+    teacher = build_model(teacher_config)
     results = []
     for mapping in mappings:
         name = mapping.strategy.removeprefix("llamba/")
-        tensors, errors = run_mapping(mapping, read, dtype)
-        config = mapping.target_config.replace(compute_dtype=dtype, param_dtype=dtype)
-        student_params, _, _ = params_from_reader(ArrayReader(tensors), config)
-        metrics = compare(teacher, teacher_params, build_model(config), student_params,
-                          batches_of(eval_rows, args.batch), logit_shift=final_shift)
-        results.append(ConversionResult(name, config, tensors, errors, metrics, mapping.table(errors)))
+        with phase(f"convert and evaluate {name}", f"{eval_rows.size:,} held-out tokens", info["timings_s"]):
+            tensors, errors = run_mapping(mapping, source_tensor_reader(args.source), dtype)
+            config = mapping.target_config.replace(compute_dtype=dtype, param_dtype=dtype)
+            student_params, _, _ = params_from_reader(ArrayReader(tensors), config)
+            metrics = compare(teacher, teacher_params, build_model(config), student_params,
+                              batches_of(eval_rows, args.batch), logit_shift=final_shift)
+        results.append(ConversionResult(name, config, mapping, None if len(mappings) > 1 else tensors, errors,
+                                        metrics))
         print(f"converted with {name!r}: KL {metrics['kl']:.3e} nats/token, agreement {metrics['agreement']:.2%}",
               file=sys.stderr, flush=True)
-        if compare_all:
-            tensors.clear()  # only the numbers are kept
-        del student_params
+        del tensors, student_params  # comparing every choice keeps only the numbers
 
     info.update({
         "evaluation": {"file": eval_file, "tokens": int(eval_rows.size), "skipped_calibration_rows": skip},
-        "import_skipped": report.skipped,
         "predicted_final_beta_kl": results[0].metrics.get("predicted_shift_kl"),
     })
     return teacher_config, results, info
@@ -241,13 +298,17 @@ def summary_table(results: list[ConversionResult], info: dict) -> str:
     ]
     for r in results:
         m = r.metrics
+        if not m:
+            lines.append(f"{r.strategy:<11} not evaluated (--no-eval)")
+            continue
         lines.append(f"{r.strategy:<11} {m['kl']:>18.3e} {m['agreement']:>12.2%} {m['teacher_ppl']:>12.3f} "
                      f"{m['student_ppl']:>14.3f}")
     if info["predicted_final_beta_kl"] is not None:
         lines.append(f"predicted cost of dropping the final norm's beta (1/2 E[Var_p(W_head beta)]): "
                      f"{info['predicted_final_beta_kl']:.3e} nats/token")
     calibration = f"{info['calibration']['tokens']:,} calibration tokens; " if "calibration" in info else ""
-    lines.append(f"{info['evaluation']['tokens']:,} held-out tokens; {calibration}{info['dtype']}")
+    evaluation = f"{info['evaluation']['tokens']:,} held-out tokens; " if info["evaluation"] else ""
+    lines.append(f"{evaluation}{calibration}{info['dtype']}")
     return "\n".join(lines)
 
 
@@ -347,6 +408,8 @@ def main(argv=None) -> int:
         return dry_run(args)
     from kept_jax.fileio import atomic_output_dir, check_output_dir
 
+    from kept_jax.runlog import phase
+
     check_output_dir(args.out, args.force)
     max_shard_bytes = parse_size(args.max_shard_size)
     _, results, info = convert_all(args)
@@ -354,7 +417,10 @@ def main(argv=None) -> int:
     with atomic_output_dir(args.out, args.force) as tmp:
         if export:
             result = results[0]
-            export_model(tmp, args.source, result.config, result.tensors.__getitem__, info["dtype"], max_shard_bytes)
+            with phase("export", "streamed: each tensor computed as it is written" if result.tensors is None
+                       else "", info["timings_s"]):
+                export_model(tmp, args.source, result.config, result.tensor_getter(args.source, info["dtype"]),
+                             info["dtype"], max_shard_bytes)
         text = write_report(tmp, results, info)
     print(text)
     if export:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
-
 from kept_jax.stages import Stage, mohawk_student_config, plan_stages
 
 @dataclasses.dataclass
@@ -42,9 +40,9 @@ def kept_conversion(cfg, orion_config, orion_params, calib_batches):
     from bridge.hf_import import ArrayReader, params_from_reader
     from kept_jax.convert import run_mapping, source_tensor_reader
     from kept_jax.mapping import build_mapping, calibrate, outer_sites, target_config
-    from kept_jax.models import build_model
+    from kept_jax.models import layer_list
 
-    stats = calibrate(build_model(orion_config), orion_params, calib_batches,
+    stats = calibrate(orion_config, orion_params, layer_list(orion_params), calib_batches,
                       outer_sites=outer_sites(cfg.opm, orion_config))
     mapping = build_mapping(cfg.opm, orion_config, stats)
     tensors, _ = run_mapping(mapping, source_tensor_reader(cfg.source), cfg.precision.params)
@@ -78,7 +76,7 @@ def mohawk(cfg, source_config, source_params, calib_batches) -> Recipe:
         teacher_config, teacher_params, tensors, _, _ = kept_conversion(cfg, source_config, source_params,
                                                                         calib_batches)
         teacher_config = teacher_config.replace(lora_scale=1.0)
-        read = lambda name: tensors[name].astype(np.float64)  # noqa: E731
+        read = tensors.__getitem__
     else:  # a Llama (the job checked the source's architecture before loading it)
         teacher_config, teacher_params, read = source_config, source_params, source_tensor_reader(cfg.source)
     student_config = mohawk_student_config(cfg, teacher_config)

@@ -8,16 +8,32 @@ live run. On resume, lines past the restored step are dropped, since those steps
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from typing import Callable
+import sys
+import time
+from typing import Callable, Iterator
 
 from kept_jax.fileio import atomic_file
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 REPORT_FILE = "report.png"
+
+
+@contextlib.contextmanager
+def phase(name: str, detail: str = "", timings: dict[str, float] | None = None) -> Iterator[None]:
+    """One phase of a command on stderr: `name (detail) ...` as it starts, `name: N s` when it ends; its wall time
+    goes into `timings` (seconds by phase name), never into a record that must reproduce."""
+    print(f"{name}{f' ({detail})' if detail else ''} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    if timings is not None:
+        timings[name] = round(seconds, 3)
+    print(f"{name}: {seconds:.1f} s", file=sys.stderr, flush=True)
 
 
 def read_metrics(run_dir: str) -> list[dict]:

@@ -52,7 +52,8 @@ def test_xkd_step_refuses_lora_against_torch():
 def test_convert_io_phases(tmp_path, capsys):
     result = convert_io.run(300_000_000, 2, str(tmp_path))
     assert result["layers"] == 1 and result["shards"] >= 2
-    assert set(result["phases"]) == {"import", "calibrate", "convert", "export"}
+    assert set(result["phases"]) == {"calibrate", "export"} and "--no-eval" in result["command"]
+    assert all(p["seconds"] > 0 and p["peak_rss_MB"] > 0 for p in result["phases"].values())
     assert result["peak_rss_MB"] >= max(p["peak_rss_MB"] for p in result["phases"].values())
     assert result["target_MB"] == pytest.approx(1.25 * result["checkpoint_MB"] + 300, abs=0.2)
     exported = sorted(p.name for p in (tmp_path / "llama").iterdir())

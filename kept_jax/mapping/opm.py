@@ -16,6 +16,8 @@ All arithmetic is float64 on HF-layout tensors ([out, in] for linear weights).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from kept_jax.config import ModelConfig
 from kept_jax.errors import KeptError
@@ -68,6 +70,8 @@ def absorb_direction(stats: SiteStats, ridge: float) -> np.ndarray:
     C is singular along the all-ones vector (a is zero-mean over channels); m has no component there, so a small
     ridge gives the pseudo-inverse solution.
     """
+    if stats.absorb is not None and stats.absorb[0] == ridge:
+        return stats.absorb[1]
     if stats.aa_outer is None:
         raise ValueError("absorb needs the full second moment at this site (calibrate with outer_sites)")
     c, m = stats.aa_outer / stats.n, stats.mean("a")
@@ -82,8 +86,19 @@ def absorb(weight: np.ndarray, gamma: np.ndarray, beta: np.ndarray, k: np.ndarra
 
 def absorb_error(stats: SiteStats, k: np.ndarray) -> float:
     """E||W beta - (W beta) k^T a||^2 / ||W beta||^2 = 1 - 2 k^T m + k^T C k: the part of W beta left unabsorbed."""
+    if stats.aa_outer is None and stats.absorb is not None and stats.absorb[1] is k:
+        return stats.absorb[2]
     c, m = stats.aa_outer / stats.n, stats.mean("a")
     return float(1 - 2 * k @ m + k @ c @ k)
+
+
+def solved(stats: SiteStats, ridge: float) -> SiteStats:
+    """`stats` keeping of its [D, D] second moment only the absorb direction and its error for `ridge`: D numbers
+    instead of D^2 per site (a 14B model's 81 sites would hold 17 GB of float64 moments)."""
+    if stats.aa_outer is None:
+        return stats
+    k = absorb_direction(stats, ridge)
+    return dataclasses.replace(stats, aa_outer=None, absorb=(ridge, k, absorb_error(stats, k)))
 
 
 # ---- Building a mapping ---------------------------------------------------------------------------
@@ -129,11 +144,11 @@ def build_mapping(
         weight, bias = f"{site}.weight", f"{site}.bias"
         if strategy in ("copy", "center"):
             err = (lambda g, b, st=st: gain_error(g, b, g, st, centered)) if st else None
-            rules.append(Rule(weight, (weight,), "gain = gamma (beta dropped)", lambda g: g, err, (bias,)))
+            rules.append(Rule(weight, (weight,), "gain = gamma (beta dropped)", lambda g: g, err, (weight, bias)))
         elif strategy in ("lsq", "center-lsq"):
             fn = lambda g, b, st=st: lsq_gain(g, b, st, centered)  # noqa: E731
             err = lambda g, b, st=st: gain_error(g, b, lsq_gain(g, b, st, centered), st, centered)  # noqa: E731
-            rules.append(Rule(weight, (weight, bias), "least-squares gain", fn, err))
+            rules.append(Rule(weight, (weight, bias), "least-squares gain", fn, err, (weight, bias)))
         elif strategy == "absorb" or (strategy == "exact" and site == "model.norm"):
             rules.append(Rule(weight, (), "ones (gamma folded into next weights)", lambda: np.ones(source.hidden_size)))
         else:  # exact, layer norms: gamma stays the gain, beta goes into the next biases
@@ -146,19 +161,20 @@ def build_mapping(
             weight = f"{reader}.weight"
             if strategy == "absorb" or (strategy == "exact" and reader == "lm_head"):
                 fn = lambda w, g, b, site=site: absorb(w, g, b, k_for(site))  # noqa: E731
-                err = lambda w, g, b, site=site: absorb_error(stats[site], k_for(site))  # noqa: E731
-                rules.append(Rule(weight, (weight, gamma, beta), f"rank-1 absorb of {site.split('.')[-1]} beta", fn, err))
+                err = lambda site=site: absorb_error(stats[site], k_for(site))  # noqa: E731
+                rules.append(Rule(weight, (weight, gamma, beta), f"rank-1 absorb of {site.split('.')[-1]} beta", fn,
+                                  err, block_axis=0))
             else:
                 rules.append(identity(weight))
             if strategy == "exact" and reader != "lm_head":
-                rules.append(Rule(f"{reader}.bias", (weight, beta), "bias = W beta", lambda w, b: w @ b))
+                rules.append(Rule(f"{reader}.bias", (weight, beta), "bias = W beta", lambda w, b: w @ b, block_axis=0))
 
     def writer_rule(name: str) -> Rule:
         if not centered:
             return identity(name)
         if name == "model.embed_tokens.weight":
-            return Rule(name, (name,), "recenter rows over hidden", recenter_embedding)
-        return Rule(name, (name,), "recenter output over hidden", recenter_writer)
+            return Rule(name, (name,), "recenter rows over hidden", recenter_embedding, block_axis=0)
+        return Rule(name, (name,), "recenter output over hidden", recenter_writer, block_axis=1)
 
     rules.append(writer_rule("model.embed_tokens.weight"))
     for i in range(source.num_hidden_layers):

@@ -1,7 +1,9 @@
 """A mapping is data: rules `target <- transform(sources)` over HF tensor names, plus explicitly dropped sources.
 
 Rules are evaluated lazily, one target at a time, in float64, so a conversion streams: read the sources of one
-rule, compute, cast, write. `Mapping.check` proves completeness before any tensor is computed.
+rule, compute, cast, write. A rule whose math is independent along one axis of its first source (and its output)
+says so, and runs in blocks along it: a 14B model's [vocab, hidden] head never exists in float64 as a whole.
+`Mapping.check` proves completeness before any tensor is computed.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ class Rule:
     """`target <- fn(*sources)`. `fn` takes and returns float64 arrays in HF layout.
 
     `error` is the rule's relative mean-squared error on calibration data (None where it does not apply;
-    0.0 for a rule that preserves the model's function exactly); it is called with the sources and then the
-    `error_sources`, which are read only to measure what the rule loses (a dropped beta, say).
+    0.0 for a rule that preserves the model's function exactly); a callable is called with the float64
+    `error_sources` (vectors, such as a gain and the beta it drops).
+
+    `block_axis`: `fn` treats slices of its first source along this axis independently, and its output has the
+    same axis (the other sources are read whole): the rule then runs one block at a time.
     """
 
     target: str
@@ -34,20 +39,37 @@ class Rule:
     fn: Callable[..., np.ndarray]
     error: Callable[..., float] | float | None = 0.0
     error_sources: tuple[str, ...] = ()
+    block_axis: int | None = None
 
-    def apply(self, read: Callable[[str], np.ndarray]) -> tuple[np.ndarray, float | None]:
+    def apply(self, read: Callable[[str], np.ndarray], dtype: np.dtype) -> tuple[np.ndarray, float | None]:
+        """The target in `dtype` (float64 math, at most about BLOCK_BYTES of it at a time when blocked) and its
+        error. `read` gives a source tensor in its stored dtype."""
         inputs = [read(name) for name in self.sources]
-        value = self.fn(*inputs)
-        if callable(self.error):
-            error = self.error(*inputs, *(read(name) for name in self.error_sources))
+        if self.block_axis is None or not inputs:
+            value = np.asarray(self.fn(*(np.asarray(x, np.float64) for x in inputs))).astype(dtype)
         else:
-            error = self.error
+            first, rest = inputs[0], [np.asarray(x, np.float64) for x in inputs[1:]]
+            axis, total = self.block_axis, inputs[0].shape[self.block_axis]
+            step = max(1, BLOCK_BYTES // (8 * max(1, first.size // max(1, total))))
+            value = None
+            for start in range(0, total, step):
+                rows = (slice(None),) * axis + (slice(start, min(start + step, total)),)
+                block = np.asarray(self.fn(first[rows].astype(np.float64), *rest))
+                if value is None:
+                    value = np.empty(block.shape[:axis] + (total,) + block.shape[axis + 1:], dtype)
+                value[rows] = block
+        error = self.error
+        if callable(error):
+            error = error(*(np.asarray(read(name), np.float64) for name in self.error_sources))
         return value, error
+
+
+BLOCK_BYTES = 32 * 2**20  # float64 working set of a blocked rule
 
 
 def identity(target: str, source: str | None = None) -> Rule:
     """`target` <- `source` unchanged (the same name when `source` is None)."""
-    return Rule(target, (source or target,), "identity", lambda x: x)
+    return Rule(target, (source or target,), "identity", lambda x: x, block_axis=0)
 
 
 @dataclasses.dataclass
@@ -116,11 +138,16 @@ class Mapping:
             found[path] = twin if found.get(path, twin) == twin else None  # one layer elsewhere spoils the leaf
         return {path: twin for path, twin in found.items() if twin is not None}
 
-    def materialize(self, read: Callable[[str], np.ndarray]) -> Iterator[tuple[str, np.ndarray, float | None]]:
-        """Yields (target name, float64 tensor, rule error), one target at a time, in HF order."""
+    def materialize(self, read: Callable[[str], np.ndarray],
+                    dtype: np.dtype) -> Iterator[tuple[str, np.ndarray, float | None]]:
+        """Yields (target name, tensor in `dtype`, rule error), one target at a time, in HF order. `read` gives a
+        source tensor in its stored dtype."""
         self.check()
         for rule in self.ordered_rules():
-            value, error = rule.apply(read)
+            value, error = rule.apply(read, dtype)
+            if not np.isfinite(value).all():
+                raise KeptError(f"strategy {self.strategy!r} produced non-finite values in {rule.target}; the "
+                                "calibration statistics are degenerate (give more or different --calib text)")
             yield rule.target, value, error
 
     def table(self, errors: dict[str, float | None] | None = None) -> list[dict]:
