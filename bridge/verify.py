@@ -32,15 +32,16 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def _kl_and_agreement(p_logits: np.ndarray, q_logits: np.ndarray) -> tuple[float, float]:
-    def log_softmax(x):
-        x = x.astype(np.float64)
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+def _scores(p_logits: np.ndarray, q_logits: np.ndarray, rows: np.ndarray) -> dict:
+    """`kept_jax.metrics` (the conversion report's and the job's definition), in float64."""
+    import jax
 
-    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
-    kl = float((np.exp(lp) * (lp - lq)).sum(-1).mean())
-    return kl, float((p_logits.argmax(-1) == q_logits.argmax(-1)).mean())
+    from kept_jax.metrics import score, summarize
+
+    with jax.enable_x64(True):
+        sums = score(jax.numpy.asarray(p_logits, np.float64), jax.numpy.asarray(q_logits, np.float64),
+                     jax.numpy.asarray(rows))
+        return summarize({key: float(value) for key, value in sums.items()})
 
 
 def _kept_jax_logits(model_dir: str, rows: np.ndarray) -> np.ndarray:
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
     except ImportError:
         raise KeptError("bridge.verify needs torch and transformers: pip install 'kept_jax[torch]'") from None
     from kept_jax import corpus
+    from kept_jax.metrics import format_by_position
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.hf, trust_remote_code=False)
@@ -81,9 +83,11 @@ def main(argv=None) -> int:
                                     for r in rows])
     ours = _kept_jax_logits(args.hf, rows)
     max_abs = float(np.abs(hf_logits - ours).max())
-    kl, agreement = _kl_and_agreement(hf_logits, ours)
+    scores = _scores(hf_logits, ours, rows)
+    kl, agreement = scores["kl"], scores["agreement"]
     print(f"Transformers ({type(hf_model).__name__}) vs kept_jax on {rows.size:,} tokens: max-abs logit error "
-          f"{max_abs:.3e}, KL {kl:.3e} nats/token, top-1 agreement {agreement:.2%}")
+          f"{max_abs:.3e}, KL {kl:.3e} nats/token, top-1 agreement {agreement:.2%} ({scores['tokens']:,} scored "
+          "positions)")
     failures = []
     if not max_abs <= args.atol:
         failures.append(f"max-abs error {max_abs:.3e} > --atol {args.atol:g}")
@@ -92,9 +96,10 @@ def main(argv=None) -> int:
 
     if args.reference:
         teacher = _kept_jax_logits(args.reference, rows)
-        ref_kl, ref_agreement = _kl_and_agreement(teacher, hf_logits)
+        reference = _scores(teacher, hf_logits, rows)
+        ref_kl = reference["kl"]
         print(f"teacher {args.reference} vs exported: KL(teacher || exported) {ref_kl:.3e} nats/token, "
-              f"top-1 agreement {ref_agreement:.2%}")
+              f"top-1 agreement {reference['agreement']:.2%}; {format_by_position(reference['by_position'])}")
         if args.max_reference_kl is not None and not ref_kl <= args.max_reference_kl:
             failures.append(f"KL(teacher || exported) {ref_kl:.3e} > --max-reference-kl {args.max_reference_kl:g}")
 

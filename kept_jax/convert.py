@@ -303,11 +303,18 @@ def summary_table(results: list[ConversionResult], info: dict) -> str:
             continue
         lines.append(f"{r.strategy:<11} {m['kl']:>18.3e} {m['agreement']:>12.2%} {m['teacher_ppl']:>12.3f} "
                      f"{m['student_ppl']:>14.3f}")
+    evaluated = [r for r in results if r.metrics]
+    if evaluated:
+        buckets = list(evaluated[0].metrics["by_position"])
+        lines.append(f"{'KL by position':<11} " + " ".join(f"{b:>10}" for b in buckets))
+        lines += [f"{r.strategy:<11} " + " ".join(f"{r.metrics['by_position'][b]['kl']:>10.3e}" for b in buckets)
+                  for r in evaluated]
     if info["predicted_final_beta_kl"] is not None:
         lines.append(f"predicted cost of dropping the final norm's beta (1/2 E[Var_p(W_head beta)]): "
                      f"{info['predicted_final_beta_kl']:.3e} nats/token")
     calibration = f"{info['calibration']['tokens']:,} calibration tokens; " if "calibration" in info else ""
-    evaluation = f"{info['evaluation']['tokens']:,} held-out tokens; " if info["evaluation"] else ""
+    evaluation = (f"{info['evaluation']['tokens']:,} held-out tokens, {evaluated[0].metrics['tokens']:,} positions "
+                  "scored (each with a next token in its row; kept_jax.metrics); " if evaluated else "")
     lines.append(f"{evaluation}{calibration}{info['dtype']}")
     return "\n".join(lines)
 

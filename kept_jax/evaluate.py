@@ -1,13 +1,12 @@
-"""Teacher vs converted model on the same tokens: KL(teacher || converted), top-1 agreement, both NLLs.
+"""Teacher vs converted model on the same tokens: the scores of `kept_jax.metrics` (KL(teacher || converted),
+top-1 agreement, both NLLs, by position), from both models' full logits, batch by batch.
 
-Metrics are sums and counts per batch (fp32 on the device, float64 on the host) and are divided once at the end.
 Optionally, the predicted cost of dropping a constant logit vector c (the final norm's beta through the head):
-about 1/2 E_x[Var_{p(.|x)}(c)] nats/token to second order.
+about 1/2 E_x[Var_{p(.|x)}(c)] nats/token to second order, over the same scored positions.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import flax.linen as nn
@@ -15,25 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-
-def _batch_sums(teacher_logits, student_logits, tokens, logit_shift):
-    t_logp = jax.nn.log_softmax(teacher_logits, axis=-1)
-    s_logp = jax.nn.log_softmax(student_logits, axis=-1)
-    t_p = jnp.exp(t_logp)
-    next_tokens = tokens[:, 1:, None]
-    sums = {
-        "tokens": jnp.asarray(tokens.size, jnp.float32),
-        "kl": jnp.sum(t_p * (t_logp - s_logp)),
-        "agree": jnp.sum(jnp.argmax(teacher_logits, -1) == jnp.argmax(student_logits, -1)).astype(jnp.float32),
-        "predicted": jnp.asarray(next_tokens.size, jnp.float32),
-        "teacher_nll": -jnp.sum(jnp.take_along_axis(t_logp[:, :-1], next_tokens, -1)),
-        "student_nll": -jnp.sum(jnp.take_along_axis(s_logp[:, :-1], next_tokens, -1)),
-    }
-    if logit_shift is not None:
-        mean = jnp.sum(t_p * logit_shift, -1)
-        sums["shift_var"] = jnp.sum(jnp.sum(t_p * logit_shift**2, -1) - mean**2)
-    return sums
+from kept_jax.metrics import labels_and_mask, score, summarize
 
 
 def compare(
@@ -43,8 +24,8 @@ def compare(
     student_params: dict,
     batches: Iterable[np.ndarray],
     logit_shift: np.ndarray | None = None,
-) -> dict[str, float]:
-    """Per-token KL(teacher || student), agreement, NLLs and perplexities over `batches` of [batch, seq] tokens.
+) -> dict:
+    """`kept_jax.metrics.summarize` of both models on `batches` of [batch, seq] tokens.
 
     `logit_shift` ([vocab]): also report `predicted_shift_kl` = 1/2 E[Var_p(shift)], the second-order KL of
     removing that constant from the teacher's logits.
@@ -53,7 +34,13 @@ def compare(
 
     @jax.jit
     def step(tp, sp, tokens):
-        return _batch_sums(teacher.apply({"params": tp}, tokens), student.apply({"params": sp}, tokens), tokens, shift)
+        teacher_logits = teacher.apply({"params": tp}, tokens)
+        sums = score(teacher_logits, student.apply({"params": sp}, tokens), tokens)
+        if shift is not None:
+            p = jax.nn.softmax(teacher_logits, -1)
+            mean = jnp.sum(p * shift, -1)
+            sums["shift_var"] = jnp.sum((jnp.sum(p * shift**2, -1) - mean**2) * labels_and_mask(tokens)[1])
+        return sums
 
     totals: dict[str, float] = {}
     for tokens in batches:
@@ -61,15 +48,7 @@ def compare(
             totals[key] = totals.get(key, 0.0) + float(value)
     if not totals:
         raise ValueError("compare needs at least one batch")
-    result = {
-        "tokens": int(totals["tokens"]),
-        "kl": totals["kl"] / totals["tokens"],
-        "agreement": totals["agree"] / totals["tokens"],
-        "teacher_nll": totals["teacher_nll"] / totals["predicted"],
-        "student_nll": totals["student_nll"] / totals["predicted"],
-    }
-    result["teacher_ppl"] = math.exp(result["teacher_nll"])
-    result["student_ppl"] = math.exp(result["student_nll"])
+    result = summarize(totals)
     if shift is not None:
         result["predicted_shift_kl"] = 0.5 * totals["shift_var"] / totals["tokens"]
     return result

@@ -155,8 +155,10 @@ class Job:
         return sorted(key for key in before if not is_trainable(key, self.stages[k].trainable))
 
     def evaluate(self, trainable) -> dict:
-        """Held-out KL(teacher || student), agreement and NLLs of the student with `trainable` in the current split."""
+        """Held-out KL(teacher || student), agreement and NLLs of the student with `trainable` in the current split,
+        overall and by position (`kept_jax.metrics`)."""
         from kept_jax import sharding
+        from kept_jax.metrics import summarize
         from kept_jax.evaluate import batches_of
         from kept_jax.xkd.objectives import LogitKL
         from kept_jax.xkd.step import make_eval_step
@@ -170,7 +172,7 @@ class Job:
             rows = sharding.global_rows(rows, self.eval_sharding)
             for k, v in self._eval(trainable, self.teacher_params, split.frozen, rows).items():
                 totals[k] = totals.get(k, 0.0) + float(v)
-        return _sums_to_metrics(totals)
+        return summarize(totals)
 
     def train_iterator(self):
         """This host's batches, [rows per step / hosts, seq], as a checkpointable grain iterator."""
@@ -313,7 +315,8 @@ class Job:
     def log_eval(self, log, step: int, metrics: dict, stage: str) -> dict:
         record = {"split": "eval", "stage": stage, "step": step, "tokens": step * self.cfg.data.tokens_per_step,
                   "kl": metrics["kl"], "agreement": metrics["agreement"], "student_nll": metrics["student_nll"],
-                  "teacher_nll": metrics["teacher_nll"], "eval_tokens": metrics["tokens"]}
+                  "teacher_nll": metrics["teacher_nll"], "eval_tokens": metrics["tokens"],
+                  "by_position": metrics["by_position"]}
         if log:
             log.write(record)
         return record
@@ -396,6 +399,9 @@ def _summary_table(summary: dict) -> str:
     lines = [f"\n{'':<16}{'init':>12}{'final':>12}"]
     lines += [f"{label:<16}{summary[key + '_init']:>12{fmt}}{summary[key + '_final']:>12{fmt}}" for label, key, fmt in rows]
     lines.append(f"{'teacher ppl':<16}{summary['teacher_ppl']:>12.3f}{summary['teacher_ppl']:>12.3f}")
+    init, final = summary.get("by_position_init") or {}, summary.get("by_position_final") or {}
+    lines += [f"{'KL, pos ' + name:<16}{init[name]['kl']:>12.4e}{final[name]['kl']:>12.4e}"
+              for name in final if name in init]
     return "\n".join(lines)
 
 
@@ -495,6 +501,7 @@ def main(argv=None) -> int:
         "student_ppl_init": math.exp(init["student_nll"]), "student_ppl_final": math.exp(final["student_nll"]),
         "teacher_ppl": math.exp(final["teacher_nll"]),
         "eval_tokens": final["eval_tokens"],
+        "by_position_init": init.get("by_position"), "by_position_final": final.get("by_position"),
         "tokens_per_s": train_records[-1]["tokens_per_s"] if train_records else None,
         "mfu": train_records[-1].get("mfu") if train_records else None,
         "resumed_from_step": start if resume else None,

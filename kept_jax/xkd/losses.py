@@ -9,7 +9,8 @@ Per token, with p = softmax(z_teacher / T) and q = softmax(z_student / T):
   reverse KL  = T^2 * KL(q || p)
   JSD         = T^2 * (KL(p || m) + KL(q || m)) / 2, m = (p + q) / 2
   CE          = -log softmax(z_student)[next token]   (at T = 1)
-The loss is their weighted sum. Metrics are always at T = 1: KL(teacher || student), top-1 agreement, both NLLs.
+The loss is their weighted sum. Metrics are always at T = 1 and are `kept_jax.metrics`' (the one definition):
+KL(teacher || student), top-1 agreement, both NLLs.
 Everything is returned as sums over unmasked tokens, so that accumulation and cross-device reduction are exact.
 """
 
@@ -20,8 +21,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from kept_jax.metrics import SUMS, TOKEN_METRICS, masked_sums, token_metrics
+
 Array = jax.Array
-METRICS = ("loss", "kl", "agree", "student_nll", "teacher_nll", "tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,18 +50,18 @@ def _token_terms(z_s: Array, z_t: Array, labels: Array, cfg: LossConfig) -> dict
     if cfg.jsd:
         lm = jnp.log(0.5 * (p + q))
         loss += cfg.jsd * t * t * 0.5 * jnp.sum(p * (lp - lm) + q * (lq - lm), -1)
-    lq1, lp1 = (lq, lp) if t == 1.0 else (jax.nn.log_softmax(z_s), jax.nn.log_softmax(z_t))
-    student_nll = -jnp.take_along_axis(lq1, labels[:, None], -1)[:, 0]
     if cfg.ce:
-        loss += cfg.ce * student_nll
-    metrics = {
-        "loss": loss,
-        "kl": jax.lax.stop_gradient(jnp.sum(jnp.exp(lp1) * (lp1 - lq1), -1)),
-        "agree": (jnp.argmax(z_s, -1) == jnp.argmax(z_t, -1)).astype(jnp.float32),
-        "student_nll": jax.lax.stop_gradient(student_nll),
-        "teacher_nll": -jnp.take_along_axis(lp1, labels[:, None], -1)[:, 0],
-    }
-    return metrics
+        lq1 = lq if t == 1.0 else jax.nn.log_softmax(z_s)
+        loss += cfg.ce * -jnp.take_along_axis(lq1, labels[:, None], -1)[:, 0]
+    metrics = jax.lax.stop_gradient(token_metrics(z_t, z_s, labels))  # kept_jax.metrics: the one definition
+    return {"loss": loss, **metrics}
+
+
+def _sums(terms: dict[str, Array], mask: Array, positions: Array | None) -> dict[str, Array]:
+    if positions is None:
+        return {"loss": jnp.sum(terms["loss"] * mask), **{k: jnp.sum(terms[k] * mask) for k in TOKEN_METRICS},
+                "tokens": jnp.sum(mask)}
+    return {"loss": jnp.sum(terms["loss"] * mask), **masked_sums(terms, mask, positions)}
 
 
 def _logits(hidden: Array, head: Array) -> Array:
@@ -74,43 +76,44 @@ def chunked_distill_loss(
     labels: Array,
     mask: Array,
     cfg: LossConfig = LossConfig(),
+    positions: Array | None = None,
 ) -> dict[str, Array]:
-    """Sums over unmasked tokens of the loss and metrics (see module doc), plus the token count.
+    """Sums over unmasked tokens of the loss and metrics (see module doc), plus the token count; with `positions`
+    (each token's index in its row) also KL and agreement by position bucket (`kept_jax.metrics`).
 
-    hidden: [..., hidden_size] (flattened to tokens); head: [hidden_size, vocab]; labels, mask: [...].
+    hidden: [..., hidden_size] (flattened to tokens); head: [hidden_size, vocab]; labels, mask, positions: [...].
     Differentiate `out["loss"]` (a sum; divide by `out["tokens"]` for the mean).
     """
     d_s, d_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
     h_s, h_t = student_hidden.reshape(-1, d_s), teacher_hidden.reshape(-1, d_t)
     labels, mask = labels.reshape(-1), mask.reshape(-1).astype(jnp.float32)
+    pos = jnp.zeros_like(labels) if positions is None else positions.reshape(-1)
     n = h_s.shape[0]
     chunk = min(cfg.chunk_size, n)
     pad = -n % chunk
     if pad:
         h_s, h_t = jnp.pad(h_s, ((0, pad), (0, 0))), jnp.pad(h_t, ((0, pad), (0, 0)))
-        labels, mask = jnp.pad(labels, (0, pad)), jnp.pad(mask, (0, pad))
+        labels, mask, pos = jnp.pad(labels, (0, pad)), jnp.pad(mask, (0, pad)), jnp.pad(pos, (0, pad))
     chunks = (n + pad) // chunk
 
     @jax.checkpoint
     def body(carry, xs):
-        hs, ht, y, m = xs
+        hs, ht, y, m, p = xs
         terms = _token_terms(_logits(hs, student_head), _logits(ht, teacher_head), y, cfg)
-        return {k: carry[k] + jnp.sum(v * m) for k, v in terms.items()}, None
+        sums = _sums(terms, m, None if positions is None else p)
+        return {k: carry[k] + sums[k] for k in carry}, None
 
-    init = {k: jnp.zeros((), jnp.float32) for k in METRICS if k != "tokens"}
-    xs = (h_s.reshape(chunks, chunk, d_s), h_t.reshape(chunks, chunk, d_t), labels.reshape(chunks, chunk),
-          mask.reshape(chunks, chunk))
+    keys = ("loss", *(SUMS if positions is not None else (*TOKEN_METRICS, "tokens")))
+    init = {k: jnp.zeros((), jnp.float32) for k in keys}
+    xs = tuple(x.reshape(chunks, chunk, *x.shape[1:]) for x in (h_s, h_t, labels, mask, pos))
     sums, _ = jax.lax.scan(body, init, xs)
-    sums["tokens"] = jnp.sum(mask)
     return sums
 
 
-def naive_distill_loss(student_hidden, student_head, teacher_hidden, teacher_head, labels, mask, cfg=LossConfig()):
+def naive_distill_loss(student_hidden, student_head, teacher_hidden, teacher_head, labels, mask, cfg=LossConfig(),
+                       positions=None):
     """The same sums from full [tokens, vocab] logits: the reference the chunked loss is tested against."""
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    mask = mask.reshape(-1).astype(jnp.float32)
     terms = _token_terms(_logits(h_s, student_head), _logits(h_t, teacher_head), labels.reshape(-1), cfg)
-    sums = {k: jnp.sum(v * mask) for k, v in terms.items()}
-    sums["tokens"] = jnp.sum(mask)
-    return sums
+    return _sums(terms, mask.reshape(-1).astype(jnp.float32), None if positions is None else positions.reshape(-1))

@@ -27,14 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from kept_jax.models import head_kernel, layer_params
-from kept_jax.xkd.losses import METRICS, LossConfig, chunked_distill_loss
-
-
-def labels_and_mask(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Next-token labels; the last position has none and is masked out of every term."""
-    labels = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
-    mask = jnp.ones(tokens.shape, jnp.float32).at[:, -1].set(0.0)
-    return labels, mask
+from kept_jax.metrics import SUMS, labels_and_mask
+from kept_jax.xkd.losses import LossConfig, chunked_distill_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +38,7 @@ class LogitKL:
     teacher: nn.Module
     student: nn.Module
     loss: LossConfig = LossConfig()
-    metrics: ClassVar[tuple[str, ...]] = METRICS
+    metrics: ClassVar[tuple[str, ...]] = ("loss", *SUMS)
     count: ClassVar[str] = "tokens"
 
     def targets(self, teacher_params, tokens):
@@ -55,8 +49,9 @@ class LogitKL:
         teacher_hidden, teacher_head = targets
         hidden = self.student.apply(variables, tokens, output="hidden")
         labels, mask = labels_and_mask(tokens)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         return chunked_distill_loss(hidden, head_kernel(variables["params"], self.student.config), teacher_hidden,
-                                    teacher_head, labels, mask, self.loss)
+                                    teacher_head, labels, mask, self.loss, positions)
 
 
 def teacher_layer_inputs(teacher: nn.Module, teacher_params, tokens) -> jax.Array:
