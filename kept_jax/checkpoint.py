@@ -25,7 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from kept_jax.errors import KeptError
-from kept_jax.fileio import atomic_file
+from kept_jax.fileio import atomic_file, check_location, check_output_dir
 
 CONFIG_FILE = "config.json"
 # Settings a resumed run may change: they do not touch the trained weights or the data order.
@@ -90,15 +90,19 @@ def _diff(old, new, prefix=""):
         yield prefix[:-1], old, new
 
 
-def check_run_dir(run_dir: str, config: dict, force: bool) -> bool:
+def check_run_dir(run_dir: str, config: dict, force: bool, needed_bytes: int = 0) -> bool:
     """Whether `run_dir` holds this config's run to resume; writes nothing, so a failing start leaves no trace.
 
     A run directory holds the config it was started with, and the same command resumes it. A different config
     (beyond logging and checkpoint settings), or a non-empty directory that is not a run directory, is an error
-    unless `force` starts over.
+    unless `force` starts over, which it does only where kept_jax wrote everything. The location must be writable
+    with `needed_bytes` free.
     """
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise KeptError(f"--out {run_dir!r} is a file; give a directory path")
+    check_location(run_dir, needed_bytes, make_parents=True)
+    if force and os.path.isdir(run_dir) and os.listdir(run_dir):
+        check_output_dir(run_dir, force=True, make_parents=True)  # --force replaces only what kept_jax wrote
     if force or not os.path.isdir(run_dir) or not os.listdir(run_dir):
         return False
     path = os.path.join(run_dir, CONFIG_FILE)

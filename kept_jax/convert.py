@@ -413,11 +413,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.dry_run:
         return dry_run(args)
+    from kept_jax.config import NUMPY_DTYPES, load_hf_config
     from kept_jax.fileio import atomic_output_dir, check_output_dir
-
     from kept_jax.runlog import phase
 
-    check_output_dir(args.out, args.force)
+    source = load_hf_config(args.source)
+    itemsize = np.dtype(NUMPY_DTYPES[args.dtype or ("float32" if source.dtype == "float32" else "bfloat16")]).itemsize
+    check_output_dir(args.out, args.force, needed_bytes=source.num_params() * itemsize)
     max_shard_bytes = parse_size(args.max_shard_size)
     _, results, info = convert_all(args)
     export = (args.opm if args.to == "llama" else args.mixer_init) != "all"

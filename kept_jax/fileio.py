@@ -7,6 +7,7 @@ leaves either the old output or none; `check_output_dir` refuses a destination b
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import shutil
@@ -42,15 +43,71 @@ def read_optional_json(path: str) -> dict:
         raise KeptError(f"{path} is not valid JSON ({e}); fix or remove it") from None
 
 
-def check_output_dir(out_dir: str, force: bool) -> None:
-    """Refuses a non-empty output directory unless forced; call before any expensive work."""
-    if os.path.isfile(out_dir):
+# What kept_jax writes into an output directory (an export, a run directory): `--force` replaces a directory only
+# when everything in it matches one of these, so it never deletes a file kept_jax did not write.
+OUTPUT_NAMES = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+    "special_tokens_map.json", "conversion_report.json", "conversion_report.md",  # exports
+    "metrics.jsonl", "tensorboard", "report.png", "checkpoints", "export", "summary.json",  # run directories
+    ".*.tmp-*", ".*.old-*",  # what an interrupted atomic write leaves
+)
+
+
+def foreign_entries(out_dir: str) -> list[str]:
+    """The entries of `out_dir` that kept_jax does not write."""
+    return sorted(n for n in os.listdir(out_dir) if not any(fnmatch.fnmatch(n, p) for p in OUTPUT_NAMES))
+
+
+def check_output_dir(out_dir: str, force: bool, needed_bytes: int = 0, make_parents: bool = False) -> None:
+    """Refuses, before any expensive work, an output kept_jax cannot or must not write: a non-empty directory
+    without `force`, or with `force` one holding files kept_jax did not write; a path that is or is under a
+    regular file; a location that is not writable; one without `needed_bytes` free. `make_parents`: missing
+    parent directories will be created (else they are an error)."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise KeptError(f"output {out_dir!r} is a file; choose a directory path")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
-        raise KeptError(f"output directory {out_dir!r} exists and is not empty; choose another path or pass --force")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    if not os.path.isdir(parent):
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        if not force:
+            raise KeptError(f"output directory {out_dir!r} exists and is not empty; choose another path or pass "
+                            "--force")
+        foreign = foreign_entries(out_dir)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise KeptError(f"--force replaces only what kept_jax wrote, and {out_dir!r} also holds {shown}; move "
+                            "them away or choose another output path")
+    check_location(out_dir, needed_bytes, make_parents)
+
+
+def check_location(out_dir: str, needed_bytes: int = 0, make_parents: bool = False) -> None:
+    """The location checks of `check_output_dir` alone (for a directory that may be resumed into)."""
+    out_dir = os.path.abspath(out_dir)
+    existing = out_dir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise KeptError(f"output {out_dir!r} is under {existing!r}, which is a regular file, not a directory; "
+                        "choose another path")
+    parent = os.path.dirname(out_dir)
+    if not make_parents and not os.path.isdir(parent):
         raise KeptError(f"the parent of the output directory, {parent!r}, does not exist; create it first")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise KeptError(f"cannot write to {existing!r} (read-only or not permitted); choose another output path")
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes:
+        raise KeptError(f"not enough space on {existing!r}: the output needs about {needed_bytes / 1e9:.2f} GB and "
+                        f"{free / 1e9:.2f} GB is free; free some space or choose another output path")
+
+
+def no_space_message(error: OSError, path: str) -> str | None:
+    """One line for a write that failed for lack of space or permission (a disk that filled up after the check)."""
+    import errno
+
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device of {path!r}; free some space or choose another output path"
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write to {path!r} ({os.strerror(error.errno)}); choose another output path"
+    return None
 
 
 @contextlib.contextmanager
@@ -62,8 +119,10 @@ def atomic_output_dir(out_dir: str, force: bool) -> Iterator[str]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any other directory
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and (message := no_space_message(e, out_dir)):
+            raise KeptError(message) from None
         raise
     if os.path.exists(out_dir):
         trash = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))

@@ -84,6 +84,10 @@ class Job:
             hint = "; recipe=mohawk distills a Llama into a Llamba" if source.architecture == "llama" else ""
             raise KeptError(f"source must be an {' or an '.join(wanted)} checkpoint for recipe {cfg.recipe}; "
                             f"{cfg.source!r} is {source.architecture!r}{hint}")
+        if d.seq_len > source.max_position_embeddings and not d.beyond_context:
+            raise KeptError(f"data.seq_len {d.seq_len} is longer than the source's context, max_position_embeddings "
+                            f"{source.max_position_embeddings} in {cfg.source}/config.json: the teacher was not trained "
+                            f"there. Lower data.seq_len, or set data.beyond_context=true to distill past it anyway")
         if cfg.model.attention_impl == "cudnn" and jax.default_backend() != "gpu":
             raise KeptError(f"model.attention_impl=cudnn needs an NVIDIA GPU and JAX runs on {jax.default_backend()}; "
                             f"set model.attention_impl=xla")
@@ -405,6 +409,19 @@ def _summary_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def export_bytes(cfg) -> int:
+    """About what the run's export takes on disk (the source's parameter count in the export dtype); 0 when the
+    source cannot be read yet (the job then says why)."""
+    import numpy as np
+
+    from kept_jax.config import NUMPY_DTYPES, load_hf_config
+
+    try:
+        return load_hf_config(cfg.source).num_params() * np.dtype(NUMPY_DTYPES[cfg.precision.export]).itemsize
+    except KeptError:
+        return 0
+
+
 @cli_entry
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -425,11 +442,14 @@ def main(argv=None) -> int:
     name = os.path.splitext(os.path.basename(args.config or DEFAULT_CONFIG))[0]
     out_dir = args.out or os.path.join("runs", name)
     config = checkpoint.config_dict(cfg)
-    resume = checkpoint.check_run_dir(out_dir, config, args.force)
+    resume = checkpoint.check_run_dir(out_dir, config, args.force, needed_bytes=export_bytes(cfg))
     summary_path = os.path.join(out_dir, "summary.json")
     if resume and os.path.isfile(summary_path):
         with open(summary_path, encoding="utf-8") as f:
-            print(_summary_table(json.load(f)))
+            finished = json.load(f)
+        print(_summary_table(finished))
+        if finished.get("rejected"):
+            raise KeptError(finished["rejected"])
         print(f"\nthe run in {out_dir} is complete; use --force to run it again")
         return 0
     t_start = time.perf_counter()
@@ -517,12 +537,22 @@ def main(argv=None) -> int:
     title = (f"{cfg.source} -> Llama: opm={cfg.opm}, trainable={summary['trainable']}" if cfg.recipe == "kept" else
              f"{cfg.source} -> Llamba (MOHAWK, {cfg.mixer_init} init): " + ", ".join(s.name for s in job.stages))
     runlog.write_report(out_dir, title)
+    worse = None
+    if not final["kl"] <= init["kl"]:  # NaN counts as worse
+        worse = (f"held-out KL ended worse than it started ({init['kl']:.4e} -> {final['kl']:.4e} nats/token): the "
+                 "training moved the student away from the teacher, most likely a learning rate too high for this "
+                 f"trainable set ({'train.lr' if cfg.recipe == 'kept' else 'stages[].lr'}). The export in "
+                 f"{os.path.abspath(export_dir)} is kept for inspection and is not a result; lower the learning "
+                 "rate and run again with --force")
+        summary["rejected"] = worse
     with atomic_file(summary_path) as f:
         json.dump(summary, f, indent=2)
     print(_summary_table(summary))
     print(f"\n{what} trainable={summary['trainable']} steps={total_steps} "
           f"tokens={summary['tokens']:,} verified={summary['verified']} time={summary['seconds_this_process']:.0f}s\n"
-          f"run directory: {out_dir}")
+          f"run directory: {os.path.abspath(out_dir)}")
+    if worse:
+        raise KeptError(worse)
     if cfg.verify and not summary["verified"]:
         raise KeptError(f"the exported model did not verify ({summary.get('why', 'see above')}); "
                         f"the run directory {out_dir} keeps it for inspection")

@@ -129,3 +129,29 @@ def test_the_export_dtype_is_the_rules_output_dtype(orion_fp32):
     mapping = build_mapping("copy", orion_fp32[1])
     name, value, _ = next(mapping.materialize(CheckpointReader(orion_fp32[0]).read, NUMPY_DTYPES["bfloat16"]))
     assert value.dtype == NUMPY_DTYPES["bfloat16"] and name == "model.embed_tokens.weight"
+
+
+def test_convert_output_location_errors_are_one_line_and_leave_nothing(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from bridge import hf_export
+
+    (tmp_path / "file").write_text("x")
+    assert convert.main(["--out", str(tmp_path / "file" / "out"), "--no-eval"]) == 2
+    assert "which is a regular file, not a directory" in capsys.readouterr().err
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert convert.main(["--out", str(mine), "--no-eval", "--force"]) == 2
+    assert "--force replaces only what kept_jax wrote" in capsys.readouterr().err
+    assert os.listdir(mine) == ["notes.txt"]
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hf_export, "write_safetensors", full)
+    assert convert.main(["--out", str(tmp_path / "out"), "--no-eval"]) == 2
+    err = capsys.readouterr().err
+    assert "error: no space left on the device of" in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["file", "mine"]

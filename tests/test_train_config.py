@@ -16,7 +16,7 @@ def test_shipped_configs_load(path):
 
 
 def test_default_is_tiny_and_overrides_apply():
-    cfg, _ = load_config(None, ["train.steps=7", "data.seq_len=256", "data.batch_size=4", "opm=center-lsq",
+    cfg, _ = load_config(None, ["train.steps=7", "train.warmup=3", "data.seq_len=256", "data.batch_size=4", "opm=center-lsq",
                                 "trainable=norms+biases", "lora.targets=[q_proj,v_proj]", "loss.temperature=2"])
     assert (cfg.train.steps, cfg.data.seq_len, cfg.data.batch_size, cfg.opm) == (7, 256, 4, "center-lsq")
     assert cfg.trainable == "norms+biases" and cfg.lora.targets == ("q_proj", "v_proj")
@@ -34,7 +34,18 @@ def test_default_is_tiny_and_overrides_apply():
         ("trainable=norm", "did you mean 'norms'?"),
         ("train.steps=many", "train.steps must be int, got 'many'"),
         ("train.lr=fast", "train.lr must be float, got 'fast'"),
-        ("train.steps=0", "train.steps must be positive"),
+        ("train.steps=0", "train.steps = 0 is out of range: it must be finite and >= 1"),
+        ("train.lr=-1", "train.lr = -1.0 is out of range: it must be finite and > 0"),
+        ("train.lr=.nan", "train.lr = nan is out of range"),
+        ("train.lr=.inf", "train.lr = inf is out of range"),
+        ("train.warmup=300", "train.warmup (300) is longer than train.steps (200)"),
+        ("train.clip=0", "train.clip = 0.0 is out of range: it must be finite and > 0"),
+        ("loss.temperature=0", "loss.temperature = 0.0 is out of range"),
+        ("loss.ce=-0.5", "loss.ce = -0.5 is out of range: it must be finite and >= 0"),
+        ("data.eval_fraction=1.5", "data.eval_fraction = 1.5 is out of range: it must be finite and > 0 and <= 1"),
+        ("lora.alpha=-2", "lora.alpha = -2.0 is out of range"),
+        ("data.seq_len=1", "data.seq_len = 1 is out of range: it must be finite and >= 2"),
+        ("data.train=[{path: a.jsonl, weight: 0}]", "data.train[0].weight = 0.0 is out of range"),
         ("precision.compute=fp16", "precision.compute must be one of float32, bfloat16"),
         ("lora.targets=[q_proj,qkv]", "lora.targets has 'qkv'"),
         ("loss.forward_kl=0", "every loss weight is zero"),
@@ -55,3 +66,14 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(KeptError, match="not valid YAML"):
         load_config(str(bad))
+
+
+def test_every_numeric_key_has_a_range():
+    """A numeric field added to any config section without a RANGES entry fails here (check_ranges would raise
+    KeyError on it)."""
+    from kept_jax.train_config import RANGES, numeric_fields
+
+    kept, _ = load_config(None, ["data.train=[{path: a.jsonl}]", "data.eval=[{path: b.jsonl}]"])
+    mohawk, _ = load_config(os.path.join(CONFIG_DIR, "tiny-llamba.yaml"))
+    keys = {key for cfg in (kept, mohawk) for key, _, _ in numeric_fields(cfg)}
+    assert keys == set(RANGES)

@@ -26,7 +26,7 @@ def tensorboard_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
     return scalars
 
 
-FAST = ["train.steps=4", "train.log_every=2", "data.seq_len=32", "data.batch_size=4", "data.calib_tokens=512",
+FAST = ["train.steps=4", "train.warmup=2", "train.log_every=2", "data.seq_len=32", "data.batch_size=4", "data.calib_tokens=512",
         "data.eval_tokens=512"]
 
 
@@ -119,3 +119,50 @@ def test_job_reads_user_text_files(orion_checkpoint, tmp_path, capsys):
                        *FAST]) == 2
     assert "holds no text" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "run2")
+
+
+def test_job_checks_before_working(orion_checkpoint, tmp_path, capsys):
+    """Nonsense values, a context past the teacher's, an output under a file or without space: one line each, exit
+    2, nothing written."""
+    cases = [
+        (["train.lr=-1"], "train.lr = -1.0 is out of range: it must be finite and > 0"),
+        (["data.seq_len=2048"], "data.seq_len 2048 is longer than the source's context, max_position_embeddings"),
+    ]
+    for overrides, message in cases:
+        assert train.main(["--out", str(tmp_path / "run"), f"source={orion_checkpoint[0]}", *FAST, *overrides]) == 2
+        assert message in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert train.main(["--out", str(tmp_path / "file" / "run"), *FAST]) == 2
+    assert "which is a regular file, not a directory" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["file"]
+
+
+def test_no_space_is_one_line_before_the_work(tmp_path, monkeypatch, capsys):
+    import collections
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: collections.namedtuple("u", "total used free")(1, 1, 1000))
+    assert train.main(["--out", str(tmp_path / "run"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "not enough space on" in err and "the output needs about" in err and not os.listdir(tmp_path)
+
+
+def test_force_never_deletes_what_kept_jax_did_not_write(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "data").mkdir(parents=True)
+    (out / "config.json").write_text("{}")  # looks like a run directory, but the user keeps data in it
+    (out / "data" / "corpus.txt").write_text("mine")
+    assert train.main(["--out", str(out), "--force", *FAST]) == 2
+    assert "--force replaces only what kept_jax wrote" in capsys.readouterr().err
+    assert (out / "data" / "corpus.txt").read_text() == "mine"
+
+
+def test_a_job_that_ends_worse_than_it_started_fails(orion_checkpoint, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    argv = ["--out", out, f"source={orion_checkpoint[0]}", "trainable=all", "train.lr=0.5", "verify=false", *FAST]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "held-out KL ended worse than it started" in err and "is not a result" in err
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert not summary["kl_final"] <= summary["kl_init"] and summary["rejected"]
+    assert train.main(argv) == 2  # the finished run says so again
