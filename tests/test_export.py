@@ -104,7 +104,7 @@ def test_tokenizer_ids_match_the_source(tmp_path, sp_model):
 def test_output_directory_is_refused_unless_forced_and_never_partial(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    (out / "config.json").write_text("{}")  # an earlier export
     with pytest.raises(KeptError, match="exists and is not empty"):
         with atomic_output_dir(str(out), force=False):
             pass
@@ -112,12 +112,17 @@ def test_output_directory_is_refused_unless_forced_and_never_partial(tmp_path):
         with atomic_output_dir(str(out), force=True) as tmp:
             (open(os.path.join(tmp, "half.safetensors"), "w")).write("partial")
             raise RuntimeError("interrupted")
-    assert os.listdir(out) == ["keep.txt"]
+    assert os.listdir(out) == ["config.json"]
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary directory left behind
     with atomic_output_dir(str(out), force=True) as tmp:
-        (open(os.path.join(tmp, "new.txt"), "w")).write("new")
-    assert os.listdir(out) == ["new.txt"]
+        (open(os.path.join(tmp, "model.safetensors"), "w")).write("new")
+    assert os.listdir(out) == ["model.safetensors"]
     assert sorted(os.listdir(tmp_path)) == ["out"]
+    (out / "keep.txt").write_text("mine")  # a file kept_jax did not write: --force refuses, and keeps it
+    with pytest.raises(KeptError, match="--force replaces only what kept_jax wrote.*keep.txt"):
+        with atomic_output_dir(str(out), force=True):
+            pass
+    assert sorted(os.listdir(out)) == ["keep.txt", "model.safetensors"]
 
 
 def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):

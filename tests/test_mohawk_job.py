@@ -87,7 +87,7 @@ def test_stage_resume_is_bit_identical(orion_checkpoint, reference, tmp_path):
     ("stages=[]", "needs a stages: list"),
     ("trainable=lora", "remove the top-level trainable and lora keys"),
     ("train.lr=0.1", "not train.steps/warmup/lr/weight_decay"),
-    ("stages=[{name: a, objective: matrix, tokens: 10, lr: -1.0}]", "lr must be positive"),
+    ("stages=[{name: a, objective: matrix, tokens: 10, lr: -1.0}]", "stages[0].lr = -1.0 is out of range"),
     ("stages=[{name: a, objective: matrics, tokens: 10, lr: 1.0}]", "did you mean 'matrix'"),
     ("stages=[{name: a, objective: kl, tokens: 10, lr: 1.0, warmup: 0.6, decay: 0.6}]", "warmup + decay <= 1"),
     ("stages=[{name: a, objective: kl, tokens: 10, lr: 1.0, trainable: mixers}]", "trainable must be one of"),
