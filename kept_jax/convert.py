@@ -178,6 +178,11 @@ def opm_mappings(args, teacher_config, stats: dict) -> list:
     return [build_mapping(strategy, teacher_config, stats, ridge=ridge(args)) for strategy in opm_strategies(args)]
 
 
+def export_dtype(args, source_config) -> str:
+    """--dtype, or the source's own when it is bf16 or fp32, else bf16."""
+    return args.dtype or (source_config.dtype if source_config.dtype in ("bfloat16", "float32") else "bfloat16")
+
+
 def ridge(args) -> float:
     from kept_jax.mapping.opm import DEFAULT_RIDGE
 
@@ -219,7 +224,7 @@ def convert_all(args) -> tuple[Any, list[ConversionResult], dict]:
 
     source_config = load_hf_config(args.source)
     check_source(args, source_config)
-    dtype = args.dtype or (source_config.dtype if source_config.dtype in ("bfloat16", "float32") else "bfloat16")
+    dtype = export_dtype(args, source_config)
     teacher_config = load_hf_config(args.source, compute_dtype=dtype, param_dtype=dtype)
     tokenizer = load_tokenizer(args.source, source_config.architecture)
 
@@ -418,7 +423,7 @@ def main(argv=None) -> int:
     from kept_jax.runlog import phase
 
     source = load_hf_config(args.source)
-    itemsize = np.dtype(NUMPY_DTYPES[args.dtype or ("float32" if source.dtype == "float32" else "bfloat16")]).itemsize
+    itemsize = np.dtype(NUMPY_DTYPES[export_dtype(args, source)]).itemsize
     check_output_dir(args.out, args.force, needed_bytes=source.num_params() * itemsize)
     max_shard_bytes = parse_size(args.max_shard_size)
     _, results, info = convert_all(args)
