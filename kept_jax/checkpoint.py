@@ -100,9 +100,10 @@ def check_run_dir(run_dir: str, config: dict, force: bool, needed_bytes: int = 0
     """
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise KeptError(f"--out {run_dir!r} is a file; give a directory path")
-    check_location(run_dir, needed_bytes, make_parents=True)
-    if force and os.path.isdir(run_dir) and os.listdir(run_dir):
-        check_output_dir(run_dir, force=True, make_parents=True)  # --force replaces only what kept_jax wrote
+    if force and os.path.isdir(run_dir) and os.listdir(run_dir):  # --force replaces only what kept_jax wrote
+        check_output_dir(run_dir, force=True, needed_bytes=needed_bytes, make_parents=True)
+    else:
+        check_location(run_dir, needed_bytes, make_parents=True)
     if force or not os.path.isdir(run_dir) or not os.listdir(run_dir):
         return False
     path = os.path.join(run_dir, CONFIG_FILE)

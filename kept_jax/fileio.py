@@ -99,7 +99,7 @@ def check_location(out_dir: str, needed_bytes: int = 0, make_parents: bool = Fal
                         f"{free / 1e9:.2f} GB is free; free some space or choose another output path")
 
 
-def no_space_message(error: OSError, path: str) -> str | None:
+def write_failure_message(error: OSError, path: str) -> str | None:
     """One line for a write that failed for lack of space or permission (a disk that filled up after the check)."""
     import errno
 
@@ -121,7 +121,7 @@ def atomic_output_dir(out_dir: str, force: bool) -> Iterator[str]:
         yield tmp
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and (message := no_space_message(e, out_dir)):
+        if isinstance(e, OSError) and (message := write_failure_message(e, out_dir)):
             raise KeptError(message) from None
         raise
     if os.path.exists(out_dir):

@@ -70,8 +70,6 @@ def absorb_direction(stats: SiteStats, ridge: float) -> np.ndarray:
     C is singular along the all-ones vector (a is zero-mean over channels); m has no component there, so a small
     ridge gives the pseudo-inverse solution.
     """
-    if stats.absorb is not None and stats.absorb[0] == ridge:
-        return stats.absorb[1]
     if stats.aa_outer is None:
         raise ValueError("absorb needs the full second moment at this site (calibrate with outer_sites)")
     c, m = stats.aa_outer / stats.n, stats.mean("a")
@@ -86,10 +84,16 @@ def absorb(weight: np.ndarray, gamma: np.ndarray, beta: np.ndarray, k: np.ndarra
 
 def absorb_error(stats: SiteStats, k: np.ndarray) -> float:
     """E||W beta - (W beta) k^T a||^2 / ||W beta||^2 = 1 - 2 k^T m + k^T C k: the part of W beta left unabsorbed."""
-    if stats.aa_outer is None and stats.absorb is not None and stats.absorb[1] is k:
-        return stats.absorb[2]
     c, m = stats.aa_outer / stats.n, stats.mean("a")
     return float(1 - 2 * k @ m + k @ c @ k)
+
+
+def absorb_solution(stats: SiteStats, ridge: float) -> tuple[np.ndarray, float]:
+    """The absorb direction for `ridge` and its error: the ones `solved` kept, or solved from the [D, D] moment."""
+    if stats.absorb is not None and stats.absorb[0] == ridge:
+        return stats.absorb[1], stats.absorb[2]
+    k = absorb_direction(stats, ridge)
+    return k, absorb_error(stats, k)
 
 
 def solved(stats: SiteStats, ridge: float) -> SiteStats:
@@ -97,8 +101,7 @@ def solved(stats: SiteStats, ridge: float) -> SiteStats:
     instead of D^2 per site (a 14B model's 81 sites would hold 17 GB of float64 moments)."""
     if stats.aa_outer is None:
         return stats
-    k = absorb_direction(stats, ridge)
-    return dataclasses.replace(stats, aa_outer=None, absorb=(ridge, k, absorb_error(stats, k)))
+    return dataclasses.replace(stats, aa_outer=None, absorb=(ridge, *absorb_solution(stats, ridge)))
 
 
 # ---- Building a mapping ---------------------------------------------------------------------------
@@ -131,12 +134,13 @@ def build_mapping(
     centered = strategy in RECENTERING
     rules: list[Rule] = []
     dropped: dict[str, str] = {}
-    directions: dict[str, np.ndarray] = {}
+    solutions: dict[str, tuple[np.ndarray, float]] = {}
 
-    def k_for(site: str) -> np.ndarray:
-        if site not in directions:
-            directions[site] = absorb_direction(stats[site], ridge)
-        return directions[site]
+    def absorbed(site: str) -> tuple[np.ndarray, float]:
+        """(direction, error) of the site's rank-1 absorb, solved once."""
+        if site not in solutions:
+            solutions[site] = absorb_solution(stats[site], ridge)
+        return solutions[site]
 
     def norm_rules(site: str) -> None:
         """The gain rule of one norm site, and what happens to its beta when nothing else uses it."""
@@ -160,8 +164,8 @@ def build_mapping(
         for reader in readers:
             weight = f"{reader}.weight"
             if strategy == "absorb" or (strategy == "exact" and reader == "lm_head"):
-                fn = lambda w, g, b, site=site: absorb(w, g, b, k_for(site))  # noqa: E731
-                err = lambda site=site: absorb_error(stats[site], k_for(site))  # noqa: E731
+                fn = lambda w, g, b, site=site: absorb(w, g, b, absorbed(site)[0])  # noqa: E731
+                err = lambda site=site: absorbed(site)[1]  # noqa: E731
                 rules.append(Rule(weight, (weight, gamma, beta), f"rank-1 absorb of {site.split('.')[-1]} beta", fn,
                                   err, block_axis=0))
             else:
