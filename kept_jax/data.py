@@ -1,17 +1,17 @@
 """Training and evaluation data with grain: text, JSONL and Parquet sources -> tokens -> packed fixed-length rows.
 
-    documents (per source, random access) -> shuffle by seed, repeat -> mix by weight -> this host's slice
-      -> tokenize (the teacher's tokenizer; EOS closes every document) -> concat-then-split packing -> batches
+    documents (per source, random access) -> tokenize (the teacher's tokenizer; EOS closes every document)
+      -> concat-then-split packing, once, into a memory-mapped file of rows (`pack_rows`)
+      -> rows shuffled globally by seed, reshuffled every epoch -> mix by weight -> this host's slice -> batches
 
 Every file is indexed and validated when the pipeline is built, so a bad line fails the job before any training,
 with the file and line named. The training iterator is a grain `DatasetIterator`: its position is saved in every
-checkpoint (`grain.checkpoint.CheckpointSave`) and restored on resume, so no document is lost or repeated.
+checkpoint (`grain.checkpoint.CheckpointSave`) and restored on resume, so no row is lost or repeated.
 """
 
 from __future__ import annotations
 
 import glob
-import itertools
 import json
 import os
 from typing import Callable, Sequence
@@ -20,6 +20,7 @@ import grain
 import numpy as np
 
 from kept_jax.errors import KeptError
+from kept_jax.fileio import atomic_file, read_optional_json
 from kept_jax.train_config import SourceConfig
 
 CORPUS_DIR = os.path.join(os.path.dirname(__file__), "assets", "corpus")
@@ -214,31 +215,73 @@ class Tokenize(grain.transforms.Map):
         return {"tokens": np.asarray(ids, np.int32)}
 
 
-def _pack(ds: grain.MapDataset, tokenize: Tokenize, seq_len: int) -> grain.IterDataset:
-    packed = grain.experimental.ConcatThenSplitIterDataset(ds.map(tokenize).to_iter_dataset(),
-                                                          length_struct={"tokens": seq_len})
-    # A finite stream's last row is zero-padded (segment id 0); only whole rows are used.
-    return packed.filter(lambda row: row["tokens_segment_ids"][-1] != 0).map(lambda row: row["tokens"])
+def _pack(docs, tokenize: Tokenize, seq_len: int, write: Callable[[np.ndarray], None], max_rows: int | None = None,
+          progress=None) -> int:
+    """Concat-then-split packing: the documents' tokens in order, cut into whole [n, seq_len] rows handed to `write`;
+    the tokens after the last whole row are not used. Returns how many rows were written."""
+    carry, written = np.zeros(0, np.int32), 0
+    for i in range(len(docs)):
+        carry = np.concatenate([carry, tokenize.map(docs[i])["tokens"]])
+        n = len(carry) // seq_len if max_rows is None else min(len(carry) // seq_len, max_rows - written)
+        if n:
+            write(carry[: n * seq_len].reshape(n, seq_len))
+            carry, written = carry[n * seq_len :], written + n
+        if progress is not None:
+            progress.update(1)
+        if written == max_rows:
+            break
+    return written
 
 
-def train_dataset(sources: Sequence[Documents], weights: Sequence[float], tokenize: Tokenize, seq_len: int,
-                  rows_per_step: int, seed: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """Endless [rows_per_step / process_count, seq_len] int32 batches of this host's share of the training data.
+def pack_rows(docs, tokenize: Tokenize, seq_len: int, path: str | None = None, progress=None) -> np.ndarray:
+    """All of `docs` tokenized once and packed into [rows, seq_len] int32 rows: in memory, or with `path` written to
+    `path` (raw int32, row after row) and `path.json` (its index) and returned memory-mapped.
 
-    Each source is shuffled by the seed and reshuffled every epoch; sources are mixed by `weights`. Hosts read
-    disjoint documents: every host shuffles the same way and keeps every `process_count`-th document.
+    An existing, complete pair for the same `seq_len` is reused as it is, without reading the documents again: a
+    resumed run trains on exactly the rows it started with. The index is written last, so a pair cut short by a
+    crash is never taken for complete.
+    """
+    if path is None:
+        chunks: list[np.ndarray] = []
+        _pack(docs, tokenize, seq_len, chunks.append, progress=progress)
+        return np.concatenate(chunks) if chunks else np.zeros((0, seq_len), np.int32)
+    index_path = f"{path}.json"
+    index = read_optional_json(index_path)
+    complete = (index.get("seq_len") == seq_len and os.path.isfile(path)
+                and os.path.getsize(path) == index.get("rows", -1) * seq_len * 4)
+    if not complete:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with atomic_file(path, "wb") as f:
+            rows = _pack(docs, tokenize, seq_len, lambda block: f.write(block.astype("<i4").tobytes()), progress=progress)
+        index = {"rows": rows, "seq_len": seq_len, "dtype": "int32", "documents": len(docs),
+                 "source": getattr(docs, "name", None)}
+        with atomic_file(index_path) as f:
+            json.dump(index, f)
+    if not index["rows"]:
+        return np.zeros((0, seq_len), np.int32)
+    return np.memmap(path, np.dtype("<i4"), "r", shape=(index["rows"], seq_len))
+
+
+def train_dataset(sources: Sequence[np.ndarray], weights: Sequence[float], rows_per_step: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Endless [rows_per_step / process_count, seq_len] int32 batches of this host's share of the packed rows.
+
+    Each source's rows (`pack_rows`) are shuffled globally by the seed, and shuffled again differently every epoch;
+    sources are mixed by `weights`. Hosts read disjoint rows: every host shuffles the same way and keeps every
+    `process_count`-th row.
     """
     if rows_per_step % process_count:
         raise KeptError(f"the global batch ({rows_per_step} rows) does not split over {process_count} hosts")
-    parts = [grain.MapDataset.source(docs).seed(seed + i).shuffle().repeat() for i, docs in enumerate(sources)]
+    parts = [grain.MapDataset.source(rows).seed(seed + i).shuffle().repeat() for i, rows in enumerate(sources)]
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(weights))
     local = mixed[process_index::process_count] if process_count > 1 else mixed
-    return _pack(local, tokenize, seq_len).batch(rows_per_step // process_count, drop_remainder=True)
+    return local.batch(rows_per_step // process_count, drop_remainder=True).to_iter_dataset()
 
 
 def first_rows(docs, tokenize: Tokenize, seq_len: int, count: int) -> np.ndarray:
     """The first `count` packed rows of `docs` in order (all of them if the text runs out first), [rows, seq_len]."""
-    rows = list(itertools.islice(_pack(grain.MapDataset.source(docs), tokenize, seq_len), count))
+    rows: list[np.ndarray] = []
+    _pack(docs, tokenize, seq_len, rows.append, max_rows=count)
     if not rows:
         raise KeptError(f"the text has fewer tokens than one sequence of {seq_len}; give more text")
-    return np.stack(rows)
+    return np.concatenate(rows)

@@ -49,7 +49,9 @@ OUTPUT_NAMES = (
     "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
     "model.safetensors.index.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
     "special_tokens_map.json", "conversion_report.json", "conversion_report.md",  # exports
-    "metrics.jsonl", "tensorboard", "report.png", "checkpoints", "export", "summary.json",  # run directories
+    # run directories
+    "metrics.jsonl", "timings.jsonl", "tensorboard", "report.png", "checkpoints", "export", "summary.json",
+    "packed_rows",
     ".*.tmp-*", ".*.old-*",  # what an interrupted atomic write leaves
 )
 

@@ -1,8 +1,11 @@
-"""What a run reports as it goes: `metrics.jsonl` and TensorBoard event files in the run directory; `report.png`.
+"""What a run reports as it goes: `metrics.jsonl`, `timings.jsonl` and TensorBoard event files in the run directory;
+`report.png`.
 
 Each line of `metrics.jsonl` is one JSON object: `{"split": "train" | "eval", "stage", "step", "tokens", "kl",
-"agreement", ...}` (MOHAWK's matrix and hidden stages log their own `loss`, without `kl`). Train lines average the steps since the previous train line; eval lines cover the whole held-out set. Lines
-are flushed as they are written, so `tail -f` and TensorBoard (`tensorboard --logdir RUN_DIR/tensorboard`) follow a
+"agreement", ...}` (MOHAWK's matrix and hidden stages log their own `loss`, without `kl`). Train lines average the
+steps since the previous train line; eval lines cover the whole held-out set. Measured speed (tokens/s, MFU) goes to
+`timings.jsonl` instead, so that `metrics.jsonl` of a resumed run is byte-identical. Lines are flushed as they are
+written, so `tail -f` and TensorBoard (`tensorboard --logdir RUN_DIR/tensorboard`) follow a
 live run. On resume, lines past the restored step are dropped, since those steps run again.
 """
 
@@ -14,11 +17,12 @@ import math
 import os
 import sys
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from kept_jax.fileio import atomic_file
 
 METRICS_FILE = "metrics.jsonl"
+TIMINGS_FILE = "timings.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 REPORT_FILE = "report.png"
 
@@ -36,8 +40,23 @@ def phase(name: str, detail: str = "", timings: dict[str, float] | None = None) 
     print(f"{name}: {seconds:.1f} s", file=sys.stderr, flush=True)
 
 
-def read_metrics(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, METRICS_FILE)
+@contextlib.contextmanager
+def progress(total: int, desc: str, unit: str, initial: int = 0) -> Iterator[Any]:
+    """A tqdm progress bar on stderr, drawn by the first host only, closed when the block ends."""
+    import jax
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+               mininterval=1.0, disable=jax.process_index() != 0)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def read_metrics(run_dir: str, name: str = METRICS_FILE) -> list[dict]:
+    """The records of `metrics.jsonl` (or of `timings.jsonl`), [] when there is none yet."""
+    path = os.path.join(run_dir, name)
     if not os.path.isfile(path):
         return []
     with open(path, encoding="utf-8") as f:
@@ -53,27 +72,37 @@ class RunLog:
             return
         from tensorboardX import SummaryWriter
 
-        path = os.path.join(run_dir, METRICS_FILE)
-        kept = [r for r in read_metrics(run_dir) if keep(r)]
-        with atomic_file(path) as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        self._file = open(path, "a", encoding="utf-8")
+        self._files, last = {}, -1
+        for name in (METRICS_FILE, TIMINGS_FILE):
+            path = os.path.join(run_dir, name)
+            kept = [r for r in read_metrics(run_dir, name) if keep(r)]
+            with atomic_file(path) as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            self._files[name] = open(path, "a", encoding="utf-8")
+            last = max([last] + [r["step"] for r in kept])
         # purge_step hides events after the last kept step from TensorBoard: those steps run again.
-        last = max((r["step"] for r in kept), default=-1)
         self._writer = SummaryWriter(os.path.join(run_dir, TENSORBOARD_DIR), purge_step=last + 1, flush_secs=10)
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict, timing: dict | None = None) -> None:
+        """`record` goes to `metrics.jsonl`, which a resumed or repeated run reproduces byte for byte; `timing`
+        (tokens/s, MFU: measured, so never the same twice) to `timings.jsonl`, with the record's split, stage and
+        step. Both go to TensorBoard."""
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        for key, value in record.items():
-            if key not in ("step", "split") and isinstance(value, (int, float)) and math.isfinite(value):
-                self._writer.add_scalar(f"{record['split']}/{key}", value, record["step"])
+        lines = [(METRICS_FILE, record)]
+        if timing:
+            lines.append((TIMINGS_FILE, {key: record[key] for key in ("split", "stage", "step")} | timing))
+        for name, line in lines:
+            self._files[name].write(json.dumps(line) + "\n")
+            self._files[name].flush()
+            for key, value in line.items():
+                if key not in ("step", "split") and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._writer.add_scalar(f"{record['split']}/{key}", value, record["step"])
 
     def close(self) -> None:
         if self.enabled:
-            self._file.close()
+            for f in self._files.values():
+                f.close()
             self._writer.close()
 
 

@@ -178,6 +178,22 @@ class Job:
                 totals[k] = totals.get(k, 0.0) + float(v)
         return summarize(totals)
 
+    def pack(self, data_dir: str | None = None) -> None:
+        """Every training source tokenized once into packed rows: `data_dir/train-<i>.rows` (memory-mapped, reused
+        on resume), or in memory without a directory."""
+        from kept_jax import data, runlog
+
+        d = self.cfg.data
+        self.train_rows = []
+        for i, docs in enumerate(self.train_docs):
+            with runlog.progress(len(docs), f"pack {getattr(docs, 'name', i)}", "doc") as bar:
+                path = os.path.join(data_dir, f"train-{i}.rows") if data_dir else None
+                rows = data.pack_rows(docs, self.tokenize, d.seq_len, path, bar)
+            if len(rows) == 0:
+                raise KeptError(f"training source {getattr(docs, 'name', i)!r} has fewer tokens than one sequence of "
+                                f"data.seq_len={d.seq_len}; give more text or lower data.seq_len")
+            self.train_rows.append(rows)
+
     def train_iterator(self):
         """This host's batches, [rows per step / hosts, seq], as a checkpointable grain iterator."""
         import jax
@@ -185,9 +201,10 @@ class Job:
         from kept_jax import data
 
         d = self.cfg.data
-        return iter(data.train_dataset(self.train_docs, self.weights, self.tokenize, d.seq_len,
-                                       d.batch_size * d.grad_accum, self.cfg.train.seed,
-                                       jax.process_index(), jax.process_count()))
+        if getattr(self, "train_rows", None) is None:
+            self.pack()
+        return iter(data.train_dataset(self.train_rows, self.weights, d.batch_size * d.grad_accum,
+                                       self.cfg.train.seed, jax.process_index(), jax.process_count()))
 
     def batches(self, iterator=None):
         """Global [grad_accum, batch, seq] token arrays, placed on the mesh, from `iterator` (default: a fresh one)."""
@@ -285,16 +302,16 @@ class Job:
                 record = {"split": "train", "stage": stage.name, "step": i, "tokens": i * tokens_per_step, **{
                           key: m[key] for key in ("kl", "agreement", "loss", "student_nll", "teacher_nll") if key in m},
                           "grad_norm": window["grad_norm"] / window["steps"],
-                          "lr": float(stage.schedule(i - stage.start - 1)),
-                          "tokens_per_s": timed_steps * tokens_per_step / seconds}
+                          "lr": float(stage.schedule(i - stage.start - 1))}
+                timing = {"tokens_per_s": timed_steps * tokens_per_step / seconds}
                 status = (f"KL {m['kl']:.3e} agree {m['agreement']:.2%}" if "kl" in m else f"loss {m['loss']:.4g}")
-                status += f" {record['tokens_per_s']:,.0f} tok/s"
+                status += f" {timing['tokens_per_s']:,.0f} tok/s"
                 if peak and flops:
-                    record["mfu"] = timed_steps * flops / seconds / (peak * jax.device_count())
-                    status += f" MFU {record['mfu']:.1%}"
+                    timing["mfu"] = timed_steps * flops / seconds / (peak * jax.device_count())
+                    status += f" MFU {timing['mfu']:.1%}"
                 self.history.append(record)
                 if log:
-                    log.write(record)
+                    log.write(record, timing)
                 bar.set_postfix_str(status, refresh=False)
                 window = {}
             if t.eval_every and i % t.eval_every == 0 and i != stage.end:
@@ -464,6 +481,7 @@ def main(argv=None) -> int:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("kept_jax run directory")
+    job.pack(os.path.join(out_dir, "packed_rows"))
     c = cfg.checkpoint
     checkpoints = checkpoint.Checkpoints(os.path.join(out_dir, "checkpoints"), c.every, c.keep, c.async_save)
     start = checkpoints.latest_step() or 0
@@ -491,6 +509,7 @@ def main(argv=None) -> int:
     evals = [r for r in records if r["split"] == "eval"]
     init, final = evals[0], evals[-1]
     train_records = [r for r in records if r["split"] == "train"]
+    timings = runlog.read_metrics(out_dir, runlog.TIMINGS_FILE)
     from kept_jax.fileio import atomic_file, atomic_output_dir
 
     export_dir = os.path.join(out_dir, "export")
@@ -522,8 +541,8 @@ def main(argv=None) -> int:
         "teacher_ppl": math.exp(final["teacher_nll"]),
         "eval_tokens": final["eval_tokens"],
         "by_position_init": init.get("by_position"), "by_position_final": final.get("by_position"),
-        "tokens_per_s": train_records[-1]["tokens_per_s"] if train_records else None,
-        "mfu": train_records[-1].get("mfu") if train_records else None,
+        "tokens_per_s": timings[-1]["tokens_per_s"] if timings else None,
+        "mfu": timings[-1].get("mfu") if timings else None,
         "resumed_from_step": start if resume else None,
         "export_dir": os.path.abspath(export_dir),
         "seconds_this_process": round(time.perf_counter() - t_start, 1),

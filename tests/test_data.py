@@ -1,6 +1,7 @@
 """The grain data pipeline: sources, packing, determinism, resumable position, host slices and bad data."""
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -64,26 +65,59 @@ def first_batches(ds, n):
     return [next(it) for _ in range(n)]
 
 
-def test_shuffle_is_deterministic_by_seed_and_covers_every_document(tmp_path):
-    source = [data.Documents(data.SourceConfig(docs(tmp_path, "a.jsonl", 40)))]
-    same = [first_batches(data.train_dataset(source, [1.0], TOKENIZE, 16, 4, seed=0), 6) for _ in range(2)]
-    other = first_batches(data.train_dataset(source, [1.0], TOKENIZE, 16, 4, seed=1), 6)
+def packed(tmp_path, name, count):
+    return data.pack_rows(data.Documents(data.SourceConfig(docs(tmp_path, name, count))), TOKENIZE, 16)
+
+
+def test_rows_are_packed_once_into_a_memory_mapped_file_and_reused(tmp_path):
+    source = data.Documents(data.SourceConfig(docs(tmp_path, "a.jsonl", 40)))
+    path = str(tmp_path / "cache" / "train-0.rows")
+    rows = data.pack_rows(source, TOKENIZE, 16, path)
+    assert isinstance(rows, np.memmap) and rows.dtype == np.int32
+    np.testing.assert_array_equal(rows, data.first_rows(source, TOKENIZE, 16, count=10**9))
+    np.testing.assert_array_equal(rows, data.pack_rows(source, TOKENIZE, 16))  # the same rows in memory
+
+    def never(text):
+        raise AssertionError("the documents were tokenized again")
+
+    again = data.pack_rows(source, data.Tokenize(never, EOS), 16, path)  # reused as written: no tokenizing
+    np.testing.assert_array_equal(again, rows)
+    with pytest.raises(AssertionError, match="tokenized again"):  # another row length packs afresh
+        data.pack_rows(source, data.Tokenize(never, EOS), 8, path)
+    os.remove(path + ".json")  # a file whose index was never written (a crash mid-pack) is packed again
+    with pytest.raises(AssertionError, match="tokenized again"):
+        data.pack_rows(source, data.Tokenize(never, EOS), 16, path)
+
+
+def test_rows_are_shuffled_globally_and_differently_every_epoch():
+    n = 64
+    rows = np.arange(n * 4, dtype=np.int32).reshape(n, 4)  # row i starts with 4 i
+    seen = np.concatenate(first_batches(data.train_dataset([rows], [1.0], 1, seed=3), 3 * n))
+    order = [(seen[k * n : (k + 1) * n, 0] // 4).tolist() for k in range(3)]
+    for epoch in order:  # every packed row exactly once per epoch
+        assert sorted(epoch) == list(range(n))
+    assert order[0] != order[1] != order[2] and order[0] != list(range(n))
+    # Globally: the first rows of an epoch come from all over the packed set, not from a few documents.
+    assert max(order[0][:8]) - min(order[0][:8]) > n // 2
+
+
+def test_shuffle_is_deterministic_by_seed(tmp_path):
+    rows = [packed(tmp_path, "a.jsonl", 40)]
+    same = [first_batches(data.train_dataset(rows, [1.0], 4, seed=0), 6) for _ in range(2)]
+    other = first_batches(data.train_dataset(rows, [1.0], 4, seed=1), 6)
     assert all(np.array_equal(a, b) for a, b in zip(*same))
     assert not all(np.array_equal(a, b) for a, b in zip(same[0], other))
-    # One epoch with tiny rows holds every document's text exactly once.
-    total = sum(len(encode(d)) + 1 for d in source[0])
-    epoch = np.concatenate(first_batches(data.train_dataset(source, [1.0], TOKENIZE, 1, 1, seed=3), total)).ravel()
-    assert sorted(epoch.tolist()) == sorted(t for d in source[0] for t in encode(d) + [EOS])
 
 
 def test_iterator_position_restores_exactly(tmp_path):
-    source = [data.Documents(data.SourceConfig(docs(tmp_path, "a.jsonl", 30)))]
-    ds = data.train_dataset(source, [1.0], TOKENIZE, 16, 4, seed=0)
+    rows = [packed(tmp_path, "a.jsonl", 15)]
+    ds = data.train_dataset(rows, [1.0], 4, seed=0)
     it = iter(ds)
     for _ in range(7):
         next(it)
     state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
-    expected = [next(it) for _ in range(20)]  # crosses an epoch boundary: 30 short documents
+    expected = [next(it) for _ in range(20)]  # crosses an epoch boundary
+    assert 7 * 4 < len(rows[0]) < 27 * 4
     resumed = iter(ds)
     resumed.set_state(state)
     assert all(np.array_equal(a, b) for a, b in zip(expected, [next(resumed) for _ in range(20)]))
@@ -92,22 +126,23 @@ def test_iterator_position_restores_exactly(tmp_path):
 def test_mixture_follows_weights(tmp_path):
     a = data.Documents(data.SourceConfig(write_jsonl(tmp_path / "a.jsonl", ["a"] * 50)))
     b = data.Documents(data.SourceConfig(write_jsonl(tmp_path / "b.jsonl", ["b"] * 50)))
-    rows = np.concatenate(first_batches(data.train_dataset([a, b], [3.0, 1.0], TOKENIZE, 2, 10, seed=0), 40))
+    sources = [data.pack_rows(docs, TOKENIZE, 2) for docs in (a, b)]
+    rows = np.concatenate(first_batches(data.train_dataset(sources, [3.0, 1.0], 10, seed=0), 40))
     share_a = np.mean(rows[:, 0] == encode("a")[0])
     assert share_a == pytest.approx(0.75, abs=0.03)
 
 
 def test_hosts_read_disjoint_halves(tmp_path):
     texts = [f"doc{i:03d}" for i in range(64)]
-    source = [data.Documents(data.SourceConfig(write_jsonl(tmp_path / "a.jsonl", texts)))]
+    source = [data.pack_rows(data.Documents(data.SourceConfig(write_jsonl(tmp_path / "a.jsonl", texts))), TOKENIZE, 7)]
     seen = []
     for host in range(2):
-        ds = data.train_dataset(source, [1.0], TOKENIZE, 7, 2, seed=0, process_index=host, process_count=2)
-        rows = np.concatenate(first_batches(ds, 32))  # 32 rows of one batch each: 6-byte document + EOS
+        ds = data.train_dataset(source, [1.0], 2, seed=0, process_index=host, process_count=2)
+        rows = np.concatenate(first_batches(ds, 32))  # 32 rows of 7: one 6-byte document + EOS each
         seen.append({bytes(int(t) - 1 for t in row[:-1]).decode() for row in rows})
     assert len(seen[0]) == len(seen[1]) == 32 and not seen[0] & seen[1]
     with pytest.raises(KeptError, match="does not split over 3 hosts"):
-        data.train_dataset(source, [1.0], TOKENIZE, 7, 4, seed=0, process_index=0, process_count=3)
+        data.train_dataset(source, [1.0], 4, seed=0, process_index=0, process_count=3)
 
 
 def test_heldout_split_is_disjoint_and_seeded(tmp_path):
