@@ -307,14 +307,21 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def params_from_reader(reader, config: ModelConfig, keep: Callable[[TensorSpec], bool] = lambda spec: True
-                       ) -> tuple[dict, list[tuple[str, str]], dict[str, int]]:
+def params_from_reader(reader, config: ModelConfig, keep: Callable[[TensorSpec], bool] = lambda spec: True,
+                       progress: str | None = None) -> tuple[dict, list[tuple[str, str]], dict[str, int]]:
     """Validated kept_jax params (on the default device) from any reader of HF-named tensors: all of them, or the
-    part `keep` selects (the checkpoint's names are checked in full either way)."""
+    part `keep` selects (the checkpoint's names are checked in full either way). `progress`: the label of a
+    progress bar over the leaves read."""
     skipped = _check_names(reader, config.tensor_table(), config)
     dtypes: collections.Counter = collections.Counter()
     params: dict = {}
-    for path, leaf in iter_params(reader, config, dtypes, keep):
+    leaves = iter_params(reader, config, dtypes, keep)
+    if progress:
+        from kept_jax.runlog import counted
+
+        total = len({spec.params_path(config.scan_layers) for spec in filter(keep, config.tensor_table())})
+        leaves = counted(leaves, total, progress, "tensor")
+    for path, leaf in leaves:
         _set(params, path, jax.device_put(leaf))
         del leaf
         if getattr(reader, "format", None) == "safetensors":
@@ -334,9 +341,10 @@ def streamed_layers(reader, config: ModelConfig) -> Iterator[dict]:
         del layer  # before the next layer is read
 
 
-def load_hf_checkpoint(model_dir: str | os.PathLike, **runtime: Any) -> tuple[ModelConfig, dict, ImportReport]:
+def load_hf_checkpoint(model_dir: str | os.PathLike, progress: str | None = None, **runtime: Any
+                       ) -> tuple[ModelConfig, dict, ImportReport]:
     """Loads an HF directory of any architecture kept_jax knows (`kept_jax.models.ARCHITECTURES`); `runtime` sets
-    the config's runtime fields (param_dtype, ...).
+    the config's runtime fields (param_dtype, ...); `progress` labels a progress bar.
 
     Parameters go to the default JAX device one leaf at a time, so host memory stays near one leaf plus the
     model's device copy.
@@ -344,7 +352,7 @@ def load_hf_checkpoint(model_dir: str | os.PathLike, **runtime: Any) -> tuple[Mo
     model_dir = os.fspath(model_dir)
     config = load_hf_config(model_dir, **runtime)
     reader = CheckpointReader(model_dir)
-    params, skipped, dtypes = params_from_reader(reader, config)
+    params, skipped, dtypes = params_from_reader(reader, config, progress=progress)
     if config.tie_word_embeddings and "lm_head.weight" in reader.names():
         if not np.array_equal(reader.read("lm_head.weight"), reader.read(config.hf_embedding_name)):
             raise KeptError(

@@ -219,7 +219,7 @@ def convert_all(args) -> tuple[Any, list[ConversionResult], dict]:
     from kept_jax import corpus
     from kept_jax.config import load_hf_config
     from kept_jax.evaluate import batches_of
-    from kept_jax.runlog import phase
+    from kept_jax.runlog import counted, phase
     from kept_jax.tokenizer import load_tokenizer
 
     source_config = load_hf_config(args.source)
@@ -255,7 +255,8 @@ def convert_all(args) -> tuple[Any, list[ConversionResult], dict]:
         with phase("calibrate", f"the teacher's {teacher_config.num_hidden_layers} layers one at a time on "
                    f"{calib_rows.size:,} tokens", info["timings_s"]):
             stats = calibrate(teacher_config.replace(scan_layers=False), embedding,
-                              streamed_layers(reader, teacher_config), batches_of(calib_rows, args.batch),
+                              counted(streamed_layers(reader, teacher_config), teacher_config.num_hidden_layers,
+                                      "calibrate", "layer"), batches_of(calib_rows, args.batch),
                               outer_sites=sites, finish=lambda st: solved(st, ridge(args)))
         del embedding
         mappings = opm_mappings(args, teacher_config, stats)
@@ -348,9 +349,17 @@ def export_model(out_dir: str, source_dir: str, config, get: Callable[[str], np.
     from bridge.hf_export import write_config, write_weights
     from bridge.tokenizer_export import copy_tokenizer, export_tokenizer
     from kept_jax.config import load_hf_config
+    from kept_jax.runlog import progress
 
     write_config(out_dir, config.replace(dtype=dtype))
-    write_weights(out_dir, [(s.hf_name, s.hf_shape) for s in config.tensor_table()], dtype, get, max_shard_bytes)
+    table = config.tensor_table()
+    with progress(len(table), "export", "tensor") as bar:
+        def get_counted(name: str) -> np.ndarray:
+            tensor = get(name)
+            bar.update(1)
+            return tensor
+
+        write_weights(out_dir, [(s.hf_name, s.hf_shape) for s in table], dtype, get_counted, max_shard_bytes)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                      pad_token_id=config.pad_token_id).save_pretrained(out_dir)
     if load_hf_config(source_dir).architecture == "orion":

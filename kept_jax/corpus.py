@@ -11,11 +11,10 @@ import json
 import os
 import re
 import sys
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from kept_jax.errors import KeptError
 
 CORPUS_DIR = os.path.join(os.path.dirname(__file__), "assets", "corpus")
 TRAIN = os.path.join(CORPUS_DIR, "train.jsonl")
@@ -99,16 +98,3 @@ def token_rows(path: str, encode: Callable[[str], Sequence[int]], seq_len: int, 
     from kept_jax.train_config import SourceConfig
 
     return first_rows(Documents(SourceConfig(path)), Tokenize(encode, eos_id), seq_len, count=sys.maxsize)
-
-
-def pack(token_docs: Iterable[Sequence[int]], seq_len: int, eos_id: int | None) -> np.ndarray:
-    """Concatenates documents (each followed by EOS) and cuts [rows, seq_len] int32; the tail is dropped."""
-    stream: list[int] = []
-    for ids in token_docs:
-        stream.extend(ids)
-        if eos_id is not None:
-            stream.append(eos_id)
-    rows = len(stream) // seq_len
-    if rows == 0:
-        raise KeptError(f"the text has {len(stream)} tokens, fewer than one sequence of {seq_len}; give more text")
-    return np.asarray(stream[: rows * seq_len], dtype=np.int32).reshape(rows, seq_len)

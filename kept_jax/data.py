@@ -252,7 +252,8 @@ def pack_rows(docs, tokenize: Tokenize, seq_len: int, path: str | None = None, p
     if not complete:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with atomic_file(path, "wb") as f:
-            rows = _pack(docs, tokenize, seq_len, lambda block: f.write(block.astype("<i4").tobytes()), progress=progress)
+            rows = _pack(docs, tokenize, seq_len, lambda block: f.write(block.astype("<i4").tobytes()),
+                         progress=progress)
         index = {"rows": rows, "seq_len": seq_len, "dtype": "int32", "documents": len(docs),
                  "source": getattr(docs, "name", None)}
         with atomic_file(index_path) as f:

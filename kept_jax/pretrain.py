@@ -20,7 +20,7 @@ from kept_jax.errors import KeptError, cli_entry
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "assets", "tiny-orion")
 TINY_ORION = dict(
     architecture="orion", vocab_size=2048, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-    num_attention_heads=3, num_key_value_heads=3, head_dim=64, max_position_embeddings=1024, rms_norm_eps=1e-5,
+    num_attention_heads=3, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
     bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype="bfloat16",
 )
 
@@ -167,19 +167,21 @@ def main(argv=None) -> int:
     import sentencepiece as spm
 
     from kept_jax import corpus
+    from kept_jax.data import Tokenize, first_rows
     from kept_jax.models import LlamaConfig, build_model, init_params
 
     if args.gather_corpus:
         print("corpus: train %d chars, held-out %d chars" % corpus.gather())
     train_docs, heldout_docs = corpus.read_documents(corpus.TRAIN), corpus.read_documents(corpus.HELDOUT)
-    config = LlamaConfig(**TINY_ORION)
+    # The context it advertises is the one it is trained on: outside tools take their window from config.json.
+    config = LlamaConfig(**TINY_ORION, max_position_embeddings=args.seq_len)
     log: dict = {"args": vars(args) | {"out": None}, "config": config.to_hf_dict(), "eval": []}
 
     with atomic_output_dir(args.out, args.force) as tmp:
         sp_path = train_tokenizer(train_docs, tmp, config.vocab_size)
         sp = spm.SentencePieceProcessor(model_file=sp_path)
-        train = corpus.pack((sp.encode(d) for d in train_docs), args.seq_len, sp.eos_id())
-        heldout = corpus.pack((sp.encode(d) for d in heldout_docs), args.seq_len, sp.eos_id())
+        tokenize = Tokenize(sp.encode, sp.eos_id())
+        train, heldout = (first_rows(docs, tokenize, args.seq_len, sys.maxsize) for docs in (train_docs, heldout_docs))
         print(f"tokens: train {train.size:,} ({train.shape[0]} rows), held-out {heldout.size:,}")
 
         model = build_model(config)

@@ -41,9 +41,10 @@ def kept_conversion(cfg, orion_config, orion_params, calib_batches):
     from kept_jax.convert import run_mapping, source_tensor_reader
     from kept_jax.mapping import build_mapping, calibrate, outer_sites, target_config
     from kept_jax.models import layer_list
+    from kept_jax.runlog import counted
 
-    stats = calibrate(orion_config, orion_params, layer_list(orion_params), calib_batches,
-                      outer_sites=outer_sites(cfg.opm, orion_config))
+    layers = counted(layer_list(orion_params), orion_config.num_hidden_layers, "calibrate", "layer")
+    stats = calibrate(orion_config, orion_params, layers, calib_batches, outer_sites=outer_sites(cfg.opm, orion_config))
     mapping = build_mapping(cfg.opm, orion_config, stats)
     tensors, _ = run_mapping(mapping, source_tensor_reader(cfg.source), cfg.precision.params)
     llama_config = target_config(orion_config, cfg.opm).replace(lora_scale=cfg.lora.alpha / cfg.lora.rank)

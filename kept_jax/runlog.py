@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from kept_jax.fileio import atomic_file
 
@@ -41,17 +41,27 @@ def phase(name: str, detail: str = "", timings: dict[str, float] | None = None) 
 
 
 @contextlib.contextmanager
-def progress(total: int, desc: str, unit: str, initial: int = 0) -> Iterator[Any]:
+def progress(total: int, desc: str, unit: str, initial: int = 0, leave: bool = True) -> Iterator[Any]:
     """A tqdm progress bar on stderr, drawn by the first host only, closed when the block ends."""
     import jax
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
-               mininterval=1.0, disable=jax.process_index() != 0)
+               mininterval=1.0, leave=leave, disable=jax.process_index() != 0)
     try:
         yield bar
     finally:
         bar.close()
+
+
+def counted(items: Iterable, total: int, desc: str, unit: str) -> Iterator:
+    """`items` as they come, with a progress bar; no item is kept once the consumer asks for the next (a streamed
+    layer of a large model must be gone before the next one is read)."""
+    with progress(total, desc, unit) as bar:
+        for item in items:
+            yield item
+            del item
+            bar.update(1)
 
 
 def read_metrics(run_dir: str, name: str = METRICS_FILE) -> list[dict]:

@@ -69,7 +69,7 @@ class Job:
         from flax import traverse_util
 
         from bridge.hf_import import load_hf_checkpoint
-        from kept_jax import data, sharding
+        from kept_jax import data, runlog, sharding
         from kept_jax.config import load_hf_config
         from kept_jax.evaluate import batches_of
         from kept_jax.models import build_model
@@ -97,12 +97,14 @@ class Job:
         sharding.per_device_batch(d.batch_size, dict(self.mesh.shape))
 
         # Data: every source is indexed and checked now, before the model is loaded.
-        tokenizer = load_tokenizer(cfg.source, source.architecture)
-        self.tokenize = data.Tokenize(tokenizer.encode, source.eos_token_id)
-        self.train_docs, self.weights, eval_docs = data.open_sources(d, cfg.train.seed)
-        n_calib = -(-d.calib_tokens // d.seq_len)
-        n_eval = -(-d.eval_tokens // (d.seq_len * d.batch_size)) * d.batch_size
-        heldout = data.first_rows(eval_docs, self.tokenize, d.seq_len, n_calib + n_eval)
+        with runlog.phase("check data", "index every source, tokenize the held-out rows"):
+            tokenizer = load_tokenizer(cfg.source, source.architecture, "the job tokenizes its text with the "
+                                       "teacher's own tokenizer; add its tokenizer.json or tokenizer.model")
+            self.tokenize = data.Tokenize(tokenizer.encode, source.eos_token_id)
+            self.train_docs, self.weights, eval_docs = data.open_sources(d, cfg.train.seed)
+            n_calib = -(-d.calib_tokens // d.seq_len)
+            n_eval = -(-d.eval_tokens // (d.seq_len * d.batch_size)) * d.batch_size
+            heldout = data.first_rows(eval_docs, self.tokenize, d.seq_len, n_calib + n_eval)
         calib_rows = heldout[:n_calib]
         n_eval = (len(heldout) - n_calib) // d.batch_size * d.batch_size  # whole batches, which shard evenly
         if n_eval == 0:
@@ -111,8 +113,10 @@ class Job:
                             f"give more held-out text")
         self.eval_rows = heldout[n_calib : n_calib + n_eval]
 
-        source_config, source_params, _ = load_hf_checkpoint(cfg.source, **cfg.runtime())
-        recipe = RECIPES[cfg.recipe](cfg, source_config, source_params, batches_of(calib_rows, d.batch_size))
+        with runlog.phase("load", cfg.source):
+            source_config, source_params, _ = load_hf_checkpoint(cfg.source, progress="load", **cfg.runtime())
+        with runlog.phase("calibrate and convert", f"{calib_rows.size:,} held-out tokens, recipe {cfg.recipe}"):
+            recipe = RECIPES[cfg.recipe](cfg, source_config, source_params, batches_of(calib_rows, d.batch_size))
         del source_params
         self.stages, self.mapping = recipe.stages, recipe.mapping
         self.teacher, self.student = build_model(recipe.teacher_config), build_model(recipe.student_config)
@@ -161,7 +165,7 @@ class Job:
     def evaluate(self, trainable) -> dict:
         """Held-out KL(teacher || student), agreement and NLLs of the student with `trainable` in the current split,
         overall and by position (`kept_jax.metrics`)."""
-        from kept_jax import sharding
+        from kept_jax import runlog, sharding
         from kept_jax.metrics import summarize
         from kept_jax.evaluate import batches_of
         from kept_jax.xkd.objectives import LogitKL
@@ -172,10 +176,13 @@ class Job:
             self._eval = make_eval_step(LogitKL(self.teacher, self.student, self.cfg.loss), split)
             self._eval_split = split
         totals: dict = {}
-        for rows in batches_of(self.eval_rows, self.cfg.data.batch_size):
-            rows = sharding.global_rows(rows, self.eval_sharding)
-            for k, v in self._eval(trainable, self.teacher_params, split.frozen, rows).items():
-                totals[k] = totals.get(k, 0.0) + float(v)
+        batch = self.cfg.data.batch_size
+        with runlog.progress(len(self.eval_rows) // batch, "evaluate", "batch", leave=False) as bar:
+            for rows in batches_of(self.eval_rows, batch):
+                rows = sharding.global_rows(rows, self.eval_sharding)
+                for k, v in self._eval(trainable, self.teacher_params, split.frozen, rows).items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+                bar.update(1)
         return summarize(totals)
 
     def pack(self, data_dir: str | None = None) -> None:
@@ -234,6 +241,8 @@ class Job:
         `checkpoints` (Checkpoints) saves as it goes, with the stage; `stop` (StopRequest) ends the loop after a
         step, with a checkpoint, when a signal came.
         """
+        from kept_jax import runlog
+
         start = (checkpoints.latest_step() if checkpoints else None) or 0
         iterator = self.train_iterator()
         self.history = []
@@ -244,15 +253,15 @@ class Job:
             resume = start if start > stage.start else None
             state = self._train_stage(k, resume, iterator, batches, log, checkpoints, stop)
             self.store.update(state.trainable)  # what the stage trained, for the stages after it
-            self.log_eval(log, stage.end, self.evaluate(state.trainable), stage.name)
+            with runlog.phase("evaluate", f"after stage {stage.name}"):
+                self.log_eval(log, stage.end, self.evaluate(state.trainable), stage.name)
         self.state = state
         return state
 
     def _train_stage(self, k, resume, iterator, batches, log, checkpoints, stop):
         import jax
-        from tqdm import tqdm
 
-        from kept_jax import sharding
+        from kept_jax import runlog, sharding
         from kept_jax.checkpoint import abstract_like
         from kept_jax.flops import peak_flops
         from kept_jax.xkd.objectives import make_objective
@@ -284,51 +293,48 @@ class Job:
         tokens_per_step = d.tokens_per_step
         window, timed_steps, t0, eval_seconds = {}, 0, None, 0.0
         first = stage.start if resume is None else resume
-        bar = tqdm(total=stage.steps, initial=first - stage.start, desc=stage.name, unit="step", file=sys.stderr,
-                   dynamic_ncols=True, mininterval=1.0, disable=jax.process_index() != 0)
-        for i in range(first + 1, stage.end + 1):
-            state, metrics = step_fn(state, self.teacher_params, self.split.frozen, next(batches))
-            metrics = {k: float(v) for k, v in metrics.items()}
-            if t0 is None:
-                t0 = time.perf_counter()  # after the first step: compilation is not throughput
-            else:
-                timed_steps += 1
-            for key, v in metrics.items():
-                window[key] = window.get(key, 0.0) + v
-            window["steps"] = window.get("steps", 0) + 1
-            if i % t.log_every == 0 or i == stage.end:
-                m = _sums_to_metrics(window, objective.count)
-                seconds = max(time.perf_counter() - t0 - eval_seconds, 1e-9)  # training time only
-                record = {"split": "train", "stage": stage.name, "step": i, "tokens": i * tokens_per_step, **{
-                          key: m[key] for key in ("kl", "agreement", "loss", "student_nll", "teacher_nll") if key in m},
-                          "grad_norm": window["grad_norm"] / window["steps"],
-                          "lr": float(stage.schedule(i - stage.start - 1))}
-                timing = {"tokens_per_s": timed_steps * tokens_per_step / seconds}
-                status = (f"KL {m['kl']:.3e} agree {m['agreement']:.2%}" if "kl" in m else f"loss {m['loss']:.4g}")
-                status += f" {timing['tokens_per_s']:,.0f} tok/s"
-                if peak and flops:
-                    timing["mfu"] = timed_steps * flops / seconds / (peak * jax.device_count())
-                    status += f" MFU {timing['mfu']:.1%}"
-                self.history.append(record)
-                if log:
-                    log.write(record, timing)
-                bar.set_postfix_str(status, refresh=False)
-                window = {}
-            if t.eval_every and i % t.eval_every == 0 and i != stage.end:
-                t_eval = time.perf_counter()
-                self.log_eval(log, i, self.evaluate(state.trainable), stage.name)
-                eval_seconds += time.perf_counter() - t_eval
-            bar.update(1)
-            extra = {"carried": {key: self.split.frozen[key] for key in carried}, "stage": stage.name}
-            saved = checkpoints.save(i, state, iterator, force=i == stage.end, **extra) if checkpoints else False
-            if stop is not None and stop.requested():
-                bar.close()
-                if checkpoints:
-                    if not saved:
-                        checkpoints.save(i, state, iterator, force=True, **extra)
-                    checkpoints.wait()
-                raise KeyboardInterrupt(f"stopped by a signal after step {i}; the checkpoint at step {i} is saved")
-        bar.close()
+        with runlog.progress(stage.steps, stage.name, "step", initial=first - stage.start) as bar:
+            for i in range(first + 1, stage.end + 1):
+                state, metrics = step_fn(state, self.teacher_params, self.split.frozen, next(batches))
+                metrics = {k: float(v) for k, v in metrics.items()}
+                if t0 is None:
+                    t0 = time.perf_counter()  # after the first step: compilation is not throughput
+                else:
+                    timed_steps += 1
+                for key, v in metrics.items():
+                    window[key] = window.get(key, 0.0) + v
+                window["steps"] = window.get("steps", 0) + 1
+                if i % t.log_every == 0 or i == stage.end:
+                    m = _sums_to_metrics(window, objective.count)
+                    seconds = max(time.perf_counter() - t0 - eval_seconds, 1e-9)  # training time only
+                    record = {"split": "train", "stage": stage.name, "step": i, "tokens": i * tokens_per_step, **{
+                              key: m[key] for key in ("kl", "agreement", "loss", "student_nll", "teacher_nll") if key in m},
+                              "grad_norm": window["grad_norm"] / window["steps"],
+                              "lr": float(stage.schedule(i - stage.start - 1))}
+                    timing = {"tokens_per_s": timed_steps * tokens_per_step / seconds}
+                    status = (f"KL {m['kl']:.3e} agree {m['agreement']:.2%}" if "kl" in m else f"loss {m['loss']:.4g}")
+                    status += f" {timing['tokens_per_s']:,.0f} tok/s"
+                    if peak and flops:
+                        timing["mfu"] = timed_steps * flops / seconds / (peak * jax.device_count())
+                        status += f" MFU {timing['mfu']:.1%}"
+                    self.history.append(record)
+                    if log:
+                        log.write(record, timing)
+                    bar.set_postfix_str(status, refresh=False)
+                    window = {}
+                if t.eval_every and i % t.eval_every == 0 and i != stage.end:
+                    t_eval = time.perf_counter()
+                    self.log_eval(log, i, self.evaluate(state.trainable), stage.name)
+                    eval_seconds += time.perf_counter() - t_eval
+                bar.update(1)
+                extra = {"carried": {key: self.split.frozen[key] for key in carried}, "stage": stage.name}
+                saved = checkpoints.save(i, state, iterator, force=i == stage.end, **extra) if checkpoints else False
+                if stop is not None and stop.requested():
+                    if checkpoints:
+                        if not saved:
+                            checkpoints.save(i, state, iterator, force=True, **extra)
+                        checkpoints.wait()
+                    raise KeyboardInterrupt(f"stopped by a signal after step {i}; the checkpoint at step {i} is saved")
         if checkpoints:
             checkpoints.wait()
         return state
@@ -481,7 +487,8 @@ def main(argv=None) -> int:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("kept_jax run directory")
-    job.pack(os.path.join(out_dir, "packed_rows"))
+    with runlog.phase("pack", "tokenize the training text once into DIR/packed_rows"):
+        job.pack(os.path.join(out_dir, "packed_rows"))
     c = cfg.checkpoint
     checkpoints = checkpoint.Checkpoints(os.path.join(out_dir, "checkpoints"), c.every, c.keep, c.async_save)
     start = checkpoints.latest_step() or 0
@@ -492,11 +499,15 @@ def main(argv=None) -> int:
         r["split"] == "eval" and r["step"] in stage_ends)), enabled=lead)
     try:
         if start == 0:
-            init = job.log_eval(log, 0, job.evaluate(job.split.trainable), "init")
+            with runlog.phase("evaluate", f"the converted student on {len(job.eval_rows) * cfg.data.seq_len:,} "
+                              "held-out tokens"):
+                init = job.log_eval(log, 0, job.evaluate(job.split.trainable), "init")
             print(f"at init: KL {init['kl']:.4e} nats/token, agreement {init['agreement']:.2%} on "
                   f"{init['eval_tokens']:,} held-out tokens; training {job.num_trainable:,} parameters "
                   f"({describe(job.stages[0].trainable)}) in stage {job.stages[0].name}", file=sys.stderr)
-        with checkpoint.StopRequest() as stop:
+        with checkpoint.StopRequest() as stop, runlog.phase(
+                "distill", f"{job.stages[-1].end} steps of {cfg.data.tokens_per_step:,} tokens, evaluated at the end "
+                "of every stage"):
             job.distill(log, checkpoints, stop)
     finally:
         log.close()
@@ -513,14 +524,16 @@ def main(argv=None) -> int:
     from kept_jax.fileio import atomic_file, atomic_output_dir
 
     export_dir = os.path.join(out_dir, "export")
-    with atomic_output_dir(export_dir, force=True) as tmp:
+    with runlog.phase("export", os.path.abspath(export_dir)), atomic_output_dir(export_dir, force=True) as tmp:
         job.export(tmp)
     if not cfg.verify:
         verified = {"verified": False, "why": "verify=false"}
     elif job.student.config.architecture == "llamba":
-        verified = _check_llamba(export_dir, job.eval_rows)
+        with runlog.phase("verify", "the re-imported export against the float64 oracle"):
+            verified = _check_llamba(export_dir, job.eval_rows)
     else:
-        verified = _verify(export_dir, cfg.source)
+        with runlog.phase("verify", "the export through Transformers, against kept_jax and the teacher"):
+            verified = _verify(export_dir, cfg.source)
     if "oracle" in verified:
         o = verified["oracle"]
         print(f"float64 oracle vs the re-imported export on {ORACLE_ROWS} x {ORACLE_TOKENS} held-out tokens: max "

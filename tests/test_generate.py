@@ -201,7 +201,7 @@ def test_cli_batches_a_jsonl_file_of_prompts_in_bfloat16(kept_export, tmp_path, 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "{missing}", "--prompt", "hi"], "is not a directory"),
     (["--prompt", " \n"], "--prompt is empty"),
-    (["--prompt", "word " * 1100], "the model's maximum is 1024"),
+    (["--prompt", "word " * 300], "the model's maximum is 256"),
     (["--prompt", "hi", "--top-p", "0"], "top-p must be in"),
     (["--file", "{missing}"], "does not exist"),
     (["--file", "{empty_jsonl}"], "holds no prompts"),

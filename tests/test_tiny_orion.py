@@ -35,9 +35,15 @@ def test_layout_and_size(asset):
     assert json.load(open(os.path.join(ASSET, "tokenizer_config.json")))["add_bos_token"] is False
 
 
+def test_advertised_context_is_the_one_it_was_trained_on(asset):
+    """Outside tools take the window from config.json: past the pretraining length the NLL rises (1.9 -> 3.2)."""
+    config, _, log = asset
+    assert config.max_position_embeddings == log["args"]["seq_len"] == log["config"]["max_position_embeddings"]
+
+
 def _heldout_rows(seq_len=256):
     sp = spm.SentencePieceProcessor(model_file=os.path.join(ASSET, "tokenizer.model"))
-    return corpus.pack((sp.encode(d) for d in corpus.read_documents(corpus.HELDOUT)), seq_len, sp.eos_id())
+    return corpus.token_rows(corpus.HELDOUT, sp.encode, seq_len, sp.eos_id())
 
 
 def test_heldout_perplexity_is_what_the_log_says(asset):
@@ -78,6 +84,7 @@ def test_pretraining_is_reproducible(tmp_path):
     assert pretrain.main(args + ["--out", str(tmp_path / "a")]) == 0
     assert pretrain.main(args + ["--out", str(tmp_path / "b")]) == 0
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert json.load(open(tmp_path / "a" / "config.json"))["max_position_embeddings"] == 64  # --seq-len
     assert pretrain.main(args[:-1] + ["8", "--out", str(tmp_path / "c")]) == 0
     assert _digest(tmp_path / "c")["model.safetensors"] != _digest(tmp_path / "a")["model.safetensors"]
 
