@@ -12,6 +12,8 @@ import dataclasses
 import json
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from typing import Any, Callable, Iterator
 
@@ -88,17 +90,21 @@ class _TorchFile:
         self.path = path
         self._torch = torch
         try:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                state = torch.load(path, map_location="cpu", weights_only=True)  # legacy non-zip format
+            with warnings.catch_warnings():  # kept_jax reports what matters itself, in one line
+                warnings.simplefilter("ignore")
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:
+                    if "mmap" not in str(e):
+                        raise
+                    state = torch.load(path, map_location="cpu", weights_only=True)  # legacy non-zip format
         except pickle.UnpicklingError as e:
+            # torch's own message advises weights_only=False, which would run the file's code: never repeated here.
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f"a pickled {found.group(1)} object" if found else "pickled objects other than tensors"
             raise KeptError(
-                f"{path} holds objects other than tensors and kept_jax loads .bin files only with "
-                f"weights_only=True, so that a checkpoint never runs code ({str(e).splitlines()[0]}). "
-                "Convert it to safetensors in a trusted environment"
+                f"{path} holds {what}, and kept_jax reads .bin files only as plain tensors (weights_only=True), so "
+                "that a checkpoint never runs code. Convert it to safetensors in an environment you trust"
             ) from None
         except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
             raise KeptError(

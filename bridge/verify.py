@@ -62,6 +62,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not os.path.isdir(args.hf):
         raise KeptError(f"--hf {args.hf!r} is not a directory")
+    from kept_jax.config import read_config_json
+
+    config_path = os.path.join(args.hf, "config.json")
+    if os.path.isfile(config_path) and read_config_json(config_path).get("model_type") == "orion":
+        raise KeptError(f"{args.hf} is an Orion checkpoint, which Transformers loads only with trust_remote_code; "
+                        f"convert it first (python -m kept_jax.convert --source {args.hf} --out DIR) and verify DIR, "
+                        f"with --reference {args.hf}")
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer

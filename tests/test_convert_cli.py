@@ -39,6 +39,12 @@ def test_verify_passes_and_fails_past_its_tolerance(exported, capsys):
     assert "verification failed" in capsys.readouterr().err
 
 
+def test_verify_on_an_orion_directory_says_to_convert_it_first(capsys):
+    assert verify.main(["--hf", convert.DEFAULT_SOURCE]) == 2
+    err = capsys.readouterr().err
+    assert "is an Orion checkpoint" in err and "convert it first" in err and "pip install" not in err
+
+
 def test_verify_fails_when_transformers_and_kept_jax_disagree(exported, monkeypatch, capsys):
     """A kept_jax side that is off by a small logit bias on one word must fail the check."""
     real = verify._kept_jax_logits

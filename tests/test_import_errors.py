@@ -4,8 +4,10 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
+import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
@@ -172,7 +174,22 @@ def test_bin_with_code_is_refused(orion_copy, tmp_path, capsys):
     state = torch.load(path, weights_only=True)
     state["payload"] = NotATensor()
     torch.save(state, path)
-    assert "weights_only=True" in _run_score(orion_copy, tmp_path, capsys)
+    message = _run_score(orion_copy, tmp_path, capsys)
+    assert "weights_only=True" in message and "NotATensor object" in message
+    # torch's advice to load with weights_only=False (which would run the file's code) is never passed on.
+    assert "weights_only=False" not in message and "set to `False`" not in message and "\x1b[" not in message
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_bin_loads_without_torch_warnings(orion_copy, capfd, zip_format):
+    path = _to_bin(orion_copy)
+    state = torch.load(path, weights_only=True)
+    torch.save(state, path, _use_new_zipfile_serialization=zip_format)
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_hf_checkpoint(orion_copy)
+    assert [str(w.message) for w in caught] == [] and capfd.readouterr().err == ""
 
 
 def test_all_formats_load_the_same_params(orion_checkpoint, orion_copy):
