@@ -1,11 +1,12 @@
 """Tokenizer files for an exported directory: converted from an Orion source's SentencePiece model, or copied.
 
-`tokenizer.json` is built by Transformers' converter and given the SentencePiece-exact pipeline the original Llama
-files use (normalizer: prepend the dummy-prefix "▁", spaces -> "▁"; no pre-tokenizer), honouring the model's own
-`add_dummy_prefix`. `tokenizer_config.json` names `LlamaTokenizer`. With the `tokenizers` library and Transformers v4
-the ids equal SentencePiece's on every text; Transformers v5's `LlamaTokenizer` rebuilds the pipeline with a
-Metaspace pre-tokenizer, which differs only for text that starts with whitespace (SentencePiece adds "▁" even
-then, Metaspace does not).
+`tokenizer.json` is built by Transformers' converter and given the SentencePiece-exact pipeline of the model's own
+normalizer spec, as Transformers' SentencePiece converters do: its precompiled character map (e.g. `nmt_nfkc`),
+`remove_extra_whitespaces` (leading and trailing spaces dropped, runs of spaces made one), the dummy-prefix "▁"
+when `add_dummy_prefix`, and spaces -> "▁"; no pre-tokenizer. `tokenizer_config.json` names
+`PreTrainedTokenizerFast`, so that `AutoTokenizer` uses that pipeline as written (Transformers v5's `LlamaTokenizer`
+would rebuild it with a Metaspace pre-tokenizer and no character map); the ids then equal SentencePiece's on every
+text, through `tokenizers` and through Transformers v4 and v5.
 """
 
 from __future__ import annotations
@@ -49,19 +50,24 @@ def export_tokenizer(source_dir: str, out_dir: str, architecture: str) -> None:
         raise KeptError(f"source {source_dir!r} has no tokenizer.model or tokenizer.json to export")
 
     import sentencepiece as spm
-    from tokenizers import decoders, normalizers
+    from tokenizers import Regex, decoders, normalizers
     from transformers import LlamaTokenizer
 
     sp = spm.SentencePieceProcessor(model_file=sp_path)
     add_bos, add_eos = _source_flags(source_dir, architecture)
-    add_prefix = _add_dummy_prefix(sp_path)
+    spec = _normalizer_spec(sp_path)
+    add_prefix = spec.add_dummy_prefix
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(sp_path, tmp)
         tokenizer = LlamaTokenizer.from_pretrained(
             tmp, add_bos_token=add_bos, add_eos_token=add_eos, add_prefix_space=add_prefix, legacy=True
         )
     backend = tokenizer.backend_tokenizer
-    steps = [normalizers.Prepend("▁")] if add_prefix else []
+    steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    if spec.remove_extra_whitespaces:  # only " ", as SentencePiece does (Strip would also take tabs and newlines)
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if add_prefix:
+        steps.append(normalizers.Prepend("▁"))
     backend.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
     backend.pre_tokenizer = None
     decode = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -80,7 +86,7 @@ def export_tokenizer(source_dir: str, out_dir: str, architecture: str) -> None:
         config = json.load(f)
     for key in ("is_local", "local_files_only"):
         config.pop(key, None)
-    config.update(special, tokenizer_class="LlamaTokenizer", add_bos_token=add_bos, add_eos_token=add_eos,
+    config.update(special, tokenizer_class="PreTrainedTokenizerFast", add_bos_token=add_bos, add_eos_token=add_eos,
                   add_prefix_space=add_prefix, legacy=True)
     with open(config_path, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, ensure_ascii=False)
@@ -88,11 +94,11 @@ def export_tokenizer(source_dir: str, out_dir: str, architecture: str) -> None:
         json.dump(special, f, indent=2, ensure_ascii=False)
 
 
-def _add_dummy_prefix(sp_path: str) -> bool:
-    """The SentencePiece model's own normalizer setting (Orion-style models may turn it off)."""
+def _normalizer_spec(sp_path: str):
+    """The SentencePiece model's own normalizer settings (Orion-style models may turn the dummy prefix off)."""
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
     with open(sp_path, "rb") as f:
         proto.ParseFromString(f.read())
-    return bool(proto.normalizer_spec.add_dummy_prefix)
+    return proto.normalizer_spec

@@ -124,8 +124,10 @@ def docstring_corpus() -> str:
     return "\n".join(docs)
 
 
-def train_sentencepiece(out_dir: str, vocab_size: int = 512) -> str:
-    """A SentencePiece BPE `tokenizer.model` as Orion ships it (unk 0, bos 1, eos 2, byte fallback)."""
+def train_sentencepiece(out_dir: str, vocab_size: int = 512, normalization: str = "identity",
+                        remove_extra_whitespaces: bool = False) -> str:
+    """A SentencePiece BPE `tokenizer.model` as Orion ships it (unk 0, bos 1, eos 2, byte fallback); other models
+    normalize (`nmt_nfkc`, `remove_extra_whitespaces`)."""
     import sentencepiece as spm
 
     os.makedirs(out_dir, exist_ok=True)
@@ -141,8 +143,8 @@ def train_sentencepiece(out_dir: str, vocab_size: int = 512) -> str:
         pad_id=-1,
         byte_fallback=True,
         character_coverage=0.9995,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
+        normalization_rule_name=normalization,
+        remove_extra_whitespaces=remove_extra_whitespaces,
         num_threads=1,
         minloglevel=2,
     )

@@ -86,19 +86,47 @@ def test_tokenizer_ids_match_the_source(tmp_path, sp_model):
     out.mkdir()
     export_tokenizer(str(source), str(out), "orion")
     assert {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"} <= set(os.listdir(out))
-    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "LlamaTokenizer"
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     sp = spm.SentencePieceProcessor(model_file=sp_model)
     auto = AutoTokenizer.from_pretrained(out)
     raw = Tokenizer.from_file(str(out / "tokenizer.json"))
     samples = [d[:3000] for d in corpus.read_documents(corpus.HELDOUT)[:4]]
     samples += ["café ünïcödé 日本語 🙂", "two  spaces\n\n\ttab ", "x = 1234567.89"]
     for text in samples:
-        assert auto(text).input_ids == sp.encode(text), text[:40]
         assert auto.decode(auto(text).input_ids) == text
-    # tokenizer.json itself is SentencePiece-exact, leading whitespace included (see bridge/tokenizer_export.py
-    # for Transformers v5's Metaspace rebuild, which drops the dummy prefix there).
-    for text in samples + [" leading space", "  two leading"]:
-        assert raw.encode(text).ids == sp.encode(text), text[:40]
+    for text in samples + [" leading space", "  two leading"]:  # Transformers v5's LlamaTokenizer differed here
+        assert raw.encode(text).ids == auto(text).input_ids == sp.encode(text), text[:40]
+
+
+@pytest.mark.parametrize("normalization, remove_extra_whitespaces", [("nmt_nfkc", True), ("identity", True),
+                                                                     ("nfkc", False)])
+def test_normalizing_sentencepiece_models_are_reproduced(tmp_path, normalization, remove_extra_whitespaces):
+    """The normalizer spec (NFKC character map, extra whitespace removal) is reproduced, as Transformers' own
+    SentencePiece converters do, and verified (kept_jax.convert.check_tokenizer) through tokenizers and
+    AutoTokenizer; it used to be refused as 'a normalization kept_jax cannot convert'."""
+    from kept_jax.convert import TOKENIZER_PROBES, check_tokenizer
+
+    source = tmp_path / "source"
+    source.mkdir()
+    fx.add_orion_tokenizer(str(source), fx.train_sentencepiece(str(tmp_path / "sp"), 512, normalization,
+                                                               remove_extra_whitespaces))
+    out = tmp_path / "out"
+    out.mkdir()
+    export_tokenizer(str(source), str(out), "orion")
+    check_tokenizer(str(source), str(out))
+    sp = spm.SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
+    auto = AutoTokenizer.from_pretrained(out)
+    for text in TOKENIZER_PROBES:
+        assert auto(text).input_ids == sp.encode(text), text
+    if normalization != "identity":
+        assert sp.encode("ｆｕｌｌ") == sp.encode("full")  # the character map is really in use
+
+    # A pipeline that drops part of the normalizer is caught, and the message names the text and the ids.
+    config = json.loads((out / "tokenizer.json").read_text())
+    config["normalizer"]["normalizers"] = config["normalizer"]["normalizers"][1:]
+    (out / "tokenizer.json").write_text(json.dumps(config))
+    with pytest.raises(KeptError, match=r"on '.*' the source gives \[.*\] and tokenizer.json gives \[.*\] from token"):
+        check_tokenizer(str(source), str(out))
 
 
 def test_output_directory_is_refused_unless_forced_and_never_partial(tmp_path):
