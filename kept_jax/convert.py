@@ -3,6 +3,7 @@
     python -m kept_jax.convert --source ORION_DIR --out DIR [--opm STRATEGY] [--calib FILE] [--calib-tokens N]
     python -m kept_jax.convert --to llamba --source LLAMA_DIR --out DIR [--mixer-init mohawk|attention]
                                [--target-config LLAMBA_CONFIG_JSON]
+    python -m kept_jax.convert ... --calib-ids IDS.npy --eval-ids IDS.npy   # a source without a tokenizer
     python -m kept_jax.convert ... --dry-run        # plan from config.json alone: mapping coverage, parameter counts
 
 `--to llama` (default): Orion -> Llama by NPM + OPM, calibrated on the teacher's own activations. `--to llamba`:
@@ -84,11 +85,34 @@ def run_mapping(mapping, read: Callable[[str], np.ndarray], dtype: str) -> tuple
     return tensors, errors
 
 
-def token_rows(path: str, tokenizer, eos_id: int | None, seq_len: int, skip_rows: int, max_tokens: int) -> np.ndarray:
+def id_file_rows(path: str, flag: str, vocab_size: int, seq_len: int) -> np.ndarray:
+    """A `.npy` array of token ids (any shape: read as one stream, documents already joined by EOS) cut into
+    [rows, seq_len] int32: what calibration and evaluation read when the source has no tokenizer."""
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise KeptError(f"{flag} {path!r} does not exist") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise KeptError(f"{flag} {path!r} is not a .npy array of token ids ({e}); write one with numpy.save") from None
+    if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu":
+        raise KeptError(f"{flag} {path!r} holds {getattr(ids, 'dtype', type(ids).__name__)}, not integer token ids")
+    ids = ids.reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise KeptError(f"{flag} {path!r} has token ids from {ids.min()} to {ids.max()}, outside the source's "
+                        f"vocabulary 0..{vocab_size - 1}; were they made with another tokenizer?")
+    rows = ids.size // seq_len
+    return ids[: rows * seq_len].astype(np.int32).reshape(rows, seq_len)
+
+
+def held_rows(path: str, ids: bool, tokenizer, source_config, seq_len: int, skip_rows: int,
+              max_tokens: int, flag: str) -> np.ndarray:
+    """Rows of `seq_len` from a text file (tokenized by the source's tokenizer) or, with `ids`, a token-id file;
+    after `skip_rows`, at most `max_tokens` (rounded up to a row)."""
     from kept_jax import corpus
 
-    rows = corpus.token_rows(path, tokenizer.encode, seq_len, eos_id)[skip_rows:]
-    rows = rows[: max(1, -(-max_tokens // seq_len))]
+    rows = (id_file_rows(path, flag, source_config.vocab_size, seq_len) if ids
+            else corpus.token_rows(path, tokenizer.encode, seq_len, source_config.eos_token_id))
+    rows = rows[skip_rows:][: max(1, -(-max_tokens // seq_len))]
     if len(rows) == 0:
         raise KeptError(f"{path} has too little text: nothing is left after the calibration rows; give more text")
     return rows
@@ -102,7 +126,7 @@ def parse_size(text: str) -> int:
 
 
 TARGETS = {"llama": "orion", "llamba": "llama"}  # target architecture -> the source it is made from
-OPM_ONLY = ("opm", "calib", "calib_tokens", "ridge")  # options of the Orion -> Llama conversion
+OPM_ONLY = ("opm", "calib", "calib_ids", "calib_tokens", "ridge")  # options of the Orion -> Llama conversion
 
 
 def parse_args(argv):
@@ -124,8 +148,12 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="--to llamba: seed of the mixers' randomly initialized rows")
     p.add_argument("--calib", help="--to llama: calibration text, .jsonl ('text' field) or plain text (default: "
                    "embedded held-out)")
+    p.add_argument("--calib-ids", help="--to llama: calibration token ids instead of text, a .npy array (for a "
+                   "source without a tokenizer)")
     p.add_argument("--calib-tokens", type=int)
     p.add_argument("--eval", dest="eval_file", help="held-out text for KL (default: embedded held-out split)")
+    p.add_argument("--eval-ids", help="held-out token ids instead of text, a .npy array (for a source without a "
+                   "tokenizer)")
     p.add_argument("--eval-tokens", type=int, default=32768)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
@@ -143,6 +171,10 @@ def parse_args(argv):
     if wrong:
         raise KeptError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to --to {args.to}; "
                         f"{'they are' if len(wrong) > 1 else 'it is'} for --to {other}")
+    for text, ids in (("calib", "calib_ids"), ("eval_file", "eval_ids")):
+        if getattr(args, text) and getattr(args, ids):
+            raise KeptError(f"--{text.removesuffix('_file')} (text) and --{ids.replace('_', '-')} (token ids) both "
+                            "give the same data; pass one")
     args.opm = args.opm or "absorb"
     args.mixer_init = args.mixer_init or "mohawk"
     if args.no_eval and "all" in (args.opm, args.mixer_init):
@@ -226,19 +258,24 @@ def convert_all(args) -> tuple[Any, list[ConversionResult], dict]:
     check_source(args, source_config)
     dtype = export_dtype(args, source_config)
     teacher_config = load_hf_config(args.source, compute_dtype=dtype, param_dtype=dtype)
-    tokenizer = load_tokenizer(args.source, source_config.architecture)
+    reads_text = (args.to == "llama" and not args.calib_ids) or (not args.no_eval and not args.eval_ids)
+    tokenizer = load_tokenizer(args.source, source_config.architecture, (
+        "calibration and evaluation read text. Give token ids instead, .npy arrays: --calib-ids FILE (--to llama) and "
+        "--eval-ids FILE, or --no-eval; the export then has no tokenizer files")) if reads_text else None
 
-    eval_file = args.eval_file or corpus.HELDOUT
+    eval_file = args.eval_ids or args.eval_file or corpus.HELDOUT
     calib_rows, skip = None, 0
     info = {"source": os.path.abspath(args.source), "to": args.to, "dtype": dtype, "timings_s": {}}
     if args.to == "llama":
-        calib_file = args.calib or corpus.HELDOUT
-        calib_rows = token_rows(calib_file, tokenizer, source_config.eos_token_id, args.seq_len, 0, args.calib_tokens)
+        calib_file = args.calib_ids or args.calib or corpus.HELDOUT
+        calib_rows = held_rows(calib_file, bool(args.calib_ids), tokenizer, source_config, args.seq_len, 0,
+                               args.calib_tokens, "--calib-ids")
         skip = len(calib_rows) if os.path.abspath(calib_file) == os.path.abspath(eval_file) else 0
         info["calibration"] = {"file": calib_file, "tokens": int(calib_rows.size)}
     eval_rows = None
     if not args.no_eval:
-        eval_rows = token_rows(eval_file, tokenizer, source_config.eos_token_id, args.seq_len, skip, args.eval_tokens)
+        eval_rows = held_rows(eval_file, bool(args.eval_ids), tokenizer, source_config, args.seq_len, skip,
+                              args.eval_tokens, "--eval-ids")
 
     reader = CheckpointReader(args.source)
     _, info["import_skipped"], _ = params_from_reader(reader, teacher_config, lambda spec: False)  # names checked
@@ -334,16 +371,18 @@ def write_report(out_dir: str, results: list[ConversionResult], info: dict) -> s
     text = summary_table(results, info)
     with open(os.path.join(out_dir, "conversion_report.md"), "w", encoding="utf-8") as f:
         f.write("# Conversion report\n\n```\n" + text + "\n```\n")
+        if info.get("tokenizer_note"):
+            f.write(f"\nNote: {info['tokenizer_note']}.\n")
         for r in results:
             f.write(f"\n## Mapping: {r.strategy}\n\n```\n{format_table(r.mapping_rows)}\n```\n")
     return text
 
 
 def export_model(out_dir: str, source_dir: str, config, get: Callable[[str], np.ndarray], dtype: str,
-                 max_shard_bytes: int) -> None:
+                 max_shard_bytes: int) -> str | None:
     """The HF directory: config, weights (`get(hf_name)` in `dtype`, one at a time), generation config and the
     tokenizer: an Orion source's SentencePiece model converted (and its ids checked), a Llama source's tokenizer
-    files as they are (a Llamba made from a Llama)."""
+    files as they are (a Llamba made from a Llama). Returns a note when the source has no tokenizer to export."""
     from transformers import GenerationConfig
 
     from bridge.hf_export import write_config, write_weights
@@ -362,11 +401,16 @@ def export_model(out_dir: str, source_dir: str, config, get: Callable[[str], np.
         write_weights(out_dir, [(s.hf_name, s.hf_shape) for s in table], dtype, get_counted, max_shard_bytes)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                      pad_token_id=config.pad_token_id).save_pretrained(out_dir)
+    if not any(os.path.isfile(os.path.join(source_dir, name)) for name in ("tokenizer.json", "tokenizer.model")):
+        return (f"no tokenizer: the source {source_dir} has no tokenizer.json or tokenizer.model, so this export has "
+                "none; copy the tokenizer files that belong to these weights into it before loading it with "
+                "AutoTokenizer")
     if load_hf_config(source_dir).architecture == "orion":
         export_tokenizer(source_dir, out_dir, "orion")
         check_tokenizer(source_dir, out_dir)
     else:
         copy_tokenizer(source_dir, out_dir)
+    return None
 
 
 # Text where SentencePiece normalizers differ (spaces at the ends and in runs, tabs, newlines, NFKC-folded and
@@ -457,8 +501,9 @@ def main(argv=None) -> int:
             result = results[0]
             with phase("export", "streamed: each tensor computed as it is written" if result.tensors is None
                        else "", info["timings_s"]):
-                export_model(tmp, args.source, result.config, result.tensor_getter(args.source, info["dtype"]),
-                             info["dtype"], max_shard_bytes)
+                info["tokenizer_note"] = export_model(tmp, args.source, result.config,
+                                                      result.tensor_getter(args.source, info["dtype"]),
+                                                      info["dtype"], max_shard_bytes)
         text = write_report(tmp, results, info)
     print(text)
     if export:
@@ -468,6 +513,8 @@ def main(argv=None) -> int:
         print(format_table(results[0].mapping_rows))
         print(f"\nwrote {args.out}: a Hugging Face {args.to.capitalize()} checkpoint ({info['dtype']}) and "
               "conversion_report.{json,md}")
+        if info["tokenizer_note"]:
+            print(f"note: {info['tokenizer_note']}")
     else:
         print(f"\nwrote {args.out}/conversion_report.{{json,md}} (no model exported when comparing every choice)")
     return 0

@@ -114,3 +114,44 @@ def test_llamba_conversion_user_errors(tmp_path, capsys, llama_checkpoint):
         ["--to", "llamba", "--source", llama, "--out", out, "--target-config", str(wrong), "--mixer-init", "attention"],
         capsys)
     assert not os.path.exists(out)
+
+
+def test_a_source_without_tokenizer_converts_from_token_id_files(tmp_path, capsys):
+    """Calibration and evaluation from .npy token ids give the same weights as from the same text; the export has
+    no tokenizer files and says so; without ids the message names the flags that exist."""
+    import shutil
+
+    import numpy as np
+    import sentencepiece as spm
+
+    from kept_jax import corpus
+
+    source = tmp_path / "orion"
+    shutil.copytree(convert.DEFAULT_SOURCE, source, ignore=shutil.ignore_patterns("tokenizer*"))
+    common = ["--source", str(source), "--seq-len", "64", "--calib-tokens", "1024", "--eval-tokens", "1024",
+              "--dtype", "float32"]
+    err = _fails(common + ["--out", str(tmp_path / "none")], capsys)
+    assert "--calib-ids" in err and "--eval-ids" in err and "--tokens" not in err
+
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(convert.DEFAULT_SOURCE, "tokenizer.model"))
+    ids = corpus.token_rows(corpus.HELDOUT, sp.encode, 64, sp.eos_id())  # what the text path reads
+    np.save(tmp_path / "ids.npy", ids.reshape(-1).astype(np.int64))
+    from_text = ["--source", convert.DEFAULT_SOURCE] + common[2:] + ["--no-eval", "--out", str(tmp_path / "text")]
+    assert convert.main(from_text) == 0
+    assert convert.main(common + ["--calib-ids", str(tmp_path / "ids.npy"), "--eval-ids", str(tmp_path / "ids.npy"),
+                                  "--out", str(tmp_path / "ids")]) == 0
+    out = capsys.readouterr().out
+    assert "note: no tokenizer" in out
+    report = json.load(open(tmp_path / "ids" / "conversion_report.json"))
+    assert report["tokenizer_note"].startswith("no tokenizer") and report["strategies"]["absorb"]["kl"] > 0
+    assert report["evaluation"]["skipped_calibration_rows"] == 16  # the same file: evaluation starts after them
+    assert not [n for n in os.listdir(tmp_path / "ids") if n.startswith("tokenizer") or n == "special_tokens_map.json"]
+    weights = [open(tmp_path / run / "model.safetensors", "rb").read() for run in ("text", "ids")]
+    assert weights[0] == weights[1]
+
+    np.save(tmp_path / "far.npy", np.asarray([0, 5, 999999]))
+    err = _fails(common + ["--calib-ids", str(tmp_path / "far.npy"), "--no-eval", "--out", str(tmp_path / "x")], capsys)
+    assert "outside the source's vocabulary" in err
+    err = _fails(common + ["--calib-ids", str(tmp_path / "missing.npy"), "--no-eval", "--out", str(tmp_path / "x")],
+                 capsys)
+    assert "does not exist" in err
