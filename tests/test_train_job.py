@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import struct
 
 import pytest
@@ -34,8 +35,17 @@ def test_job_writes_summary_logs_and_a_verified_export(orion_checkpoint, tmp_pat
     out = str(tmp_path / "run")
     assert train.main(["--out", out, f"source={orion_checkpoint[0]}", "trainable=lora", "train.eval_every=2",
                        *FAST]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "KL (nats/tok)" in printed and "verified=True" in printed
+    # stderr names every phase, in order, as it starts and when it ends (with its time).
+    phases = ["check data", "load", "calibrate and convert", "pack", "evaluate", "distill", "evaluate", "export",
+              "verify"]
+    ends = [line.rsplit(":", 1)[0] for line in captured.err.splitlines() if re.fullmatch(r"[a-z ]+: \d+\.\d s", line)]
+    assert ends == ["check data", "load", "calibrate and convert", "pack", "evaluate", "evaluate", "distill", "export",
+                    "verify"]  # the closing evaluation ends inside distill
+    starts = [line.split(" (")[0] for line in captured.err.splitlines() if line.endswith(" ...")][1:]
+    assert starts == phases
     summary = json.load(open(os.path.join(out, "summary.json")))
     for key in ("kl_init", "kl_final", "agreement_init", "agreement_final", "steps", "tokens", "export_dir", "opm",
                 "trainable"):
