@@ -21,15 +21,6 @@ from kept_jax.errors import KeptError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def _source_flags(source_dir: str, architecture: str) -> tuple[bool, bool]:
-    path = os.path.join(source_dir, "tokenizer_config.json")
-    config = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    return bool(config.get("add_bos_token", architecture == "llama")), bool(config.get("add_eos_token", False))
-
-
 def copy_tokenizer(source_dir: str, out_dir: str) -> list[str]:
     """Copies the source's Hugging Face tokenizer files as they are (a Llama teacher's, for its Llamba student)."""
     if not os.path.isfile(os.path.join(source_dir, "tokenizer.json")):
@@ -53,8 +44,10 @@ def export_tokenizer(source_dir: str, out_dir: str, architecture: str) -> None:
     from tokenizers import Regex, decoders, normalizers
     from transformers import LlamaTokenizer
 
+    from kept_jax.tokenizer import special_token_flags
+
     sp = spm.SentencePieceProcessor(model_file=sp_path)
-    add_bos, add_eos = _source_flags(source_dir, architecture)
+    add_bos, add_eos = special_token_flags(source_dir, architecture)
     spec = _normalizer_spec(sp_path)
     add_prefix = spec.add_dummy_prefix
     with tempfile.TemporaryDirectory() as tmp:

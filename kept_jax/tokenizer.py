@@ -24,12 +24,18 @@ class Tokenizer:
         return self._decode(list(ids))
 
 
+def special_token_flags(model_dir: str, architecture: str) -> tuple[bool, bool]:
+    """(add_bos, add_eos) of a bare SentencePiece model: `tokenizer_config.json`'s, else the architecture's own
+    tokenizer's defaults (LlamaTokenizer adds BOS, OrionTokenizer does not; neither adds EOS)."""
+    config = read_optional_json(os.path.join(model_dir, "tokenizer_config.json"))
+    return bool(config.get("add_bos_token", architecture == "llama")), bool(config.get("add_eos_token", False))
+
+
 def load_tokenizer(model_dir: str, architecture: str,
                    missing_fix: str = "pass token ids with --tokens instead") -> Tokenizer:
     """`tokenizer.json` wins when both are present: it carries the BOS/EOS template itself.
 
-    For a bare SentencePiece model, `add_bos_token`/`add_eos_token` come from `tokenizer_config.json`; absent
-    there, BOS is added for Llama (LlamaTokenizer's default) and not for Orion (OrionTokenizer's default).
+    A bare SentencePiece model adds BOS and EOS as `special_token_flags` says.
     """
     json_path = os.path.join(model_dir, "tokenizer.json")
     sp_path = os.path.join(model_dir, "tokenizer.model")
@@ -50,8 +56,6 @@ def load_tokenizer(model_dir: str, architecture: str,
             sp.Load(sp_path)
         except (OSError, RuntimeError) as e:
             raise KeptError(f"cannot read {sp_path}: {e}; the tokenizer file is corrupt") from None
-        config = read_optional_json(os.path.join(model_dir, "tokenizer_config.json"))
-        add_bos = bool(config.get("add_bos_token", architecture == "llama"))
-        add_eos = bool(config.get("add_eos_token", False))
+        add_bos, add_eos = special_token_flags(model_dir, architecture)
         return Tokenizer(lambda text: sp.Encode(text, add_bos=add_bos, add_eos=add_eos), sp_path, sp.Decode)
     raise KeptError(f"{model_dir!r} has no tokenizer (tokenizer.json or tokenizer.model); {missing_fix}")

@@ -193,11 +193,12 @@ class Job:
         d = self.cfg.data
         self.train_rows = []
         for i, docs in enumerate(self.train_docs):
-            with runlog.progress(len(docs), f"pack {getattr(docs, 'name', i)}", "doc") as bar:
+            name = getattr(docs, "name", i)
+            with runlog.progress(len(docs), f"pack {name}", "doc") as bar:
                 path = os.path.join(data_dir, f"train-{i}.rows") if data_dir else None
                 rows = data.pack_rows(docs, self.tokenize, d.seq_len, path, bar)
             if len(rows) == 0:
-                raise KeptError(f"training source {getattr(docs, 'name', i)!r} has fewer tokens than one sequence of "
+                raise KeptError(f"training source {name!r} has fewer tokens than one sequence of "
                                 f"data.seq_len={d.seq_len}; give more text or lower data.seq_len")
             self.train_rows.append(rows)
 
@@ -307,8 +308,9 @@ class Job:
                 if i % t.log_every == 0 or i == stage.end:
                     m = _sums_to_metrics(window, objective.count)
                     seconds = max(time.perf_counter() - t0 - eval_seconds, 1e-9)  # training time only
-                    record = {"split": "train", "stage": stage.name, "step": i, "tokens": i * tokens_per_step, **{
-                              key: m[key] for key in ("kl", "agreement", "loss", "student_nll", "teacher_nll") if key in m},
+                    logged = ("kl", "agreement", "loss", "student_nll", "teacher_nll")
+                    record = {"split": "train", "stage": stage.name, "step": i, "tokens": i * tokens_per_step,
+                              **{key: m[key] for key in logged if key in m},
                               "grad_norm": window["grad_norm"] / window["steps"],
                               "lr": float(stage.schedule(i - stage.start - 1))}
                     timing = {"tokens_per_s": timed_steps * tokens_per_step / seconds}
