@@ -1,5 +1,6 @@
-"""Hugging Face checkpoints in and out of kept_jax."""
+"""Checkpoints in and out of kept_jax: Hugging Face directories and GGUF files in, Hugging Face directories out."""
 
-from bridge.hf_import import ImportReport, load_hf_checkpoint
+from bridge.checkpoint import load_checkpoint, load_config, open_checkpoint
+from bridge.hf_import import ImportReport
 
-__all__ = ["ImportReport", "load_hf_checkpoint"]
+__all__ = ["ImportReport", "load_checkpoint", "load_config", "open_checkpoint"]

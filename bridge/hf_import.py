@@ -1,4 +1,4 @@
-"""Hugging Face directory -> (ModelConfig, Flax params), one tensor at a time, strictly validated.
+"""Hugging Face directory -> HF-named tensors, and any reader of HF-named tensors -> Flax params, strictly validated.
 
 Reads `model.safetensors`, sharded safetensors with `model.safetensors.index.json`, and `pytorch_model*.bin`
 (with `weights_only=True`: a checkpoint never runs code). Every failure is a `KeptError` naming the file or
@@ -21,11 +21,12 @@ import jax
 import ml_dtypes  # registers bfloat16 with NumPy; safetensors' NumPy reader needs it
 import numpy as np
 
-from kept_jax.config import NUMPY_DTYPES, ModelConfig, load_hf_config
+from kept_jax.config import NUMPY_DTYPES, ModelConfig
 from kept_jax.models.names import TensorSpec, is_harmless_buffer
 from kept_jax.errors import KeptError
 
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+READABLE_DTYPES = frozenset(SAFETENSORS_DTYPES) | frozenset(NUMPY_DTYPES)  # safetensors or torch dtype names
 WEIGHT_FILES = (
     "model.safetensors.index.json",
     "model.safetensors",
@@ -143,6 +144,8 @@ def _read_index(path: str) -> dict[str, str]:
 class CheckpointReader:
     """All tensors of an HF directory, by name, opened lazily; reading returns one tensor as NumPy."""
 
+    config_name = "config.json"  # what describes the tensors, for messages
+
     def __init__(self, model_dir: str):
         self.model_dir = model_dir
         found = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(model_dir, f))]
@@ -202,6 +205,8 @@ class CheckpointReader:
 class ArrayReader:
     """The CheckpointReader interface over in-memory HF-named NumPy arrays (a conversion's output)."""
 
+    config_name = "config"
+
     def __init__(self, tensors: dict[str, np.ndarray], label: str = "converted tensors"):
         self.tensors, self.model_dir, self.files = tensors, label, [label]
 
@@ -219,10 +224,6 @@ class ArrayReader:
 
 
 # ---- Import -------------------------------------------------------------------------------------
-
-
-def _supported_dtype(dtype: str) -> bool:
-    return dtype in SAFETENSORS_DTYPES or dtype in NUMPY_DTYPES  # safetensors or torch dtype names
 
 
 def _check_names(reader: CheckpointReader, specs: list[TensorSpec], config: ModelConfig) -> list[tuple[str, str]]:
@@ -245,14 +246,14 @@ def _check_names(reader: CheckpointReader, specs: list[TensorSpec], config: Mode
 
     if missing:
         raise KeptError(
-            f"checkpoint {reader.model_dir!r} is missing {len(missing)} tensor(s) that its config.json implies: "
-            f"{listing(missing)}. Check that config.json (model_type {config.architecture!r}, "
+            f"checkpoint {reader.model_dir!r} is missing {len(missing)} tensor(s) that its {reader.config_name} implies: "
+            f"{listing(missing)}. Check that {reader.config_name} (model_type {config.architecture!r}, "
             f"{', '.join(f'{k}={v}' for k, v in config.layout_flags().items())}) belongs to these weights"
         )
     if unexpected:
         raise KeptError(
-            f"checkpoint {reader.model_dir!r} has {len(unexpected)} tensor(s) its config.json does not explain: "
-            f"{listing(unexpected)}. Check that config.json belongs to these weights"
+            f"checkpoint {reader.model_dir!r} has {len(unexpected)} tensor(s) its {reader.config_name} does not explain: "
+            f"{listing(unexpected)}. Check that {reader.config_name} belongs to these weights"
         )
     return skipped
 
@@ -260,14 +261,14 @@ def _check_names(reader: CheckpointReader, specs: list[TensorSpec], config: Mode
 def _read_checked(reader: CheckpointReader, spec: TensorSpec, dtypes: collections.Counter) -> np.ndarray:
     name = spec.hf_name
     dtype, shape = reader.dtype_and_shape(name)
-    if not _supported_dtype(dtype):
+    if dtype not in getattr(reader, "readable_dtypes", READABLE_DTYPES):
         raise KeptError(
             f"tensor {name!r} in {reader.where(name)} has dtype {dtype}; kept_jax reads float32, float16 and "
             "bfloat16 checkpoints (dequantize it first)"
         )
     if shape != spec.hf_shape:
         raise KeptError(
-            f"tensor {name!r} in {reader.where(name)} has shape {shape}, but config.json implies {spec.hf_shape}; "
+            f"tensor {name!r} in {reader.where(name)} has shape {shape}, but {reader.config_name} implies {spec.hf_shape}; "
             "the config and the weights do not match"
         )
     array = reader.read(name)
@@ -345,25 +346,3 @@ def streamed_layers(reader, config: ModelConfig) -> Iterator[dict]:
         del params
         yield layer
         del layer  # before the next layer is read
-
-
-def load_hf_checkpoint(model_dir: str | os.PathLike, progress: str | None = None, **runtime: Any
-                       ) -> tuple[ModelConfig, dict, ImportReport]:
-    """Loads an HF directory of any architecture kept_jax knows (`kept_jax.models.ARCHITECTURES`); `runtime` sets
-    the config's runtime fields (param_dtype, ...); `progress` labels a progress bar.
-
-    Parameters go to the default JAX device one leaf at a time, so host memory stays near one leaf plus the
-    model's device copy.
-    """
-    model_dir = os.fspath(model_dir)
-    config = load_hf_config(model_dir, **runtime)
-    reader = CheckpointReader(model_dir)
-    params, skipped, dtypes = params_from_reader(reader, config, progress=progress)
-    if config.tie_word_embeddings and "lm_head.weight" in reader.names():
-        if not np.array_equal(reader.read("lm_head.weight"), reader.read(config.hf_embedding_name)):
-            raise KeptError(
-                f"config.json sets {config.hf_tie_key}=true but lm_head.weight differs from "
-                f"{config.hf_embedding_name}; set {config.hf_tie_key}=false in config.json"
-            )
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    return config, params, ImportReport(reader.files, skipped, dtypes, num_params)

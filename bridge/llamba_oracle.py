@@ -80,12 +80,13 @@ def check_export(export_dir: str, tokens: np.ndarray) -> dict:
     whose argmax agrees."""
     import jax.numpy as jnp
 
-    from bridge.hf_import import CheckpointReader, load_hf_checkpoint
+    from bridge.checkpoint import load_checkpoint
+    from bridge.hf_import import CheckpointReader
     from kept_jax.models import build_model
 
     with open(os.path.join(export_dir, "config.json"), encoding="utf-8") as f:
         hf = json.load(f)
-    config, params, _ = load_hf_checkpoint(export_dir, compute_dtype="float32", param_dtype="float32")
+    config, params, _ = load_checkpoint(export_dir, compute_dtype="float32", param_dtype="float32")
     logits = np.asarray(build_model(config).apply({"params": params}, jnp.asarray(tokens)), np.float64)
     reader = CheckpointReader(export_dir)
     reference = oracle_logits(hf, {name: reader.read(name) for name in reader.names()}, np.asarray(tokens))

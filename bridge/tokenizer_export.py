@@ -18,7 +18,8 @@ import tempfile
 
 from kept_jax.errors import KeptError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json")
 
 
 def copy_tokenizer(source_dir: str, out_dir: str) -> list[str]:
@@ -95,3 +96,34 @@ def _normalizer_spec(sp_path: str):
     with open(sp_path, "rb") as f:
         proto.ParseFromString(f.read())
     return proto.normalizer_spec
+
+
+# Text where SentencePiece normalizers differ (spaces at the ends and in runs, tabs, newlines, NFKC-folded and
+# non-ASCII characters), checked with held-out documents.
+TOKENIZER_PROBES = ("  leading and trailing  ", "two  spaces\tand a tab\nnew line", "x    y", " ", "\u3000wide space",
+                    "ｆｕｌｌ ｗｉｄｔｈ ① ﬁ Ⅻ ㎏", "café naïve 日本語 🙂", "a\u00a0b", "x = 1234567.89")
+
+
+def check_tokenizer(source_dir: str, out_dir: str) -> None:
+    """The exported tokenizer gives the source tokenizer's ids, through `tokenizers` and Transformers'
+    `AutoTokenizer`, on held-out text and `TOKENIZER_PROBES`; otherwise the export fails naming the first text and
+    ids that differ."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from kept_jax import corpus
+    from kept_jax.tokenizer import load_tokenizer
+
+    source = load_tokenizer(source_dir, "orion")  # tokenizer_config.json's BOS/EOS flags, else Orion's (none)
+    exported = Tokenizer.from_file(os.path.join(out_dir, "tokenizer.json"))
+    auto = AutoTokenizer.from_pretrained(out_dir, trust_remote_code=False)
+    samples = [text[:4000] for text in corpus.read_documents(corpus.HELDOUT)[:3]] + list(TOKENIZER_PROBES)
+    for text in samples:
+        want = source.encode(text)
+        for name, got in (("tokenizer.json", exported.encode(text).ids), ("AutoTokenizer", auto(text).input_ids)):
+            if got != want:
+                at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+                raise KeptError(
+                    f"the exported tokenizer does not reproduce the source's ids: on {text[:80]!r} the source gives "
+                    f"{want[max(0, at - 2) : at + 6]} and {name} gives {got[max(0, at - 2) : at + 6]} from token {at}: "
+                    "kept_jax does not convert this tokenizer.model's normalizer yet; please report it with the file")

@@ -47,10 +47,10 @@ def _scores(p_logits: np.ndarray, q_logits: np.ndarray, rows: np.ndarray) -> dic
 def _kept_jax_logits(model_dir: str, rows: np.ndarray) -> np.ndarray:
     import jax
 
-    from bridge.hf_import import load_hf_checkpoint
+    from bridge.checkpoint import load_checkpoint
     from kept_jax.models import build_model
 
-    config, params, _ = load_hf_checkpoint(model_dir)
+    config, params, _ = load_checkpoint(model_dir)
     model = build_model(config)
     apply = jax.jit(lambda p, t: model.apply({"params": p}, t))
     with jax.default_matmul_precision("highest"):

@@ -3,7 +3,8 @@
 An architecture is one module in `kept_jax/models/` (DESIGN.md section 7); its config class derives from
 `ModelConfig` and says everything specific to it: how it reads and writes `config.json`, its HF tensor-name table, its
 parameter and FLOP formulas, its logical sharding axes and its Flax model. `kept_jax.models.ARCHITECTURES` maps each
-HF `model_type` to its class, and `ModelConfig.from_hf_dict` / `load_hf_config` pick the class from `model_type`.
+HF `model_type` to its class, and `ModelConfig.from_hf_dict` picks the class from `model_type` (`bridge.load_config`
+reads it from a checkpoint).
 
 The shared fields use one name whatever the HF spelling (Llamba's `d_model` is `hidden_size` here), so that the
 layers, the mapping, the bridge and the training engine read any architecture alike. Runtime fields choose how the
@@ -15,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import os
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
 import ml_dtypes
@@ -32,22 +32,8 @@ NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16"
 DTYPES = tuple(NUMPY_DTYPES)
 REMAT_POLICIES = ("none", "full", "save-dots", "save-dots-no-batch")
 
-# config.json keys that only describe the checkpoint or HF runtime behaviour, never the forward math.
-HARMLESS_HF_KEYS = frozenset(
-    """
-    architectures auto_map transformers_version _name_or_path model_type use_cache initializer_range
-    output_hidden_states output_attentions return_dict chunk_size_feed_forward is_encoder_decoder
-    id2label label2id problem_type tokenizer_class torchscript pruned_heads tie_encoder_decoder
-    is_decoder add_cross_attention cross_attention_hidden_size finetuning_task task_specific_params
-    prefix sep_token_id decoder_start_token_id max_length min_length do_sample early_stopping num_beams
-    num_beam_groups diversity_penalty temperature top_k top_p typical_p repetition_penalty
-    length_penalty no_repeat_ngram_size encoder_no_repeat_ngram_size bad_words_ids
-    num_return_sequences output_scores return_dict_in_generate forced_bos_token_id
-    forced_eos_token_id remove_invalid_values exponential_decay_length_penalty suppress_tokens
-    begin_suppress_tokens tf_legacy_loss use_bfloat16 output_router_logits
-    max_sequence_length pretraining_tp attention_dropout hidden_dropout dropout
-    """.split()
-)
+# How close (difflib's ratio) an unknown config.json key must be to one that changes the math to be taken for its typo.
+TYPO_SIMILARITY = 0.85
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -182,37 +168,25 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise KeptError(f"{name} must be one of {', '.join(choices)}; got {value!r}{hint}")
 
 
-def check_hf_keys(hf: dict[str, Any], known: Iterable[str], where: str = "config.json") -> None:
-    """Refuses keys outside `known` and HARMLESS_HF_KEYS, naming the closest known key: they may change the math."""
-    known = frozenset(known) | HARMLESS_HF_KEYS
-    unknown = sorted(set(hf) - known)
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise KeptError(
-            f"{where} has attribute(s) kept_jax does not know: {', '.join(hints)}. They may change the "
-            "model's math, so the checkpoint is refused; remove them if they are only metadata"
-        )
+def check_hf_keys(hf: dict[str, Any], math_keys: Iterable[str], where: str = "config.json") -> None:
+    """The rule for config.json keys: the keys that change the math are the ones the reference implementation reads
+    (`math_keys`: the architecture reads each, or refuses a value it does not implement); every other key is only
+    metadata to that implementation (names, ids of other special tokens, what a tool adds), and is ignored as it
+    ignores it. An unknown key that looks like a misspelt math key is refused, naming that key: the typo would
+    otherwise fall back to a default without a word."""
+    math_keys = sorted(math_keys)
+    typos = []
+    for key in sorted(set(hf) - set(math_keys)):
+        close = difflib.get_close_matches(key, math_keys, n=1, cutoff=TYPO_SIMILARITY)
+        if close:
+            typos.append(f"{key!r} (did you mean {close[0]!r}?)")
+    if typos:
+        raise KeptError(f"{where} has {', '.join(typos)}: a misspelt key would leave the setting it means at its "
+                        "default; spell it as the model's code reads it")
 
 
 def hf_dtype(hf: dict[str, Any]) -> str:
     return str(hf.get("dtype") or hf.get("torch_dtype") or "float32").removeprefix("torch.")
-
-
-def load_hf_config(model_dir: str | os.PathLike, **runtime: Any) -> ModelConfig:
-    """Reads `<model_dir>/config.json` into its architecture's config."""
-    if not os.path.isdir(model_dir):
-        raise KeptError(f"model directory {str(model_dir)!r} does not exist; pass the path of a Hugging Face "
-                        "checkpoint")
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(path):
-        raise KeptError(
-            f"{str(model_dir)!r} has no config.json; pass a Hugging Face checkpoint directory (it holds config.json "
-            "and the weights)"
-        )
-    return ModelConfig.from_hf_dict(read_config_json(path), **runtime)
 
 
 def read_config_json(path: str) -> dict[str, Any]:

@@ -61,11 +61,12 @@ class ConversionResult:
         return get
 
 
-def source_tensor_reader(model_dir: str) -> Callable[[str], np.ndarray]:
-    """HF tensors straight from the source checkpoint, in their stored dtype (the rules compute in float64)."""
-    from bridge.hf_import import CheckpointReader
+def source_tensor_reader(source: str) -> Callable[[str], np.ndarray]:
+    """HF tensors straight from the source checkpoint (a directory or a GGUF file), in their stored dtype (a GGUF
+    file's dequantized to float32; the rules compute in float64)."""
+    from bridge.checkpoint import open_checkpoint
 
-    reader = CheckpointReader(model_dir)
+    reader = open_checkpoint(source).reader()
 
     def read(name: str) -> np.ndarray:
         value = reader.read(name)  # a copy: closing the file unmaps what was read, so RSS stays one tensor
@@ -125,7 +126,7 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " "))
 
 
-TARGETS = {"llama": "orion", "llamba": "llama"}  # target architecture -> the source it is made from
+TARGETS = {"llama": ("orion", "llama"), "llamba": ("llama",)}  # target architecture -> the sources it is made from
 OPM_ONLY = ("opm", "calib", "calib_ids", "calib_tokens", "ridge")  # options of the Orion -> Llama conversion
 
 
@@ -135,9 +136,11 @@ def parse_args(argv):
 
     p = argparse.ArgumentParser(prog="python -m kept_jax.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("--to", default="llama", choices=tuple(TARGETS),
-                   help="target architecture: llama (from an Orion source) or llamba (from a Llama source)")
+                   help="target architecture: llama (from an Orion source, or a Llama GGUF file or directory, which is "
+                   "copied) or llamba (from a Llama source)")
     p.add_argument("--source", default=DEFAULT_SOURCE,
-                   help="HF source directory (default: the embedded tiny Orion); with --dry-run also a config.json")
+                   help="source: a Hugging Face directory or a GGUF file (default: the embedded tiny Orion); with "
+                   "--dry-run also a config.json")
     p.add_argument("--out", help="output directory (must not exist or be empty, unless --force)")
     p.add_argument("--dry-run", action="store_true", help="plan from config.json alone: nothing is read or written")
     p.add_argument("--opm", choices=(*STRATEGIES, "all"), help="--to llama: OPM strategy (default absorb), or all")
@@ -171,6 +174,7 @@ def parse_args(argv):
     if wrong:
         raise KeptError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to --to {args.to}; "
                         f"{'they are' if len(wrong) > 1 else 'it is'} for --to {other}")
+    args.opm_flags = [f"--{name.replace('_', '-')}" for name in OPM_ONLY if getattr(args, name) is not None]
     for text, ids in (("calib", "calib_ids"), ("eval_file", "eval_ids")):
         if getattr(args, text) and getattr(args, ids):
             raise KeptError(f"--{text.removesuffix('_file')} (text) and --{ids.replace('_', '-')} (token ids) both "
@@ -235,38 +239,59 @@ def _target_layout(args):
 
 
 def check_source(args, source_config) -> None:
-    want = TARGETS[args.to]
-    if source_config.architecture != want:
-        hint = "; to make a Llamba student from a Llama, pass --to llamba" if want == "orion" else ""
-        raise KeptError(f"--to {args.to} converts {want.capitalize()} checkpoints, so --source must be "
-                        f"{'an Orion' if want == 'orion' else 'a Llama'} checkpoint; {args.source!r} is "
-                        f"{source_config.architecture!r}{hint}")
+    wanted = TARGETS[args.to]
+    if source_config.architecture not in wanted:
+        hint = "; to make a Llamba student from a Llama, pass --to llamba" if args.to == "llama" else ""
+        names = " or ".join(("an Orion" if a == "orion" else "a Llama") for a in wanted)
+        raise KeptError(f"--to {args.to} converts {' and '.join(a.capitalize() for a in wanted)} checkpoints, so "
+                        f"--source must be {names} checkpoint; {args.source!r} is {source_config.architecture!r}{hint}")
+    if conversion_kind(args, source_config) == "copy" and args.opm_flags:
+        raise KeptError(f"{', '.join(args.opm_flags)} {'applies' if len(args.opm_flags) == 1 else 'apply'} to an Orion "
+                        f"source; {args.source!r} is already a Llama, which --to llama writes as a Hugging Face Llama "
+                        "directory unchanged")
+
+
+def conversion_kind(args, source_config) -> str:
+    """opm (Orion -> Llama), copy (a Llama, e.g. a GGUF file, written as an HF Llama directory) or llamba."""
+    if args.to == "llamba":
+        return "llamba"
+    return "opm" if source_config.architecture == "orion" else "copy"
+
+
+def conversion_mappings(args, teacher_config, stats: dict) -> list:
+    """The mappings the command builds for its kind of conversion (`stats={}` for a plan)."""
+    from kept_jax.mapping import copy_mapping
+
+    kind = conversion_kind(args, teacher_config)
+    if kind == "llamba":
+        return llamba_mappings(args, teacher_config)
+    return opm_mappings(args, teacher_config, stats) if kind == "opm" else [copy_mapping(teacher_config)]
 
 
 def convert_all(args) -> tuple[Any, list[ConversionResult], dict]:
     """Calibrates once (OPM: the teacher streamed from its files, layer by layer), builds each requested mapping
     and, unless --no-eval, converts and evaluates each (both models in memory); without the evaluation the
     tensors are computed only as the export writes them."""
-    from bridge.hf_import import ArrayReader, CheckpointReader, params_from_reader, streamed_layers
+    from bridge.checkpoint import load_checkpoint_tokenizer, load_config, open_checkpoint
+    from bridge.hf_import import ArrayReader, params_from_reader, streamed_layers
     from kept_jax import corpus
-    from kept_jax.config import load_hf_config
     from kept_jax.evaluate import batches_of
     from kept_jax.runlog import counted, phase
-    from kept_jax.tokenizer import load_tokenizer
 
-    source_config = load_hf_config(args.source)
+    source_config = load_config(args.source)
     check_source(args, source_config)
+    kind = conversion_kind(args, source_config)
     dtype = export_dtype(args, source_config)
-    teacher_config = load_hf_config(args.source, compute_dtype=dtype, param_dtype=dtype)
-    reads_text = (args.to == "llama" and not args.calib_ids) or (not args.no_eval and not args.eval_ids)
-    tokenizer = load_tokenizer(args.source, source_config.architecture, (
+    teacher_config = load_config(args.source, compute_dtype=dtype, param_dtype=dtype)
+    reads_text = (kind == "opm" and not args.calib_ids) or (not args.no_eval and not args.eval_ids)
+    tokenizer = load_checkpoint_tokenizer(args.source, source_config.architecture, (
         "calibration and evaluation read text. Give token ids instead, .npy arrays: --calib-ids FILE (--to llama) and "
         "--eval-ids FILE, or --no-eval; the export then has no tokenizer files")) if reads_text else None
 
     eval_file = args.eval_ids or args.eval_file or corpus.HELDOUT
     calib_rows, skip = None, 0
     info = {"source": os.path.abspath(args.source), "to": args.to, "dtype": dtype, "timings_s": {}}
-    if args.to == "llama":
+    if kind == "opm":
         calib_file = args.calib_ids or args.calib or corpus.HELDOUT
         calib_rows = held_rows(calib_file, bool(args.calib_ids), tokenizer, source_config, args.seq_len, 0,
                                args.calib_tokens, "--calib-ids")
@@ -277,11 +302,11 @@ def convert_all(args) -> tuple[Any, list[ConversionResult], dict]:
         eval_rows = held_rows(eval_file, bool(args.eval_ids), tokenizer, source_config, args.seq_len, skip,
                               args.eval_tokens, "--eval-ids")
 
-    reader = CheckpointReader(args.source)
+    reader = open_checkpoint(args.source).reader()
     _, info["import_skipped"], _ = params_from_reader(reader, teacher_config, lambda spec: False)  # names checked
     final_shift = None
-    if args.to == "llamba":
-        mappings = llamba_mappings(args, teacher_config)
+    if kind != "opm":
+        mappings = conversion_mappings(args, teacher_config, {})
     else:
         from kept_jax.mapping import calibrate, outer_sites
         from kept_jax.mapping.opm import solved
@@ -307,11 +332,11 @@ def convert_all(args) -> tuple[Any, list[ConversionResult], dict]:
         return teacher_config, [ConversionResult(mapping.strategy.removeprefix("llamba/"), config, mapping, None,
                                                  {}, {})], info
 
-    from bridge.hf_import import load_hf_checkpoint
+    from bridge.checkpoint import load_checkpoint
     from kept_jax.evaluate import compare
     from kept_jax.models import build_model
 
-    teacher_config, teacher_params, _ = load_hf_checkpoint(args.source, compute_dtype=dtype, param_dtype=dtype)
+    teacher_config, teacher_params, _ = load_checkpoint(args.source, compute_dtype=dtype, param_dtype=dtype)
     teacher = build_model(teacher_config)
     results = []
     for mapping in mappings:
@@ -378,16 +403,19 @@ def write_report(out_dir: str, results: list[ConversionResult], info: dict) -> s
     return text
 
 
-def export_model(out_dir: str, source_dir: str, config, get: Callable[[str], np.ndarray], dtype: str,
+def export_model(out_dir: str, source: str, config, get: Callable[[str], np.ndarray], dtype: str,
                  max_shard_bytes: int) -> str | None:
     """The HF directory: config, weights (`get(hf_name)` in `dtype`, one at a time), generation config and the
     tokenizer: an Orion source's SentencePiece model converted (and its ids checked), a Llama source's tokenizer
-    files as they are (a Llamba made from a Llama). Returns a note when the source has no tokenizer to export."""
+    files as they are (a Llama GGUF file's as its vocabulary describes them; a Llamba made from a Llama). Returns a
+    note when the source has no tokenizer to export."""
+    import shutil
+
     from transformers import GenerationConfig
 
+    from bridge.checkpoint import open_checkpoint
     from bridge.hf_export import write_config, write_weights
-    from bridge.tokenizer_export import copy_tokenizer, export_tokenizer
-    from kept_jax.config import load_hf_config
+    from bridge.tokenizer_export import check_tokenizer, copy_tokenizer, export_tokenizer
     from kept_jax.runlog import progress
 
     write_config(out_dir, config.replace(dtype=dtype))
@@ -399,63 +427,38 @@ def export_model(out_dir: str, source_dir: str, config, get: Callable[[str], np.
             return tensor
 
         write_weights(out_dir, [(s.hf_name, s.hf_shape) for s in table], dtype, get_counted, max_shard_bytes)
-    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                     pad_token_id=config.pad_token_id).save_pretrained(out_dir)
-    if not any(os.path.isfile(os.path.join(source_dir, name)) for name in ("tokenizer.json", "tokenizer.model")):
-        return (f"no tokenizer: the source {source_dir} has no tokenizer.json or tokenizer.model, so this export has "
-                "none; copy the tokenizer files that belong to these weights into it before loading it with "
-                "AutoTokenizer")
-    if load_hf_config(source_dir).architecture == "orion":
-        export_tokenizer(source_dir, out_dir, "orion")
-        check_tokenizer(source_dir, out_dir)
+    checkpoint = open_checkpoint(source)
+    files = checkpoint.files_dir
+    if os.path.isfile(os.path.join(files, "generation_config.json")):  # the source's end tokens and sampling defaults
+        shutil.copy(os.path.join(files, "generation_config.json"), out_dir)
     else:
-        copy_tokenizer(source_dir, out_dir)
+        GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                         pad_token_id=config.pad_token_id).save_pretrained(out_dir)
+    if not checkpoint.has_tokenizer:
+        return (f"no tokenizer: the source {source} has no tokenizer, so this export has none; copy the tokenizer "
+                "files that belong to these weights into it before loading it with AutoTokenizer")
+    if checkpoint.hf.get("model_type") == "orion":
+        export_tokenizer(files, out_dir, "orion")
+        check_tokenizer(files, out_dir)
+    else:
+        copy_tokenizer(files, out_dir)
     return None
-
-
-# Text where SentencePiece normalizers differ (spaces at the ends and in runs, tabs, newlines, NFKC-folded and
-# non-ASCII characters), checked with held-out documents.
-TOKENIZER_PROBES = ("  leading and trailing  ", "two  spaces\tand a tab\nnew line", "x    y", " ", "\u3000wide space",
-                    "ｆｕｌｌ ｗｉｄｔｈ ① ﬁ Ⅻ ㎏", "café naïve 日本語 🙂", "a\u00a0b", "x = 1234567.89")
-
-
-def check_tokenizer(source_dir: str, out_dir: str) -> None:
-    """The exported tokenizer gives the source tokenizer's ids, through `tokenizers` and Transformers'
-    `AutoTokenizer`, on held-out text and `TOKENIZER_PROBES`; otherwise the export fails naming the first text and
-    ids that differ."""
-    from tokenizers import Tokenizer
-    from transformers import AutoTokenizer
-
-    from kept_jax import corpus
-    from kept_jax.tokenizer import load_tokenizer
-
-    source = load_tokenizer(source_dir, "orion")
-    exported = Tokenizer.from_file(os.path.join(out_dir, "tokenizer.json"))
-    auto = AutoTokenizer.from_pretrained(out_dir, trust_remote_code=False)
-    samples = [text[:4000] for text in corpus.read_documents(corpus.HELDOUT)[:3]] + list(TOKENIZER_PROBES)
-    for text in samples:
-        want = source.encode(text)
-        for name, got in (("tokenizer.json", exported.encode(text).ids), ("AutoTokenizer", auto(text).input_ids)):
-            if got != want:
-                at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
-                raise KeptError(
-                    f"the exported tokenizer does not reproduce the source's ids: on {text[:80]!r} the source gives "
-                    f"{want[max(0, at - 2) : at + 6]} and {name} gives {got[max(0, at - 2) : at + 6]} from token {at}: "
-                    "kept_jax does not convert this tokenizer.model's normalizer yet; please report it with the file")
 
 
 def dry_run(args) -> int:
     """Plans the conversion from config.json alone: the mapping's coverage and every parameter count."""
     import jax
 
-    from kept_jax.config import ModelConfig, load_hf_config, read_config_json
+    from bridge.checkpoint import load_config
+    from bridge.gguf_import import is_gguf
+    from kept_jax.config import ModelConfig, read_config_json
     from kept_jax.models import abstract_params
 
+    plain_config = os.path.isfile(args.source) and not is_gguf(args.source)
     layout = args.source if os.path.isfile(args.source) else os.path.join(args.source, "config.json")
-    source = (ModelConfig.from_hf_dict(read_config_json(args.source)) if os.path.isfile(args.source)
-              else load_hf_config(args.source))
+    source = (ModelConfig.from_hf_dict(read_config_json(args.source)) if plain_config else load_config(args.source))
     check_source(args, source)
-    mappings = llamba_mappings(args, source) if args.to == "llamba" else opm_mappings(args, source, {})
+    mappings = conversion_mappings(args, source, {})
 
     def count(config) -> str:
         from_model = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(config)))
@@ -486,16 +489,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.dry_run:
         return dry_run(args)
-    from kept_jax.config import NUMPY_DTYPES, load_hf_config
+    from bridge.checkpoint import load_config
+    from kept_jax.config import NUMPY_DTYPES
     from kept_jax.fileio import atomic_output_dir, check_output_dir
     from kept_jax.runlog import phase
 
-    source = load_hf_config(args.source)
+    source = load_config(args.source)
     itemsize = np.dtype(NUMPY_DTYPES[export_dtype(args, source)]).itemsize
     check_output_dir(args.out, args.force, needed_bytes=source.num_params() * itemsize)
     max_shard_bytes = parse_size(args.max_shard_size)
     _, results, info = convert_all(args)
-    export = (args.opm if args.to == "llama" else args.mixer_init) != "all"
+    export = (args.opm if conversion_kind(args, source) == "opm" else args.mixer_init) != "all"
     with atomic_output_dir(args.out, args.force) as tmp:
         if export:
             result = results[0]

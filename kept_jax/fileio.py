@@ -48,7 +48,8 @@ def read_optional_json(path: str) -> dict:
 OUTPUT_NAMES = (
     "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
     "model.safetensors.index.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-    "special_tokens_map.json", "conversion_report.json", "conversion_report.md",  # exports
+    "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "conversion_report.json",
+    "conversion_report.md",  # exports
     # run directories
     "metrics.jsonl", "timings.jsonl", "tensorboard", "report.png", "checkpoints", "export", "summary.json",
     "packed_rows",

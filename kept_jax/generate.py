@@ -21,7 +21,8 @@ from kept_jax.errors import KeptError, cli_entry
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m kept_jax.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (Orion, Llama or Llamba)")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (Orion, Llama or Llamba) or GGUF "
+                                                  "file (Llama)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--file", help="a UTF-8 file holding the prompt; a .jsonl file holds one prompt per line "
@@ -36,8 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                         ".jsonl file taken B at a time (1)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute and parameter dtype (bfloat16 on GPUs)")
-    p.add_argument("--tokenizer", metavar="DIR", help="take the tokenizer from DIR (published Llamba checkpoints "
-                                                      "ship without theirs: give the Llama teacher's directory)")
+    p.add_argument("--tokenizer", metavar="DIR", help="take the tokenizer from DIR, a directory or a GGUF file "
+                                                      "(published Llamba checkpoints ship without theirs: give the "
+                                                      "Llama teacher's)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -74,11 +76,11 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def end_ids(model_dir: str, config) -> tuple[list[int], int | None]:
+def end_ids(files_dir: str, config) -> tuple[list[int], int | None]:
     """End-of-sequence ids (config.json's and generation_config.json's) and the pad id."""
     from kept_jax.fileio import read_optional_json
 
-    generation = read_optional_json(os.path.join(model_dir, "generation_config.json"))
+    generation = read_optional_json(os.path.join(files_dir, "generation_config.json"))
     eos = generation.get("eos_token_id", config.eos_token_id)
     pad = generation.get("pad_token_id", config.pad_token_id)
     ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -107,20 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     from kept_jax.decoding import Sampling
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)  # checked before anything is loaded
-    if not os.path.isdir(args.model):
-        raise KeptError(f"--model {args.model!r} is not a directory; give a Hugging Face checkpoint directory")
     texts = read_prompts(args)
 
     import jax
     import numpy as np
 
-    from bridge.hf_import import load_hf_checkpoint
-    from kept_jax.config import load_hf_config
+    from bridge.checkpoint import load_checkpoint, load_checkpoint_tokenizer, load_config, open_checkpoint
     from kept_jax.decoding import Generator
-    from kept_jax.tokenizer import load_tokenizer
 
-    config = load_hf_config(args.model)
-    tokenizer = load_tokenizer(args.tokenizer or args.model, config.architecture,
+    config = load_config(args.model)
+    tokenizer = load_checkpoint_tokenizer(args.tokenizer or args.model, config.architecture,
                                "give one with --tokenizer DIR (the teacher's directory for a Llamba checkpoint)")
     prompts = [tokenizer.encode(text) for text in texts]
     longest = max(len(p) for p in prompts)
@@ -141,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: --max-new-tokens lowered to {max_new}: the prompt ({longest} tokens) and the new tokens "
                   f"must fit in max_position_embeddings={limit}", file=sys.stderr)
 
-    config, params, report = load_hf_checkpoint(args.model, compute_dtype=args.dtype, param_dtype=args.dtype)
-    eos_ids, pad_id = end_ids(args.model, config)
+    config, params, report = load_checkpoint(args.model, compute_dtype=args.dtype, param_dtype=args.dtype)
+    eos_ids, pad_id = end_ids(open_checkpoint(args.model).files_dir, config)
     generator = Generator(config, sampling, eos_ids, pad_id)
     params = generator.prepare(params)
 

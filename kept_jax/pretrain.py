@@ -50,12 +50,12 @@ def describe(model_dir: str, seq_len: int = 256, batch: int = 16) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from bridge.hf_import import load_hf_checkpoint
+    from bridge.checkpoint import load_checkpoint
     from kept_jax import corpus
     from kept_jax.models import build_model
     from kept_jax.tokenizer import load_tokenizer
 
-    config, params, _ = load_hf_checkpoint(model_dir)
+    config, params, _ = load_checkpoint(model_dir)
     if config.architecture != "orion":
         raise KeptError(f"--describe reads Orion checkpoints; {model_dir!r} is {config.architecture!r}")
     tokenizer = load_tokenizer(model_dir, "orion")

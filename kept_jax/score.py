@@ -1,4 +1,4 @@
-"""`python -m kept_jax.score`: token count, mean NLL and perplexity of a text under an HF checkpoint."""
+"""`python -m kept_jax.score`: token count, mean NLL and perplexity of a text under a checkpoint (HF or GGUF)."""
 
 from __future__ import annotations
 
@@ -13,33 +13,34 @@ from kept_jax.errors import KeptError, cli_entry
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m kept_jax.score",
-        description="Score text with a Hugging Face checkpoint (Orion, Llama, Llamba): mean NLL and perplexity.",
+        description="Score text with a checkpoint (Orion, Llama, Llamba; a Hugging Face directory or a GGUF file): "
+                    "mean NLL and perplexity.",
     )
-    parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory or GGUF file")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="text to score, tokenized with the checkpoint's tokenizer")
     source.add_argument("--file", help="UTF-8 text file to score")
     source.add_argument("--tokens", help="comma-separated token ids, e.g. 1,2,3")
-    parser.add_argument("--tokenizer", metavar="DIR", help="take the tokenizer from DIR instead of --model (published "
-                        "Llamba checkpoints ship without theirs: give the Llama teacher's directory)")
+    parser.add_argument("--tokenizer", metavar="DIR", help="take the tokenizer from DIR (a directory or a GGUF file) "
+                        "instead of --model (published Llamba checkpoints ship without theirs: give the Llama "
+                        "teacher's)")
     parser.add_argument("--save-logits", metavar="OUT.npy", help="write fp32 logits [tokens, vocab] here")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --save-logits file")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     return parser.parse_args(argv)
 
 
-def _tokens(args: argparse.Namespace, model_dir: str, architecture: str) -> list[int]:
+def _tokens(args: argparse.Namespace, architecture: str) -> list[int]:
     if args.tokens is not None:
         try:
             return [int(t) for t in args.tokens.replace(" ", "").split(",") if t != ""]
         except ValueError:
             raise KeptError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
+    from bridge.checkpoint import load_checkpoint_tokenizer
     from kept_jax.fileio import read_text
-    from kept_jax.tokenizer import load_tokenizer
 
     text = args.text if args.file is None else read_text(args.file, "--file")
-
-    return load_tokenizer(args.tokenizer or model_dir, architecture).encode(text)
+    return load_checkpoint_tokenizer(args.tokenizer or args.model, architecture).encode(text)
 
 
 def _check_output(path: str, force: bool) -> None:
@@ -60,19 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from bridge import load_hf_checkpoint
-    from kept_jax.config import load_hf_config
+    from bridge.checkpoint import load_checkpoint, load_config
     from kept_jax.models import build_model
 
-    config = load_hf_config(args.model)
-    tokens = _tokens(args, args.model, config.architecture)
+    config = load_config(args.model)
+    tokens = _tokens(args, config.architecture)
     if len(tokens) < 2:
         raise KeptError(f"need at least 2 tokens to score (each token is predicted from the ones before), got {len(tokens)}")
     bad = [t for t in tokens if not 0 <= t < config.vocab_size]
     if bad:
         raise KeptError(f"token id {bad[0]} is outside the model's vocabulary [0, {config.vocab_size})")
 
-    config, params, report = load_hf_checkpoint(args.model, compute_dtype=args.dtype, param_dtype=args.dtype)
+    config, params, report = load_checkpoint(args.model, compute_dtype=args.dtype, param_dtype=args.dtype)
     for name, why in report.skipped:
         print(f"note: skipped {name} ({why})", file=sys.stderr)
     if config.max_position_embeddings is not None and len(tokens) > config.max_position_embeddings:

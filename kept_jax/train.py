@@ -68,17 +68,15 @@ class Job:
         import jax
         from flax import traverse_util
 
-        from bridge.hf_import import load_hf_checkpoint
+        from bridge.checkpoint import load_checkpoint, load_checkpoint_tokenizer, load_config
         from kept_jax import data, runlog, sharding
-        from kept_jax.config import load_hf_config
         from kept_jax.evaluate import batches_of
         from kept_jax.models import build_model
         from kept_jax.recipes import RECIPES
-        from kept_jax.tokenizer import load_tokenizer
         from kept_jax.xkd.trainable import is_trainable, shared_leaves
 
         cfg, d = self.cfg, self.cfg.data
-        source = load_hf_config(cfg.source)
+        source = load_config(cfg.source)
         wanted = {"kept": ("Orion",), "mohawk": ("Llama", "Orion")}[cfg.recipe]
         if source.architecture.capitalize() not in wanted:
             hint = "; recipe=mohawk distills a Llama into a Llamba" if source.architecture == "llama" else ""
@@ -86,7 +84,7 @@ class Job:
                             f"{cfg.source!r} is {source.architecture!r}{hint}")
         if d.seq_len > source.max_position_embeddings and not d.beyond_context:
             raise KeptError(f"data.seq_len {d.seq_len} is longer than the source's context, max_position_embeddings "
-                            f"{source.max_position_embeddings} in {cfg.source}/config.json: the teacher was not trained "
+                            f"{source.max_position_embeddings} of {cfg.source}: the teacher was not trained "
                             f"there. Lower data.seq_len, or set data.beyond_context=true to distill past it anyway")
         if cfg.model.attention_impl == "cudnn" and jax.default_backend() != "gpu":
             raise KeptError(f"model.attention_impl=cudnn needs an NVIDIA GPU and JAX runs on {jax.default_backend()}; "
@@ -98,8 +96,8 @@ class Job:
 
         # Data: every source is indexed and checked now, before the model is loaded.
         with runlog.phase("check data", "index every source, tokenize the held-out rows"):
-            tokenizer = load_tokenizer(cfg.source, source.architecture, "the job tokenizes its text with the "
-                                       "teacher's own tokenizer; add its tokenizer.json or tokenizer.model")
+            tokenizer = load_checkpoint_tokenizer(cfg.source, source.architecture, "the job tokenizes its text with "
+                                                  "the teacher's own tokenizer; add its tokenizer.json or tokenizer.model")
             self.tokenize = data.Tokenize(tokenizer.encode, source.eos_token_id)
             self.train_docs, self.weights, eval_docs = data.open_sources(d, cfg.train.seed)
             n_calib = -(-d.calib_tokens // d.seq_len)
@@ -114,7 +112,7 @@ class Job:
         self.eval_rows = heldout[n_calib : n_calib + n_eval]
 
         with runlog.phase("load", cfg.source):
-            source_config, source_params, _ = load_hf_checkpoint(cfg.source, progress="load", **cfg.runtime())
+            source_config, source_params, _ = load_checkpoint(cfg.source, progress="load", **cfg.runtime())
         with runlog.phase("calibrate and convert", f"{calib_rows.size:,} held-out tokens, recipe {cfg.recipe}"):
             recipe = RECIPES[cfg.recipe](cfg, source_config, source_params, batches_of(calib_rows, d.batch_size))
         del source_params
@@ -439,10 +437,11 @@ def export_bytes(cfg) -> int:
     source cannot be read yet (the job then says why)."""
     import numpy as np
 
-    from kept_jax.config import NUMPY_DTYPES, load_hf_config
+    from bridge.checkpoint import load_config
+    from kept_jax.config import NUMPY_DTYPES
 
     try:
-        return load_hf_config(cfg.source).num_params() * np.dtype(NUMPY_DTYPES[cfg.precision.export]).itemsize
+        return load_config(cfg.source).num_params() * np.dtype(NUMPY_DTYPES[cfg.precision.export]).itemsize
     except KeptError:
         return 0
 

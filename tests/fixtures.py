@@ -20,6 +20,7 @@ import sys
 import tempfile
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
@@ -163,6 +164,150 @@ def add_llama_tokenizer(model_dir: str, sp_model: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(sp_model, os.path.join(tmp, "tokenizer.model"))
         LlamaTokenizer.from_pretrained(tmp).save_pretrained(model_dir)
+
+
+# ---- GGUF files, written as llama.cpp's converter writes them -------------------------------------
+
+CHATML_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                   "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+                   "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+INST_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+                 "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ ' ' + message['content'] + eos_token }}"
+                 "{% endif %}{% endfor %}")
+# Where the float16 scales of a K-quant block are (ggml-common.h's block_q*_K layouts): byte offsets in the block.
+K_QUANT_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def train_byte_level_bpe(vocab_size: int = 600, digits: bool = True) -> dict[str, Any]:
+    """A byte-level BPE vocabulary (as GGUF stores one: tokens in the byte alphabet, merges "a b", types) with
+    ChatML's special tokens first; with `digits`, trained as SmolLM's is, each digit on its own."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                               if digits else byte_level)
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(docstring_corpus().splitlines(), trainer)
+    model = json.loads(tokenizer.to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return {"model": "gpt2", "pre": "smollm" if digits else "gpt-2", "tokens": tokens, "merges": merges,
+            "types": [3 if t in special else 1 for t in tokens], "bos": 1, "eos": 2, "unk": 0, "pad": 2,
+            "add_bos": False, "chat_template": CHATML_TEMPLATE}
+
+
+def sentencepiece_vocab(sp_model: str) -> dict[str, Any]:
+    """A SentencePiece model's pieces, scores and types as llama.cpp's converter stores them."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(sp_model, "rb") as f:
+        proto.ParseFromString(f.read())
+    return {"model": "llama", "tokens": [p.piece for p in proto.pieces], "scores": [p.score for p in proto.pieces],
+            "types": [p.type for p in proto.pieces], "bos": proto.trainer_spec.bos_id,
+            "eos": proto.trainer_spec.eos_id, "unk": proto.trainer_spec.unk_id, "add_bos": True,
+            "add_space_prefix": proto.normalizer_spec.add_dummy_prefix, "chat_template": INST_TEMPLATE}
+
+
+def llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf.py permutation of Q and K rows: each head's rotate-half halves interleaved."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _random_k_blocks(rows: int, cols: int, qtype, seed: int, std: float) -> np.ndarray:
+    """Valid blocks of a K-quant type (gguf-py cannot quantize to them): random quants and sub-scales, the float16
+    super-block scales set so that the dequantized tensor has standard deviation `std`."""
+    import gguf
+
+    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.random.default_rng(seed).integers(0, 256, (rows, cols // block_elems, block_bytes), dtype=np.uint8)
+
+    def set_scales(value: float) -> np.ndarray:
+        for offset in K_QUANT_SCALES[qtype.name]:
+            raw[..., offset:offset + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
+        return raw.reshape(rows, -1)
+
+    unit = gguf.quants.dequantize(set_scales(1.0), qtype)
+    return set_scales(std / float(unit.std())).copy()
+
+
+def write_gguf(path: str, model: LlamaForCausalLM, vocab: dict[str, Any] | None,
+               types: dict[str, str] | None = None, default_type: str = "F32", **metadata: Any) -> str:
+    """`model` as llama.cpp's converter writes a Llama GGUF: llama.cpp's tensor names, Q/K rows permuted, each
+    tensor in `types[gguf_name]` (default `default_type`; K-quants get random valid blocks of the same scale, whose
+    values `model` no longer holds), the vocabulary in `vocab` (None: no tokenizer metadata). `metadata` overrides
+    keys (`general.architecture`, ...)."""
+    import gguf
+
+    cfg = model.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    layer = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+             "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+             "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+             "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+             "mlp.down_proj.weight": "ffn_down.weight"}
+    writer = gguf.GGUFWriter(path, metadata.pop("general.architecture", "llama"))
+    keys = {"llama.block_count": cfg.num_hidden_layers, "llama.context_length": cfg.max_position_embeddings,
+            "llama.embedding_length": cfg.hidden_size, "llama.feed_forward_length": cfg.intermediate_size,
+            "llama.attention.head_count": heads, "llama.attention.head_count_kv": kv_heads,
+            "llama.rope.freq_base": float(cfg.rope_parameters["rope_theta"]),
+            "llama.attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
+            "llama.rope.dimension_count": cfg.head_dim, "llama.vocab_size": cfg.vocab_size, **metadata}
+    for key, value in keys.items():
+        kind = {int: gguf.GGUFValueType.UINT32, float: gguf.GGUFValueType.FLOAT32}.get(type(value),
+                                                                                    gguf.GGUFValueType.STRING)
+        writer.add_key_value(key, value, kind)
+    if vocab:
+        writer.add_tokenizer_model(vocab["model"])
+        if "pre" in vocab:
+            writer.add_tokenizer_pre(vocab["pre"])
+        writer.add_token_list(vocab["tokens"])
+        writer.add_token_types(vocab["types"])
+        if "merges" in vocab:
+            writer.add_token_merges(vocab["merges"])
+        if "scores" in vocab:
+            writer.add_token_scores(vocab["scores"])
+        writer.add_bos_token_id(vocab["bos"])
+        writer.add_eos_token_id(vocab["eos"])
+        writer.add_unk_token_id(vocab["unk"])
+        if "pad" in vocab:
+            writer.add_pad_token_id(vocab["pad"])
+        writer.add_add_bos_token(vocab["add_bos"])
+        if "add_space_prefix" in vocab:
+            writer.add_add_space_prefix(vocab["add_space_prefix"])
+        if vocab.get("chat_template"):
+            writer.add_chat_template(vocab["chat_template"])
+    types = types or {}
+    for seed, (hf_name, tensor) in enumerate(model.state_dict().items()):
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if hf_name.startswith("model.layers."):
+            i, rest = hf_name.removeprefix("model.layers.").split(".", 1)
+            name = f"blk.{i}.{layer[rest]}"
+        else:
+            name = names[hf_name]
+        array = tensor.detach().float().numpy()
+        if ".attn_q." in name or ".attn_k." in name:
+            array = llama_cpp_permute(array, heads if ".attn_q." in name else kv_heads)
+        qtype = gguf.GGMLQuantizationType[types.get(name, default_type if array.ndim == 2 else "F32")]
+        if qtype.name in K_QUANT_SCALES:
+            data = _random_k_blocks(*array.shape, qtype, seed, float(array.std()))
+        elif qtype.name == "F32":
+            data = array
+        else:
+            data = gguf.quants.quantize(array, qtype)
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,8 @@ import json
 import pytest
 from transformers import LlamaConfig
 
-from kept_jax.config import ModelConfig, load_hf_config
+from bridge.checkpoint import load_config
+from kept_jax.config import ModelConfig
 from kept_jax.models.layers import RopeConfig
 from kept_jax.errors import KeptError
 
@@ -24,7 +25,7 @@ def test_reads_transformers_config_json(rope, tmp_path):
     hf = LlamaConfig(**SIZES, num_key_value_heads=2, rope_theta=5e5, rope_scaling=ROPES[rope] and dict(ROPES[rope]), attention_bias=True,
                      tie_word_embeddings=True, rms_norm_eps=1e-5, max_position_embeddings=256)
     hf.save_pretrained(tmp_path)
-    config = load_hf_config(tmp_path)
+    config = load_config(tmp_path)
     assert (config.architecture, config.num_key_value_heads, config.head_dim) == ("llama", 2, 8)
     assert config.rope.type == rope and config.rope.theta == 5e5
     assert config.attention_bias and not config.mlp_bias and config.tie_word_embeddings
@@ -69,8 +70,9 @@ def test_orion_layernorm_eps_comes_from_rms_norm_eps():
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"sliding_window": 4096}, "sliding_window=4096"),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
-        ({"qk_layernorm": True}, "does not know: 'qk_layernorm'"),
+        ({"rms_norm_epsilon": 1e-6}, "did you mean 'rms_norm_eps'"),
         ({"num_hiden_layers": 3}, "did you mean 'num_hidden_layers'"),
+        ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config (gptq)"),
         ({"model_type": "mistral"}, "model_type 'mistral'"),
         ({"num_key_value_heads": 4}, "must be a multiple of num_key_value_heads"),
         ({"hidden_size": 50}, "not divisible by num_attention_heads"),
@@ -80,6 +82,32 @@ def test_rejects_what_would_change_the_math(changes, message):
     with pytest.raises(KeptError) as info:
         ModelConfig.from_hf_dict({"model_type": "llama", **SIZES, **changes})
     assert message in str(info.value)
+
+
+# Keys of real config.json files that only describe: Transformers 5.24's for a model loaded from GGUF, an Orion
+# checkpoint's, other tools'.
+METADATA = {"_model_name_or_path": "Smollm2 135M 8k Lc100K Mix1 Ep2", "unk_token_id": 0, "transformers_version": "5.24.0",
+            "max_sequence_length": 4096, "qk_layernorm": True, "auto_map": {"AutoConfig": "x.Config"},
+            "some_future_key": [1, 2]}
+
+
+@pytest.mark.parametrize("key", METADATA)
+def test_keys_the_reference_does_not_read_are_metadata(key):
+    plain = ModelConfig.from_hf_dict({"model_type": "llama", **SIZES})
+    assert ModelConfig.from_hf_dict({"model_type": "llama", **SIZES, key: METADATA[key]}) == plain
+
+
+def test_every_key_of_transformers_llama_is_read_fixed_or_without_effect():
+    """The rule's list of keys that change the math is Transformers' LlamaConfig's own: a key Transformers adds there
+    fails this test until kept_jax reads it, refuses it, or says why it has no effect."""
+    import dataclasses
+
+    from transformers import PreTrainedConfig
+
+    from kept_jax.models.llama import FIXED_HF_KEYS, NO_EFFECT_HF_KEYS, READ_HF_KEYS
+
+    own = {f.name for f in dataclasses.fields(LlamaConfig)} - {f.name for f in dataclasses.fields(PreTrainedConfig)}
+    assert own and own - READ_HF_KEYS - set(FIXED_HF_KEYS) - NO_EFFECT_HF_KEYS == set()
 
 
 def test_runtime_choices_are_validated():

@@ -69,7 +69,8 @@ def _fails(argv, capsys):
 def test_convert_user_errors(tmp_path, capsys, llama_checkpoint):
     out = str(tmp_path / "out")
     assert "does not exist" in _fails(["--source", str(tmp_path / "none"), "--out", out], capsys)
-    assert "must be an Orion checkpoint" in _fails(["--source", llama_checkpoint[0], "--out", out], capsys)
+    assert "--opm applies to an Orion source; " in _fails(["--source", llama_checkpoint[0], "--out", out, "--opm", "lsq"],
+                                                          capsys)
     os.makedirs(out)
     open(os.path.join(out, "x"), "w").close()
     assert "exists and is not empty" in _fails(["--out", out], capsys)
@@ -86,11 +87,11 @@ def test_convert_user_errors(tmp_path, capsys, llama_checkpoint):
 
 def test_the_kept_export_teaches_a_llamba(exported, tmp_path):
     """Orion -> Llama (KEPT) -> Llamba: the Llama this project exports is a teacher like any other."""
-    from bridge.hf_import import load_hf_checkpoint
+    from bridge.checkpoint import load_checkpoint
 
     out = str(tmp_path / "llamba")
     assert convert.main(["--to", "llamba", "--source", exported[0], "--out", out, "--eval-tokens", "1024"]) == 0
-    config, _, _ = load_hf_checkpoint(out)
+    config, _, _ = load_checkpoint(out)
     teacher = json.load(open(os.path.join(exported[0], "config.json")))
     assert config.architecture == "llamba" and config.padded_vocab_size == teacher["vocab_size"] == 2048
     assert (config.n_v_heads, config.head_dim, config.num_hidden_layers) == (3, 64, 4)

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bridge.hf_import import CheckpointReader, load_hf_checkpoint, params_from_reader, streamed_layers
+from bridge.checkpoint import load_checkpoint
+from bridge.hf_import import CheckpointReader, params_from_reader, streamed_layers
 from kept_jax import convert
 from kept_jax.config import NUMPY_DTYPES
 from kept_jax.mapping import build_mapping, calibrate, outer_sites, rules
@@ -23,7 +24,7 @@ from kept_jax.models import build_model
 @pytest.fixture(scope="module")
 def orion_fp32(orion_checkpoint):
     path, _ = orion_checkpoint
-    config, params, _ = load_hf_checkpoint(path, compute_dtype="float32", param_dtype="float32")
+    config, params, _ = load_checkpoint(path, compute_dtype="float32", param_dtype="float32")
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, size=(3, 24)).astype(np.int32)
     return path, config, params, tokens
 

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from bridge.hf_export import write_params
-from bridge.hf_import import load_hf_checkpoint
+from bridge.checkpoint import load_checkpoint
 from bridge.tokenizer_export import export_tokenizer
 from kept_jax import corpus
 from kept_jax.config import ModelConfig
@@ -40,7 +40,7 @@ def test_round_trip_is_bit_identical(tmp_path, arch, dtype, scan_layers):
               else ModelConfig.from_hf_dict(fx.base_config("tiny-llamba"), **runtime))
     params = init_params(config, jax.random.key(0))
     write_params(str(tmp_path), params, config, dtype)
-    loaded_config, loaded, _ = load_hf_checkpoint(tmp_path, param_dtype=dtype, scan_layers=scan_layers)
+    loaded_config, loaded, _ = load_checkpoint(tmp_path, param_dtype=dtype, scan_layers=scan_layers)
     assert loaded_config.replace(dtype=config.dtype) == config
     assert jax.tree.structure(loaded) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
@@ -102,9 +102,9 @@ def test_tokenizer_ids_match_the_source(tmp_path, sp_model):
                                                                      ("nfkc", False)])
 def test_normalizing_sentencepiece_models_are_reproduced(tmp_path, normalization, remove_extra_whitespaces):
     """The normalizer spec (NFKC character map, extra whitespace removal) is reproduced, as Transformers' own
-    SentencePiece converters do, and verified (kept_jax.convert.check_tokenizer) through tokenizers and
+    SentencePiece converters do, and verified (bridge.tokenizer_export.check_tokenizer) through tokenizers and
     AutoTokenizer; it used to be refused as 'a normalization kept_jax cannot convert'."""
-    from kept_jax.convert import TOKENIZER_PROBES, check_tokenizer
+    from bridge.tokenizer_export import TOKENIZER_PROBES, check_tokenizer
 
     source = tmp_path / "source"
     source.mkdir()

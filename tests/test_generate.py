@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from bridge.hf_import import load_hf_checkpoint
+from bridge.checkpoint import load_checkpoint
 from kept_jax import generate
 from kept_jax.decoding import Generator, Sampling, filter_logits, logits_at, run_layers, sample
 from kept_jax.errors import KeptError
@@ -36,7 +36,7 @@ def _hf_greedy(model, prompt: list[int], max_new: int, eos: int | None) -> list[
 
 def test_greedy_matches_transformers_on_llama_batched_and_alone(llama_checkpoint):
     path, hf_model = llama_checkpoint
-    config, params, _ = load_hf_checkpoint(path)
+    config, params, _ = load_checkpoint(path)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (7, 3, 12)]
     free = _hf_greedy(hf_model, prompts[1], 10, None)
@@ -60,7 +60,7 @@ def test_greedy_matches_transformers_on_the_exported_kept_student(kept_export):
     prompts = [tokenizer(t).input_ids for t in ("Python Library Documentation: module os", "Return a new list of")]
     expected = [_hf_greedy(hf_model, p, 24, tokenizer.eos_token_id) for p in prompts]
 
-    config, params, _ = load_hf_checkpoint(path)
+    config, params, _ = load_checkpoint(path)
     generator = Generator(config, eos_ids=[tokenizer.eos_token_id])
     assert generator.generate(generator.prepare(params), prompts, 24).tokens == expected
 
@@ -101,14 +101,14 @@ def test_llamba_decoded_logits_equal_the_full_forward(case, tmp_path):
     """Prefills of 1, 2 and 5 tokens in one batch: the boundary falls inside the first conv window (d_conv 4 and
     3), in the middle of a later one, and the shorter rows' padding must leave their states alone."""
     hf = _hf_config(case)
-    config, params, _ = load_hf_checkpoint(write_checkpoint(tmp_path, hf, random_tensors(hf)))
+    config, params, _ = load_checkpoint(write_checkpoint(tmp_path, hf, random_tensors(hf)))
     tokens = np.random.default_rng(3).integers(0, hf["vocab_size"], size=(3, 21)).astype(np.int32)
     errors = _teacher_forced_errors(config, params, tokens, [5, 1, 2])
     assert len(errors) == 1 + 21 - 5 and max(errors) <= FP32_RELATIVE, errors
 
 
 def test_orion_decoded_logits_equal_the_full_forward(orion_checkpoint):
-    config, params, _ = load_hf_checkpoint(orion_checkpoint[0])
+    config, params, _ = load_checkpoint(orion_checkpoint[0])
     tokens = np.random.default_rng(4).integers(0, config.vocab_size, size=(2, 14)).astype(np.int32)
     errors = _teacher_forced_errors(config, params, tokens, [6, 2])
     assert max(errors) <= FP32_RELATIVE, errors
@@ -116,7 +116,7 @@ def test_orion_decoded_logits_equal_the_full_forward(orion_checkpoint):
 
 def test_llamba_batched_generation_equals_one_prompt_at_a_time(tmp_path):
     hf = _hf_config("untied-one-group-silu")
-    config, params, _ = load_hf_checkpoint(write_checkpoint(tmp_path, hf, random_tensors(hf)))
+    config, params, _ = load_checkpoint(write_checkpoint(tmp_path, hf, random_tensors(hf)))
     generator = Generator(config)
     params = generator.prepare(params)
     rng = np.random.default_rng(5)
@@ -154,7 +154,7 @@ def test_sampling_draws_from_the_filtered_distribution():
 
 
 def test_sampled_generation_is_reproducible_with_its_seed(llama_checkpoint):
-    config, params, _ = load_hf_checkpoint(llama_checkpoint[0])
+    config, params, _ = load_checkpoint(llama_checkpoint[0])
     generator = Generator(config, Sampling(1.5, top_k=50))
     params = generator.prepare(params)
 
@@ -199,7 +199,7 @@ def test_cli_batches_a_jsonl_file_of_prompts_in_bfloat16(kept_export, tmp_path, 
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "{missing}", "--prompt", "hi"], "is not a directory"),
+    (["--model", "{missing}", "--prompt", "hi"], "does not exist; pass a Hugging Face checkpoint directory or a .gguf"),
     (["--prompt", " \n"], "--prompt is empty"),
     (["--prompt", "word " * 300], "the model's maximum is 256"),
     (["--prompt", "hi", "--top-p", "0"], "top-p must be in"),

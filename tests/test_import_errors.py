@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from bridge import load_hf_checkpoint
+from bridge import load_checkpoint
 from kept_jax import score
 
 WEIGHTS = "model.safetensors"
@@ -60,9 +60,9 @@ def test_config_not_json(orion_copy, tmp_path, capsys):
     assert "config.json is not valid JSON" in _run_score(orion_copy, tmp_path, capsys)
 
 
-def test_unknown_config_attribute_is_rejected(orion_copy, tmp_path, capsys):
-    _edit_config(orion_copy, num_experts=8)
-    assert "does not know: 'num_experts'" in _run_score(orion_copy, tmp_path, capsys)
+def test_misspelt_config_attribute_is_rejected(orion_copy, tmp_path, capsys):
+    _edit_config(orion_copy, rms_norm_epsilon=1e-6)
+    assert "'rms_norm_epsilon' (did you mean 'rms_norm_eps'?)" in _run_score(orion_copy, tmp_path, capsys)
 
 
 def test_unsupported_rope_type(orion_copy, tmp_path, capsys):
@@ -188,22 +188,22 @@ def test_bin_loads_without_torch_warnings(orion_copy, capfd, zip_format):
     capfd.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        load_hf_checkpoint(orion_copy)
+        load_checkpoint(orion_copy)
     assert [str(w.message) for w in caught] == [] and capfd.readouterr().err == ""
 
 
 def test_all_formats_load_the_same_params(orion_checkpoint, orion_copy):
     """model.safetensors, sharded safetensors with an index, and pytorch_model.bin give identical parameters."""
-    _, reference, _ = load_hf_checkpoint(orion_checkpoint[0])
+    _, reference, _ = load_checkpoint(orion_checkpoint[0])
     _shard(orion_copy)
-    _, sharded, _ = load_hf_checkpoint(orion_copy)
+    _, sharded, _ = load_checkpoint(orion_copy)
     tensors = {}
     for file_name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
         tensors.update(load_file(os.path.join(orion_copy, file_name)))
         os.remove(os.path.join(orion_copy, file_name))
     os.remove(os.path.join(orion_copy, "model.safetensors.index.json"))
     torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, os.path.join(orion_copy, "pytorch_model.bin"))
-    _, from_bin, report = load_hf_checkpoint(orion_copy)
+    _, from_bin, report = load_checkpoint(orion_copy)
     assert report.files == ["pytorch_model.bin"]
     for other in (sharded, from_bin):
         assert all(
@@ -224,7 +224,7 @@ def test_bf16_bin_and_rotary_buffers_are_read_and_listed(orion_copy):
     state = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in tensors.items()}
     state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
     torch.save(state, os.path.join(orion_copy, "pytorch_model.bin"))
-    config, params, report = load_hf_checkpoint(orion_copy)
+    config, params, report = load_checkpoint(orion_copy)
     assert report.skipped == [("model.layers.0.self_attn.rotary_emb.inv_freq", "rotary buffer, recomputed from the config")]
     assert report.source_dtypes == {"bfloat16": len(tensors)}
     expected = state["model.norm.bias"].float().numpy()

@@ -49,5 +49,5 @@ def test_bridge_never_imports_a_program():
 
 def test_the_check_sees_imports_inside_functions(tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text("def f():\n    from bridge.hf_import import load_hf_checkpoint\n")
-    assert "bridge.hf_import" in _imports(probe)
+    probe.write_text("def f():\n    from bridge.checkpoint import load_checkpoint\n")
+    assert "bridge.checkpoint" in _imports(probe)

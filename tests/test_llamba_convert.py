@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from bridge.hf_import import CheckpointReader, load_hf_checkpoint
+from bridge.checkpoint import load_checkpoint
+from bridge.hf_import import CheckpointReader
 from kept_jax import convert, score
 from kept_jax.models import LlambaConfig
 from kept_jax.models.llamba import DiscreteMamba2
@@ -59,7 +60,7 @@ def test_the_export_is_a_llamba_with_the_teachers_shared_weights(converted):
 
 def test_the_mixers_start_as_the_recipe_says(converted):
     init, source, out = converted
-    config, _, _ = load_hf_checkpoint(out)
+    config, _, _ = load_checkpoint(out)
     teacher, student = _tensors(source), _tensors(out)
     d_inner, gn, conv = config.d_inner, config.n_qk_heads * config.d_state, config.conv_channels
     for i in range(config.num_hidden_layers):
@@ -89,7 +90,7 @@ def test_the_mixers_start_as_the_recipe_says(converted):
 def test_attention_init_mixes_like_unnormalized_linear_attention(exports, llama_checkpoint):
     """With the attention init, M[t, s] = (q_t . k_s) prod_{s<r<=t} a_r (+1 on the diagonal, D = 1): the teacher's
     attention scores without RoPE, scale or softmax, decayed."""
-    config, params, _ = load_hf_checkpoint(exports["attention"], scan_layers=False)
+    config, params, _ = load_checkpoint(exports["attention"], scan_layers=False)
     teacher = _tensors(llama_checkpoint[0])
     mixer = params["backbone"]["layers"]["0"]["mixer"]
     u = np.random.default_rng(0).standard_normal((1, 6, config.hidden_size)).astype(np.float32)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bridge import verify
-from bridge.hf_import import load_hf_checkpoint
+from bridge.checkpoint import load_checkpoint
 from kept_jax.evaluate import compare
 from kept_jax.metrics import BUCKET_NAMES, POSITION_BUCKETS, score, summarize
 from kept_jax.models import build_model
@@ -68,7 +68,7 @@ def test_score_is_the_definition():
 @pytest.fixture(scope="module")
 def two_models():
     """The tiny Orion teacher (fp32) and a student: the same model with every weight perturbed by 3%."""
-    config, teacher_params, _ = load_hf_checkpoint(TINY_ORION, compute_dtype="float32", param_dtype="float32")
+    config, teacher_params, _ = load_checkpoint(TINY_ORION, compute_dtype="float32", param_dtype="float32")
     keys = iter(jax.random.split(jax.random.key(0), 1000))
     student_params = jax.tree.map(lambda x: x * (1 + 0.03 * jax.random.normal(next(keys), x.shape)), teacher_params)
     tokens = np.random.default_rng(1).integers(3, config.vocab_size, size=(2, 160)).astype(np.int32)

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from bridge.hf_import import load_hf_checkpoint
+from bridge.checkpoint import load_checkpoint
 from kept_jax import train
 from kept_jax.errors import KeptError
 from kept_jax.runlog import read_metrics
@@ -56,7 +56,7 @@ def test_three_stages_export_a_llamba_the_oracle_agrees_with(reference):
     assert {r["stage"] for r in records if r["split"] == "train"} == {"matrix", "hidden", "kd"}
     assert all("kl" not in r for r in records if r["split"] == "train" and r["stage"] != "kd")
     assert [r["step"] for r in records if r["split"] == "eval"] == [0, 4, 10, 14]
-    config, params, _ = load_hf_checkpoint(os.path.join(reference, "export"))
+    config, params, _ = load_checkpoint(os.path.join(reference, "export"))
     assert config.architecture == "llamba" and os.path.isfile(os.path.join(reference, "export", "tokenizer.json"))
     assert os.path.isfile(os.path.join(reference, "report.png"))
 

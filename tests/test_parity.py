@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bridge import load_hf_checkpoint
+from bridge import load_checkpoint
 from kept_jax.models import build_model
 from tests import fixtures as fx
 
@@ -55,7 +55,7 @@ def _build(arch, overrides, tmp_path, seed=0):
 
 
 def _jax_logits(path, **runtime):
-    config, params, _ = load_hf_checkpoint(path, **runtime)
+    config, params, _ = load_checkpoint(path, **runtime)
     return np.asarray(build_model(config).apply({"params": params}, TOKENS), dtype=np.float32)
 
 

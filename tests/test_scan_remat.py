@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bridge import load_hf_checkpoint
+from bridge import load_checkpoint
 from kept_jax.config import REMAT_POLICIES
 from kept_jax.models import build_model, stack_layers
 
@@ -13,7 +13,7 @@ TOKENS = jnp.asarray(np.random.default_rng(1).integers(0, 512, size=(2, 16)), dt
 
 
 def _logits_and_grads(path, scan_layers, remat_policy):
-    config, params, _ = load_hf_checkpoint(path, scan_layers=scan_layers, remat_policy=remat_policy)
+    config, params, _ = load_checkpoint(path, scan_layers=scan_layers, remat_policy=remat_policy)
     model = build_model(config)
 
     def loss(p):

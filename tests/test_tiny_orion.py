@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from bridge.hf_import import load_hf_checkpoint
+from bridge.checkpoint import load_checkpoint
 from kept_jax import corpus, pretrain
 from kept_jax.models import build_model
 
@@ -20,7 +20,7 @@ ASSET = os.path.join(os.path.dirname(pretrain.__file__), "assets", "tiny-orion")
 
 @pytest.fixture(scope="module")
 def asset():
-    config, params, _ = load_hf_checkpoint(ASSET)
+    config, params, _ = load_checkpoint(ASSET)
     with open(os.path.join(ASSET, "pretrain_log.json")) as f:
         log = json.load(f)
     return config, params, log

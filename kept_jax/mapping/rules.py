@@ -161,6 +161,12 @@ class Mapping:
         return rows
 
 
+def copy_mapping(config: ModelConfig) -> Mapping:
+    """Every tensor of `config` copied unchanged: a checkpoint written again in its own architecture (a GGUF file
+    as a Hugging Face directory)."""
+    return Mapping("copy", config, config, [identity(s.hf_name) for s in config.tensor_table()], {})
+
+
 def format_table(rows: Iterable[dict]) -> str:
     lines = [f"{'target':<48} {'transform':<40} {'rel. error':>10}  sources"]
     for row in rows:

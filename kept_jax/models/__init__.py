@@ -1,6 +1,6 @@
 """The architectures kept_jax runs, one module each, and the one constructor everything calls.
 
-    config = load_hf_config(dir)               # the architecture comes from config.json's model_type
+    config = bridge.load_config(path)          # the architecture comes from config.json's model_type
     model = build_model(config)                # a Flax module: model.apply({"params": params}, tokens, output=...)
 
 Adding an architecture: write its module (config with `_from_hf`/`to_hf_dict`, `tensor_table`, formulas, logical

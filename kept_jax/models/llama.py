@@ -30,13 +30,19 @@ VARIANTS: dict[str, dict[str, str]] = {
     "orion": {"norm": "layernorm", "hf_architecture": "OrionForCausalLM"},
 }
 ATTENTION_IMPLS = ("xla", "cudnn")
-# Keys that change the math; kept_jax supports them only at the listed values.
+# Keys that change the math; kept_jax supports them only at the listed values (the last three are other Llama-like
+# families' keys, refused when a config.json labelled llama carries them).
 FIXED_HF_KEYS: dict[str, tuple[Any, ...]] = {
     "hidden_act": ("silu",),
+    "quantization_config": (None,),
     "partial_rotary_factor": (1.0, None),
     "sliding_window": (None,),
     "use_sliding_window": (False, None),
 }
+# Keys Transformers' Llama reads that leave the function the same: initialization, caching, dropout (kept_jax trains
+# without it), and the old tensor-parallel slicing of the same matmuls. Every key of `transformers.LlamaConfig` is
+# here, in FIXED_HF_KEYS or in READ_HF_KEYS (tests/test_config.py checks it against the installed Transformers).
+NO_EFFECT_HF_KEYS = frozenset("initializer_range use_cache attention_dropout pretraining_tp".split())
 # Keys this module reads into fields.
 READ_HF_KEYS = frozenset(
     """
@@ -135,7 +141,11 @@ class LlamaConfig(ModelConfig):
     def _from_hf(cls, hf: dict[str, Any], **runtime: Any) -> "LlamaConfig":
         """Reads an HF `config.json` dict; rejects anything that would change the math unnoticed."""
         model_type = hf["model_type"]
-        check_hf_keys(hf, READ_HF_KEYS | set(FIXED_HF_KEYS))
+        check_hf_keys(hf, READ_HF_KEYS | set(FIXED_HF_KEYS) | NO_EFFECT_HF_KEYS)
+        if hf.get("quantization_config") is not None:
+            method = (hf["quantization_config"] or {}).get("quant_method", "unknown method")
+            raise KeptError(f"config.json has a quantization_config ({method}): the weights are stored quantized and "
+                            "kept_jax reads float weights; give a float checkpoint, or the GGUF file itself")
         for key, allowed in FIXED_HF_KEYS.items():
             if key in hf and hf[key] not in allowed:
                 raise KeptError(
