@@ -36,15 +36,15 @@ def hf_tensor(params: dict, config: ModelConfig, spec: TensorSpec, dtype: str) -
 
 
 def plan_shards(
-    entries: list[tuple[str, tuple[int, ...]]], dtype: str, max_shard_bytes: int
+    entries: list[tuple[str, tuple[int, ...]]], dtype: str, max_shard_bytes: int | None
 ) -> list[list[tuple[str, tuple[int, ...]]]]:
-    """Greedy, in table order; a tensor larger than the limit gets a shard of its own."""
+    """Greedy, in table order; a tensor larger than the limit gets a shard of its own; no limit: one file."""
     itemsize = np.dtype(NUMPY_DTYPES[dtype]).itemsize
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, shape in entries:
         nbytes = math.prod(shape) * itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and max_shard_bytes is not None and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append((name, shape))
@@ -80,7 +80,7 @@ def write_weights(
     entries: list[tuple[str, tuple[int, ...]]],
     dtype: str,
     get: Callable[[str], np.ndarray],
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES,
 ) -> list[str]:
     """`model.safetensors`, or `model-0000k-of-0000N.safetensors` + `model.safetensors.index.json` past the limit."""
     shards = plan_shards(entries, dtype, max_shard_bytes)
@@ -105,7 +105,16 @@ def write_config(out_dir: str, config: ModelConfig) -> None:
         json.dump(config.to_hf_dict(), f, indent=2)
 
 
-def write_params(out_dir: str, params: dict, config: ModelConfig, dtype: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+def shard_limit(config: ModelConfig, requested: int | None = None) -> int | None:
+    """The largest file of an export: `requested`, else 5 GB, or no limit for an architecture whose official loader
+    reads one `model.safetensors` (Llamba)."""
+    if requested is not None:
+        return requested
+    return None if config.hf_single_file else DEFAULT_MAX_SHARD_BYTES
+
+
+def write_params(out_dir: str, params: dict, config: ModelConfig, dtype: str,
+                 max_shard_bytes: int | None = None) -> list[str]:
     """Writes `config.json` and the weights of kept_jax params, one tensor at a time."""
     specs = {s.hf_name: s for s in config.tensor_table()}
     write_config(out_dir, config.replace(dtype=dtype))
@@ -114,5 +123,5 @@ def write_params(out_dir: str, params: dict, config: ModelConfig, dtype: str, ma
         [(s.hf_name, s.hf_shape) for s in specs.values()],
         dtype,
         lambda name: hf_tensor(params, config, specs[name], dtype),
-        max_shard_bytes,
+        shard_limit(config, max_shard_bytes),
     )

@@ -63,6 +63,10 @@ class ModelConfig:
     embedding_path: ClassVar[tuple[str, ...]]
     hf_embedding_name: ClassVar[str]
     hf_tie_key: ClassVar[str] = "tie_word_embeddings"  # the config.json key of tie_word_embeddings
+    # config.json keys that identify the architecture when config.json has no model_type (its official writer's).
+    layout_keys: ClassVar[frozenset[str]] = frozenset()
+    # The official loader reads one `model.safetensors` only: the export is never sharded.
+    hf_single_file: ClassVar[bool] = False
     head_path: ClassVar[tuple[str, ...]] = ("lm_head", "kernel")
     logical_axis_rules: ClassVar[dict[str, Any]] = {}
 
@@ -83,11 +87,14 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], **runtime: Any) -> "ModelConfig":
-        """The config of `hf`'s `model_type`; on a subclass, only that architecture is accepted."""
+        """The config of `hf`'s `model_type` (or, without one, of the architecture whose `layout_keys` it has); on a
+        subclass, only that architecture is accepted."""
         from kept_jax.models import ARCHITECTURES  # the registry imports every architecture, which import this
 
         model_type = hf.get("model_type")
         accepted = {t: c for t, c in ARCHITECTURES.items() if issubclass(c, cls)}
+        if model_type is None:
+            model_type = next((t for t, c in accepted.items() if c.layout_keys and c.layout_keys <= set(hf)), None)
         if model_type not in accepted:
             raise KeptError(f"config.json has model_type {model_type!r}; kept_jax reads "
                             f"{', '.join(map(repr, accepted))}")

@@ -162,7 +162,8 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="export and evaluation dtype (default: source's)")
     p.add_argument("--ridge", type=float, help="--to llama: relative ridge of the rank-1 absorb solve (default 1e-6)")
-    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--max-shard-size", help="largest safetensors file (default: 5GB; a Llamba is one file, the only "
+                   "layout the official Llamba loader reads)")
     p.add_argument("--no-eval", action="store_true", help="skip the KL evaluation: the conversion then streams, "
                    "one layer and one tensor at a time, so peak memory stays a fraction of the checkpoint")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
@@ -404,8 +405,9 @@ def write_report(out_dir: str, results: list[ConversionResult], info: dict) -> s
 
 
 def export_model(out_dir: str, source: str, config, get: Callable[[str], np.ndarray], dtype: str,
-                 max_shard_bytes: int) -> str | None:
-    """The HF directory: config, weights (`get(hf_name)` in `dtype`, one at a time), generation config and the
+                 max_shard_bytes: int | None = None) -> str | None:
+    """The HF directory: config, weights (`get(hf_name)` in `dtype`, one at a time, in files of at most
+    `max_shard_bytes`, by default the architecture's layout), generation config and the
     tokenizer: an Orion source's SentencePiece model converted (and its ids checked), a Llama source's tokenizer
     files as they are (a Llama GGUF file's as its vocabulary describes them; a Llamba made from a Llama). Returns a
     note when the source has no tokenizer to export."""
@@ -414,7 +416,7 @@ def export_model(out_dir: str, source: str, config, get: Callable[[str], np.ndar
     from transformers import GenerationConfig
 
     from bridge.checkpoint import open_checkpoint
-    from bridge.hf_export import write_config, write_weights
+    from bridge.hf_export import shard_limit, write_config, write_weights
     from bridge.tokenizer_export import check_tokenizer, copy_tokenizer, export_tokenizer
     from kept_jax.runlog import progress
 
@@ -426,7 +428,8 @@ def export_model(out_dir: str, source: str, config, get: Callable[[str], np.ndar
             bar.update(1)
             return tensor
 
-        write_weights(out_dir, [(s.hf_name, s.hf_shape) for s in table], dtype, get_counted, max_shard_bytes)
+        write_weights(out_dir, [(s.hf_name, s.hf_shape) for s in table], dtype, get_counted,
+                      shard_limit(config, max_shard_bytes))
     checkpoint = open_checkpoint(source)
     files = checkpoint.files_dir
     if os.path.isfile(os.path.join(files, "generation_config.json")):  # the source's end tokens and sampling defaults
@@ -497,7 +500,7 @@ def main(argv=None) -> int:
     source = load_config(args.source)
     itemsize = np.dtype(NUMPY_DTYPES[export_dtype(args, source)]).itemsize
     check_output_dir(args.out, args.force, needed_bytes=source.num_params() * itemsize)
-    max_shard_bytes = parse_size(args.max_shard_size)
+    max_shard_bytes = None if args.max_shard_size is None else parse_size(args.max_shard_size)
     _, results, info = convert_all(args)
     export = (args.opm if conversion_kind(args, source) == "opm" else args.mixer_init) != "all"
     with atomic_output_dir(args.out, args.force) as tmp:

@@ -366,8 +366,7 @@ class Job:
             params = jax.tree.map(_host_array, params)
         if export_dir is None:
             return
-        export_model(export_dir, self.cfg.source, config, lambda n: hf_tensor(params, config, specs[n], dtype), dtype,
-                     5 * 2**30)
+        export_model(export_dir, self.cfg.source, config, lambda n: hf_tensor(params, config, specs[n], dtype), dtype)
 
 def _verify(export_dir: str, source: str) -> dict:
     """bridge.verify in-process; without torch the check is skipped and says so."""

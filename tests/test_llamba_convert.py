@@ -41,7 +41,7 @@ def _tensors(directory):
 def test_the_export_is_a_llamba_with_the_teachers_shared_weights(converted):
     init, source, out = converted
     hf = json.load(open(os.path.join(out, "config.json")))
-    assert hf["model_type"] == "llamba" and hf["ssm_cfg"]["n_v_heads"] == 4
+    assert "model_type" not in hf and hf["ssm_cfg"]["n_v_heads"] == 4
     assert hf["tie_embeddings"] is False and hf["vocab_size"] == 512
     teacher, student = _tensors(source), _tensors(out)
     copied = {"backbone.embedding.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight",
@@ -56,6 +56,103 @@ def test_the_export_is_a_llamba_with_the_teachers_shared_weights(converted):
     # The tokenizer is the teacher's, byte for byte.
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert open(os.path.join(out, name), "rb").read() == open(os.path.join(source, name), "rb").read()
+
+
+def _official_llamba_loader():
+    """A PyTorch module with the official `LlambaLMHeadModel`'s constructor signature, config handling and
+    parameter names and shapes (cartesia-ai/edge, cartesia_pytorch/Llamba, written from its source; the real one
+    needs mamba_ssm's GPU kernels), loaded the way the official class is: huggingface_hub's PyTorchModelHubMixin."""
+    import torch
+    from huggingface_hub import PyTorchModelHubMixin
+    from torch import nn
+    from transformers import PretrainedConfig
+
+    class LlambaConfig(PretrainedConfig):  # the official signature: config.json's keys arrive as keyword arguments
+        model_type = "llamba"
+
+        def __init__(self, vocab_size, d_model, tie_embeddings=False, pad_vocab_size_multiple=8, lm_head_bias=False,
+                     n_layer=32, resid_dropout=0.0, norm_epsilon=1e-5, mlp_cfg=None, ssm_cfg=None, **kwargs):
+            super().__init__(**kwargs)
+            self.vocab_size, self.d_model, self.tie_embeddings = vocab_size, d_model, tie_embeddings
+            self.pad_vocab_size_multiple, self.lm_head_bias, self.n_layer = pad_vocab_size_multiple, lm_head_bias, n_layer
+            self.resid_dropout, self.norm_epsilon, self.mlp_cfg, self.ssm_cfg = resid_dropout, norm_epsilon, mlp_cfg, ssm_cfg
+
+    def mixer(d, d_state=64, n_qk_heads=32, n_v_heads=32, d_conv=4, expand=1, activation="identity", bias=False,
+              conv_bias=True, chunk_size=128, dtype=None, **kwargs):
+        m, d_inner = nn.Module(), expand * d
+        conv_dim = d_inner + 2 * n_qk_heads * d_state
+        m.in_proj = nn.Linear(d, 2 * d_inner + 2 * n_qk_heads * d_state + n_v_heads, bias=bias, dtype=dtype)
+        m.z_bias = nn.Parameter(torch.zeros(d_inner, dtype=dtype))
+        m.conv1d = nn.Conv1d(conv_dim, conv_dim, d_conv, groups=conv_dim, padding=d_conv - 1, bias=conv_bias,
+                             dtype=dtype)
+        m.D = nn.Parameter(torch.ones(n_v_heads, dtype=dtype))
+        m.out_proj = nn.Linear(d_inner, d, bias=bias, dtype=dtype)
+        return m
+
+    def norm(d, dtype):
+        m = nn.Module()
+        m.weight = nn.Parameter(torch.ones(d, dtype=dtype))
+        return m
+
+    class LlambaLMHeadModel(nn.Module, PyTorchModelHubMixin):
+        def __init__(self, config, initializer_cfg=None, device=None, dtype=None, **kwargs):
+            super().__init__()
+            if not isinstance(config, LlambaConfig):
+                config = LlambaConfig(**config)
+            self.config, self.received_dtype = config, dtype
+            d, m = config.d_model, config.pad_vocab_size_multiple
+            vocab = -(-config.vocab_size // m) * m
+            self.backbone = nn.Module()
+            self.backbone.embedding = nn.Embedding(vocab, d, dtype=dtype)
+            self.backbone.layers = nn.ModuleList()
+            for _ in range(config.n_layer):
+                block = nn.Module()
+                block.mixer = mixer(d, **config.ssm_cfg, dtype=dtype)
+                block.input_layernorm, block.post_attention_layernorm = norm(d, dtype), norm(d, dtype)
+                block.mlp = nn.Module()
+                f, bias = config.mlp_cfg["intermediate_size"], config.mlp_cfg["bias"]
+                block.mlp.gate_proj = nn.Linear(d, f, bias=bias, dtype=dtype)
+                block.mlp.up_proj = nn.Linear(d, f, bias=bias, dtype=dtype)
+                block.mlp.down_proj = nn.Linear(f, d, bias=bias, dtype=dtype)
+                self.backbone.layers.append(block)
+            self.backbone.final_layernorm = norm(d, dtype)
+            if not config.tie_embeddings:
+                self.lm_head = nn.Linear(d, vocab, bias=config.lm_head_bias, dtype=dtype)
+
+    return LlambaLMHeadModel
+
+
+def test_the_official_loader_opens_the_export_strictly(converted, capfd):
+    """config.json holds the published fields and token ids only, so that no key lands on a constructor parameter of
+    the official class (a "dtype" key became its dtype argument and broke the load); one model.safetensors, which is
+    all the mixin reads; and Transformers' AutoTokenizer opens the directory without a warning about its type."""
+    from transformers import AutoTokenizer
+
+    _, _, out = converted
+    assert set(json.load(open(os.path.join(out, "config.json")))) == {
+        "vocab_size", "d_model", "n_layer", "tie_embeddings", "pad_vocab_size_multiple", "lm_head_bias",
+        "norm_epsilon", "resid_dropout", "mlp_cfg", "ssm_cfg", "bos_token_id", "eos_token_id", "pad_token_id"}
+    model = _official_llamba_loader().from_pretrained(out, strict=True)
+    assert model.received_dtype is None
+    tensors = _tensors(out)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), tensors[name], err_msg=name)
+    capfd.readouterr()
+    AutoTokenizer.from_pretrained(out)
+    assert "to instantiate a model of type" not in capfd.readouterr().err
+
+
+def test_an_export_with_a_dtype_key_breaks_the_official_loader(converted, tmp_path):
+    """The loader above is the official one's: it fails as the official class failed on kept_jax's old exports."""
+    import shutil
+
+    _, _, out = converted
+    old = str(tmp_path / "old")
+    shutil.copytree(out, old)
+    hf = json.load(open(os.path.join(old, "config.json")))
+    json.dump({**hf, "dtype": "bfloat16"}, open(os.path.join(old, "config.json"), "w"))
+    with pytest.raises(TypeError, match="must be torch.dtype, not str"):
+        _official_llamba_loader().from_pretrained(old, strict=True)
 
 
 def test_the_mixers_start_as_the_recipe_says(converted):
@@ -144,3 +241,14 @@ def test_dry_run_plans_the_published_sizes(size, capsys):
     assert f"{teacher_params:,} parameters" in printed and f"{student_params:,} parameters" in printed
     assert f"{layers * 4} source tensors dropped on purpose; every tensor covered" in printed
     assert isinstance(LlambaConfig.from_hf_dict(hf), LlambaConfig)
+
+
+def test_a_teacher_with_attention_biases_is_refused_for_what_kept_jax_lacks():
+    from kept_jax.config import ModelConfig
+    from kept_jax.errors import KeptError
+    from kept_jax.mapping.llamba_init import llamba_config_for
+
+    teacher = ModelConfig.from_hf_dict({**fx.base_config("tiny-llama"), "attention_bias": True})
+    with pytest.raises(KeptError, match=r"attention biases \(attention_bias=true\)\. The official Llamba code can "
+                                        r"hold them \(ssm_cfg\.bias=true"):
+        llamba_config_for(teacher, "mohawk")

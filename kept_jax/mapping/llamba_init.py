@@ -47,7 +47,9 @@ def llamba_config_for(teacher: LlamaConfig, mixer_init: str, layout: LlambaConfi
     if teacher.architecture != "llama":
         raise KeptError(f"a Llamba student is distilled from a Llama; the source is {teacher.architecture!r}")
     if teacher.attention_bias:
-        raise KeptError("the source Llama has attention biases, which no Llamba mixer can hold; use a bias-free Llama")
+        raise KeptError("the source Llama has attention biases (attention_bias=true). The official Llamba code can "
+                        "hold them (ssm_cfg.bias=true: biases on in_proj and out_proj, no z_bias), but kept_jax's "
+                        "Llamba has no such biases yet and would drop them; use a bias-free Llama teacher")
     d, heads, head_dim = teacher.hidden_size, teacher.num_attention_heads, teacher.head_dim
     if layout is None:
         if heads * head_dim % d:

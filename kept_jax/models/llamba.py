@@ -70,6 +70,8 @@ class LlambaConfig(ModelConfig):
     embedding_path: ClassVar[tuple[str, ...]] = ("backbone", "embedding", "embedding")
     hf_embedding_name: ClassVar[str] = "backbone.embedding.weight"
     hf_tie_key: ClassVar[str] = "tie_embeddings"
+    layout_keys: ClassVar[frozenset[str]] = frozenset({"d_model", "ssm_cfg"})
+    hf_single_file: ClassVar[bool] = True  # huggingface_hub's PyTorchModelHubMixin loads model.safetensors alone
     # in_proj's outputs (x, B, C, z, l side by side) stay whole; the inner dimension splits like attention's heads.
     logical_axis_rules: ClassVar[dict[str, Any]] = {"ssm_in": None, "ssm_conv": None, "ssm_inner": "tensor",
                                                     "ssm_heads": None}
@@ -215,9 +217,13 @@ class LlambaConfig(ModelConfig):
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
+        """The published layout (DESIGN.md section 6) and the token ids, nothing else. No dtype: the official
+        `LlambaLMHeadModel.from_pretrained` (cartesia_pytorch, through huggingface_hub's PyTorchModelHubMixin) passes
+        config.json's keys on to its constructor, whose own `config`, `initializer_cfg`, `device` and `dtype`
+        parameters they would replace (the weights' dtype is in the safetensors file). No model_type: Transformers,
+        which has no Llamba, warns about a model_type it does not know whenever AutoTokenizer opens the directory;
+        kept_jax knows the layout by its keys (`layout_keys`)."""
         return {
-            "architectures": ["LlambaForCausalLM"],
-            "model_type": "llamba",
             "vocab_size": self.vocab_size,
             "d_model": self.hidden_size,
             "n_layer": self.num_hidden_layers,
@@ -230,8 +236,6 @@ class LlambaConfig(ModelConfig):
             "ssm_cfg": {"d_state": self.d_state, "n_v_heads": self.n_v_heads, "n_qk_heads": self.n_qk_heads,
                         "expand": self.expand, "chunk_size": self.chunk_size, "activation": self.ssm_activation,
                         "bias": False, "d_conv": self.d_conv, "conv_bias": self.conv_bias},
-            "dtype": self.dtype,
-            "torch_dtype": self.dtype,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
