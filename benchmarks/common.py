@@ -58,10 +58,3 @@ def median_seconds(run: Callable[[], object], reps: int) -> tuple[float, list[fl
         run()
         times.append(time.perf_counter() - start)
     return statistics.median(times), times
-
-
-def compiled_peak_bytes(compiled) -> int:
-    """What a compiled function has live at its peak (XLA's `memory_analysis()`): arguments + fresh outputs +
-    temporaries; donated arguments alias their outputs and are counted once."""
-    m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)

@@ -36,10 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import compiled_peak_bytes, environment, write_result
+from benchmarks.common import environment, write_result
 from kept_jax.config import ModelConfig
 from kept_jax.decoding import DecodeState, Generator
 from kept_jax.dry_run import parse_memory
+from kept_jax.memory import compiled_peak_bytes
 from kept_jax.models import build_model
 
 MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")

@@ -45,10 +45,11 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from benchmarks.common import compiled_peak_bytes, environment, median_seconds, write_result
+from benchmarks.common import environment, median_seconds, write_result
 from kept_jax.errors import KeptError, cli_entry
 from kept_jax.flops import peak_flops, step_flops_per_token
 from kept_jax.mapping import build_mapping, target_config
+from kept_jax.memory import compiled_peak_bytes
 from kept_jax.models import LlamaConfig, LlamaForCausalLM, build_model
 from kept_jax.models.params import abstract_params, init_params
 from kept_jax.xkd.losses import LossConfig

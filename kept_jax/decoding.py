@@ -111,7 +111,7 @@ def logits_at(config: ModelConfig, params, x: Array) -> Array:
 @dataclasses.dataclass
 class Generation:
     """Generated ids per row (each ends at its end-of-sequence token, included, or at max_new), whether it ended
-    there, and the wall time of the prefill (with the first token) and of the decode steps, compilation excluded."""
+    there, and the wall time until the first token and from then to the last, compilation excluded."""
 
     tokens: list[list[int]]
     stopped_at_eos: list[bool]
@@ -192,10 +192,13 @@ class Generator:
 
     def generate(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, key: Array | None = None,
                  prompt_length: int | None = None, steps_per_call: int | None = None,
-                 on_step: Callable[[DecodeState], None] | None = None) -> Generation:
+                 on_step: Callable[[np.ndarray, int], None] | None = None) -> Generation:
         """Generates for a batch of prompts (token ids, each non-empty). `prompt_length` pads the batch to a fixed
-        length (one compilation for many batches); `on_step(state)` is called after the prefill and after every
-        `steps_per_call` decode steps (default: all of them in one call), e.g. to stream text."""
+        length (one compilation for many batches). `on_step(tokens, count)` is called after the prefill and after
+        every `steps_per_call` decode steps (default: all of them in one call) with the ids so far on the host
+        ([b, max_new], the first `count` of each row generated), e.g. to stream text: the same compiled loop runs
+        each time, and nothing is compiled per token. The times are what a caller waits, `on_step` included: the
+        prefill until the first token has been handed over, then the decoding until the last."""
         lengths = [len(p) for p in prompts]
         if not prompts or min(lengths) < 1:
             raise KeptError("every prompt needs at least one token")
@@ -207,19 +210,18 @@ class Generator:
             row[: len(p)] = p
         start, advance = self.compile(params, len(prompts), width, max_new_tokens)
         began = time.perf_counter()
-        state = jax.block_until_ready(start(params, padded, np.asarray(lengths, np.int32),
-                                            jax.random.key(0) if key is None else key))
-        prefill_s, decode_s = time.perf_counter() - began, 0.0
+        state = start(params, padded, np.asarray(lengths, np.int32), jax.random.key(0) if key is None else key)
         steps = np.int32(steps_per_call or max_new_tokens)
+        first_token_at = None
         while True:
+            count = int(state.count)  # waits for the step
             if on_step is not None:
-                on_step(state)
-            if int(state.count) >= max_new_tokens or bool(np.all(state.done)):
+                on_step(np.asarray(state.tokens), count)
+            first_token_at = first_token_at or time.perf_counter()
+            if count >= max_new_tokens or bool(np.all(np.asarray(state.done))):
                 break
-            began = time.perf_counter()
-            state = jax.block_until_ready(advance(params, state, steps))
-            decode_s += time.perf_counter() - began
-        return self.finish(state, prefill_s, decode_s)
+            state = advance(params, state, steps)
+        return self.finish(state, first_token_at - began, time.perf_counter() - first_token_at)
 
     def finish(self, state: DecodeState, prefill_s: float = 0.0, decode_s: float = 0.0) -> Generation:
         """Each row's ids up to its end-of-sequence token (included) or the tokens generated so far."""

@@ -1,11 +1,15 @@
 """`python -m kept_jax.generate`: text from any checkpoint kept_jax reads (Orion, Llama, Llamba), in JAX.
 
-    python -m kept_jax.generate --model DIR (--prompt TEXT | --file FILE) [--max-new-tokens N] [--temperature T]
-                                [--top-k K] [--top-p P] [--seed S] [--batch B] [--dtype float32|bfloat16]
+    python -m kept_jax.generate --model DIR|FILE.gguf (--prompt TEXT | --file FILE) [--chat [--system TEXT]]
+                                [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+                                [--batch B] [--dtype float32|bfloat16]
 
 One prompt, one row: the text streams to stdout as it is produced. Several rows (`--batch B` samples of one prompt,
-or a `.jsonl` file of prompts, B per batch): one JSON line per row when its batch ends. stderr gets the compile
-time and the prefill and decode speeds. `--temperature 0` (the default) is greedy. See `kept_jax/decoding.py`.
+or a `.jsonl` file of prompts, B per batch): one JSON line per row when its batch ends. `--chat` puts each prompt
+in the checkpoint's chat template as the user's turn (after `--system TEXT`); a `.jsonl` line may instead hold a
+whole conversation, `{"messages": [{"role": ..., "content": ...}, ...]}`. stderr gets the compile time and what the
+user waited: the time to the first token and the decode speed. `--temperature 0` (the default) is greedy. Before
+anything is loaded, the request is checked against the memory it needs. See `kept_jax/decoding.py`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import time
 
 from kept_jax.errors import KeptError, cli_entry
 
+STREAM_STEPS = 1  # decode steps between two prints of a streamed row (one compiled loop, called again each time)
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m kept_jax.generate", description=__doc__.split("\n\n")[0])
@@ -26,7 +32,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--file", help="a UTF-8 file holding the prompt; a .jsonl file holds one prompt per line "
-                                       "(its 'prompt' or 'text' field)")
+                                       "(its 'prompt' or 'text' field) or one conversation (its 'messages' field)")
+    p.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template: the prompt is the "
+                                                       "user's turn, and the model answers as the assistant")
+    p.add_argument("--system", help="with --chat: the system message before the user's turn")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most per row (128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: off)")
@@ -37,19 +46,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                         ".jsonl file taken B at a time (1)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute and parameter dtype (bfloat16 on GPUs)")
-    p.add_argument("--tokenizer", metavar="DIR", help="take the tokenizer from DIR, a directory or a GGUF file "
-                                                      "(published Llamba checkpoints ship without theirs: give the "
-                                                      "Llama teacher's)")
+    p.add_argument("--tokenizer", metavar="DIR", help="take the tokenizer (and chat template) from DIR, a directory or "
+                                                      "a GGUF file (published Llamba checkpoints ship without theirs: "
+                                                      "give the Llama teacher's)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.batch < 1:
         p.error(f"--batch must be at least 1, got {args.batch}")
+    if args.system is not None and not args.chat:
+        raise KeptError("--system is the system message of a chat: add --chat")
     return args
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
-    """The prompt texts: --prompt, a whole --file, or each line of a .jsonl --file."""
+def _messages(record, where: str) -> list[dict[str, str]]:
+    """A conversation from a .jsonl line: a list of {"role": str, "content": str}."""
+    messages = record.get("messages")
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in messages)):
+        raise KeptError(f"{where}: 'messages' must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects "
+                        "with string values")
+    return messages
+
+
+def read_prompts(args: argparse.Namespace) -> list[str | list[dict[str, str]]]:
+    """The prompts: texts (--prompt, a whole --file, the 'prompt' or 'text' of each .jsonl line) or conversations
+    (a .jsonl line's 'messages'; with --chat, each text as the user's turn after the --system message)."""
     from kept_jax.fileio import read_text
 
     if args.prompt is not None:
@@ -59,20 +82,29 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         for number, line in enumerate(read_text(args.file, "--file").splitlines(), 1):
             if not line.strip():
                 continue
+            where = f"--file {args.file!r} line {number}"
             try:
                 record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict) and "messages" in record:
+                prompts.append(_messages(record, where))
+            elif isinstance(record, dict) and ("prompt" in record or "text" in record):
                 prompts.append(record["prompt"] if "prompt" in record else record["text"])
-            except (json.JSONDecodeError, TypeError, KeyError):
-                raise KeptError(f"--file {args.file!r} line {number} is not a JSON object with a 'prompt' or 'text' "
-                                "field") from None
+            else:
+                raise KeptError(f"{where} is not a JSON object with a 'prompt', 'text' or 'messages' field")
         if not prompts:
             raise KeptError(f"--file {args.file!r} holds no prompts; write one JSON object per line")
     else:
         prompts = [read_text(args.file, "--file")]
-    for i, text in enumerate(prompts):
+    for i, prompt in enumerate(prompts):
+        text = prompt if isinstance(prompt, str) else "".join(m["content"] for m in prompt)
         if not isinstance(text, str) or not text.strip():
             where = "--prompt" if args.prompt is not None else f"prompt {i + 1} of --file {args.file!r}"
             raise KeptError(f"{where} is empty; give some text to continue")
+    if args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system is not None else []
+        prompts = [system + [{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     return prompts
 
 
@@ -102,6 +134,33 @@ class Streamer:
         sys.stdout.write("\n" if last else "")
         sys.stdout.flush()
 
+    def on_step(self, tokens, count: int) -> None:
+        """The decode loop's callback: the row's ids so far, sliced on the host (no program per token)."""
+        self(tokens[0, :count].tolist())
+
+
+def check_memory(generator, config, batch: int, prompt_length: int, max_new: int) -> None:
+    """Compiles the prefill and the decode loop on abstract weights (the compilation the run needs anyway) and
+    refuses a request whose peak, by XLA's accounting, is more than the device has free: before any weight is
+    loaded or any buffer allocated."""
+    import jax
+
+    from kept_jax.memory import compiled_peak_bytes, free_bytes, gib
+    from kept_jax.models import abstract_params
+
+    abstract = jax.eval_shape(generator.prepare, abstract_params(config))
+    start, advance = generator.compile(abstract, batch, prompt_length, max_new)
+    state = jax.eval_shape(lambda: config.empty_cache(batch, prompt_length + max_new))
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) + batch * max_new * 4
+    needed = max(compiled_peak_bytes(start), compiled_peak_bytes(advance))
+    free = free_bytes()
+    if free is not None and needed > free:
+        what = "KV cache" if config.max_position_embeddings is not None else "recurrent state"
+        raise KeptError(f"generating {max_new:,} tokens for {batch} row(s) needs about {gib(needed)} "
+                        f"({gib(state_bytes)} of it the {what} and the generated ids, which grow with "
+                        f"--max-new-tokens and --batch), and {jax.devices()[0].device_kind} has {gib(free)} free; "
+                        "lower --max-new-tokens or --batch")
+
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
@@ -109,18 +168,32 @@ def main(argv: list[str] | None = None) -> int:
     from kept_jax.decoding import Sampling
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)  # checked before anything is loaded
-    texts = read_prompts(args)
+    prompts = read_prompts(args)
 
     import jax
-    import numpy as np
 
-    from bridge.checkpoint import load_checkpoint, load_checkpoint_tokenizer, load_config, open_checkpoint
+    from bridge.checkpoint import load_checkpoint, load_checkpoint_tokenizer, load_config, open_checkpoint, tokenizer_dir
     from kept_jax.decoding import Generator
+    from kept_jax.tokenizer import chat_ids, chat_template
 
-    config = load_config(args.model)
-    tokenizer = load_checkpoint_tokenizer(args.tokenizer or args.model, config.architecture,
-                               "give one with --tokenizer DIR (the teacher's directory for a Llamba checkpoint)")
-    prompts = [tokenizer.encode(text) for text in texts]
+    config = load_config(args.model, compute_dtype=args.dtype, param_dtype=args.dtype)
+    tokenizer_source = args.tokenizer or args.model
+    tokenizer = load_checkpoint_tokenizer(tokenizer_source, config.architecture,
+                                          "give one with --tokenizer DIR (the teacher's directory for a Llamba "
+                                          "checkpoint)")
+    eos_ids, pad_id = end_ids(open_checkpoint(args.model).files_dir, config)
+    if any(not isinstance(p, str) for p in prompts):
+        files = tokenizer_dir(tokenizer_source)
+        if chat_template(files) is None:
+            raise KeptError(f"{tokenizer_source} has no chat template (tokenizer_config.json's chat_template or "
+                            "chat_template.jinja), so it cannot be prompted as a chat; drop --chat (and 'messages') "
+                            "and give the prompt as plain text, or give a tokenizer with a template (--tokenizer)")
+        ids, chat_eos = chat_ids(files, [p for p in prompts if not isinstance(p, str)])
+        eos_ids = list(dict.fromkeys(eos_ids + ([chat_eos] if chat_eos is not None else [])))
+        ids = iter(ids)
+        prompts = [tokenizer.encode(p) if isinstance(p, str) else next(ids) for p in prompts]
+    else:
+        prompts = [tokenizer.encode(text) for text in prompts]
     longest = max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise KeptError("a prompt encodes to no tokens; give some text to continue")
@@ -138,20 +211,23 @@ def main(argv: list[str] | None = None) -> int:
             max_new = limit - longest
             print(f"note: --max-new-tokens lowered to {max_new}: the prompt ({longest} tokens) and the new tokens "
                   f"must fit in max_position_embeddings={limit}", file=sys.stderr)
-
-    config, params, report = load_checkpoint(args.model, compute_dtype=args.dtype, param_dtype=args.dtype)
-    eos_ids, pad_id = end_ids(open_checkpoint(args.model).files_dir, config)
-    generator = Generator(config, sampling, eos_ids, pad_id)
-    params = generator.prepare(params)
+    elif longest + max_new >= 2**31:
+        raise KeptError(f"--max-new-tokens {max_new:,} and a prompt of {longest:,} tokens pass 2^31 positions; "
+                        "lower --max-new-tokens")
 
     # Rows: B samples of one prompt, or the prompts B at a time (the last batch topped up with repeats, dropped).
     rows = prompts * args.batch if len(prompts) == 1 else prompts
     batch = args.batch if len(prompts) > 1 else len(rows)
     batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
+    generator = Generator(config, sampling, eos_ids, pad_id)
     started = time.perf_counter()
-    generator.compile(params, batch, longest, max_new)
+    check_memory(generator, config, batch, longest, max_new)
+    compile_s = time.perf_counter() - started
+
+    config, params, report = load_checkpoint(args.model, compute_dtype=args.dtype, param_dtype=args.dtype)
+    params = generator.prepare(params)
     print(f"{args.model}: {config.describe()}, {report.num_params:,} parameters, {args.dtype} on "
-          f"{jax.devices()[0].device_kind}; compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+          f"{jax.devices()[0].device_kind}; compiled in {compile_s:.1f} s", file=sys.stderr)
 
     key = jax.random.key(args.seed)
     stream = Streamer(tokenizer, eos_ids) if len(rows) == 1 else None
@@ -161,9 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         real = len(chunk)
         key, batch_key = jax.random.split(key)
         result = generator.generate(params, chunk + [chunk[0]] * (batch - real), max_new, batch_key,
-                                    prompt_length=longest, steps_per_call=1 if stream else None,
-                                    on_step=(lambda state: stream(list(np.asarray(state.tokens[0, :int(state.count)]))))
-                                    if stream else None)
+                                    prompt_length=longest, steps_per_call=STREAM_STEPS if stream else None,
+                                    on_step=stream.on_step if stream else None)
         prefill_s += result.prefill_s
         decode_s += result.decode_s
         prompt_tokens += sum(len(p) for p in chunk)
@@ -176,9 +251,11 @@ def main(argv: list[str] | None = None) -> int:
             text = tokenizer.decode([t for t in ids if t not in eos_ids])
             print(json.dumps({"prompt": prompt, "sample": sample, "completion": text, "new_tokens": len(ids),
                               "stop": "eos" if stopped else "length"}, ensure_ascii=False), flush=True)
-    print(f"prefill: {prompt_tokens:,} tokens in {prefill_s:.3f} s ({prompt_tokens / max(prefill_s, 1e-9):,.0f} "
-          f"tokens/s); decode: {decode_tokens:,} tokens in {decode_s:.3f} s "
-          f"({decode_tokens / max(decode_s, 1e-9):,.0f} tokens/s, batch {batch})", file=sys.stderr)
+    how = "streamed" if stream else f"batch {batch}"
+    print(f"prefill: {prompt_tokens:,} prompt tokens, first token after {prefill_s:.3f} s "
+          f"({prompt_tokens / max(prefill_s, 1e-9):,.0f} tokens/s); decode: {decode_tokens:,} tokens in "
+          f"{decode_s:.3f} s ({decode_tokens / max(decode_s, 1e-9):,.0f} tokens/s, {how}); wall times as waited, "
+          "compilation excluded", file=sys.stderr)
     return 0
 
 

@@ -59,3 +59,33 @@ def load_tokenizer(model_dir: str, architecture: str,
         add_bos, add_eos = special_token_flags(model_dir, architecture)
         return Tokenizer(lambda text: sp.Encode(text, add_bos=add_bos, add_eos=add_eos), sp_path, sp.Decode)
     raise KeptError(f"{model_dir!r} has no tokenizer (tokenizer.json or tokenizer.model); {missing_fix}")
+
+
+def chat_template(files_dir: str) -> str | None:
+    """The chat template of a tokenizer directory: `tokenizer_config.json`'s `chat_template` (a string, or the
+    'default' of a list of named ones) or `chat_template.jinja` (how Transformers v5 saves it); None without one."""
+    config = read_optional_json(os.path.join(files_dir, "tokenizer_config.json"))
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    jinja = os.path.join(files_dir, "chat_template.jinja")
+    if not template and os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            template = f.read()
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def chat_ids(files_dir: str, conversations: list[list[dict[str, str]]]) -> tuple[list[list[int]], int | None]:
+    """Each conversation's token ids with the assistant's turn opened, as Transformers' `apply_chat_template` makes
+    them from this directory's tokenizer files (the template's Jinja, its special tokens, nothing added beyond what
+    the template writes), and the id of the tokenizer's end-of-sequence token (where the template ends a turn)."""
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    try:  # an empty config: the tokenizer files alone decide, whatever model config.json describes
+        tokenizer = AutoTokenizer.from_pretrained(files_dir, config=PretrainedConfig(), trust_remote_code=False)
+        ids = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+               for c in conversations]
+    except Exception as e:  # jinja2's errors and a template's own raise_exception
+        raise KeptError(f"the chat template in {files_dir} fails on this conversation: {type(e).__name__}: {e}") from None
+    return ids, tokenizer.eos_token_id

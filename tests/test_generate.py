@@ -127,6 +127,61 @@ def test_llamba_batched_generation_equals_one_prompt_at_a_time(tmp_path):
     assert all(max(t) < hf["vocab_size"] for t in batched)  # never the padded vocabulary
 
 
+def test_streaming_compiles_nothing_per_token(llama_checkpoint, caplog):
+    """A streamed row runs the same compiled loop again after each token: how many programs a generation compiles
+    does not depend on how many tokens it makes (the stream once compiled two slices per token)."""
+    import logging
+
+    config, params, _ = load_checkpoint(llama_checkpoint[0])
+    prompt = [1, 5, 9, 13]
+
+    def compiles(max_new: int) -> int:
+        generator = Generator(config)
+        prepared = generator.prepare(params)
+        caplog.clear()
+        with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+            generator.generate(prepared, [prompt], max_new, steps_per_call=1,
+                               on_step=generate.Streamer(_Ids(), ()).on_step)
+        return sum("Compiling" in record.getMessage() for record in caplog.records)
+
+    compiles(3)  # the one-time eager operations, compiled once per process
+    assert compiles(3) == compiles(24)
+
+
+class _Ids:
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def test_reported_times_are_what_the_caller_waited(llama_checkpoint):
+    """The decode time covers the caller's work between steps (printing a stream): every token's wait."""
+    import time
+
+    config, params, _ = load_checkpoint(llama_checkpoint[0])
+    generator = Generator(config)
+    params = generator.prepare(params)
+    generator.generate(params, [[1, 5, 9]], 6, steps_per_call=1)  # compiled
+    began = time.perf_counter()
+    result = generator.generate(params, [[1, 5, 9]], 6, steps_per_call=1, on_step=lambda tokens, count: time.sleep(0.05))
+    waited = time.perf_counter() - began
+    assert result.decode_s >= 5 * 0.05 and result.prefill_s >= 0.05
+    assert abs(result.prefill_s + result.decode_s - waited) < 0.05
+
+
+def test_a_request_beyond_memory_is_refused_before_loading(kept_export, monkeypatch, capsys):
+    """XLA's accounting of the compiled generation against the device's free memory, before any weight is read."""
+    import bridge.checkpoint
+    import kept_jax.memory
+
+    monkeypatch.setattr(kept_jax.memory, "free_bytes", lambda device=None: 64 * 2**20)
+    monkeypatch.setattr(bridge.checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("loaded the weights"))
+    assert generate.main(["--model", kept_export[0], "--prompt", "Return", "--batch", "64",
+                          "--max-new-tokens", "200"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert "needs about" in err and "of it the KV cache and the generated ids" in err and "0.1 GiB free" in err
+
+
 # ---- Sampling ---------------------------------------------------------------------------------
 
 
@@ -185,7 +240,7 @@ def test_cli_streams_transformers_greedy_text(kept_export, capsys):
     assert generate.main(["--model", path, "--prompt", prompt, "--max-new-tokens", "20"]) == 0
     out, err = capsys.readouterr()
     assert out == expected + "\n"
-    assert "prefill:" in err and "tokens/s" in err and "decode:" in err
+    assert "prefill:" in err and "first token after" in err and "tokens/s, streamed" in err
 
 
 def test_cli_batches_a_jsonl_file_of_prompts_in_bfloat16(kept_export, tmp_path, capsys):
@@ -206,6 +261,10 @@ def test_cli_batches_a_jsonl_file_of_prompts_in_bfloat16(kept_export, tmp_path, 
     (["--file", "{missing}"], "does not exist"),
     (["--file", "{empty_jsonl}"], "holds no prompts"),
     (["--prompt", "hi", "--tokenizer", "{other_tokenizer}"], "outside the model's vocabulary"),
+    (["--prompt", "hi", "--chat"], "has no chat template (tokenizer_config.json's chat_template or "
+                                   "chat_template.jinja), so it cannot be prompted as a chat; drop --chat"),
+    (["--prompt", "hi", "--system", "Be brief."], "--system is the system message of a chat: add --chat"),
+    (["--file", "{bad_messages}"], "line 1: 'messages' must be a non-empty list"),
 ])
 def test_cli_user_errors_get_one_line(argv, message, kept_export, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
@@ -215,7 +274,10 @@ def test_cli_user_errors_get_one_line(argv, message, kept_export, tmp_path, caps
     (other / "tokenizer.json").write_text(json.dumps({
         "version": "1.0", "model": {"type": "WordLevel", "vocab": {"hi": 5000, "[UNK]": 0}, "unk_token": "[UNK]"},
         "pre_tokenizer": {"type": "Whitespace"}}))
-    names = {"missing": str(tmp_path / "nothing"), "empty_jsonl": str(empty), "other_tokenizer": str(other)}
+    bad_messages = tmp_path / "chat.jsonl"
+    bad_messages.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
+    names = {"missing": str(tmp_path / "nothing"), "empty_jsonl": str(empty), "other_tokenizer": str(other),
+             "bad_messages": str(bad_messages)}
     argv = [a.format(**names) for a in argv]
     if "--model" not in argv:
         argv = ["--model", kept_export[0], *argv]

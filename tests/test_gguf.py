@@ -162,6 +162,55 @@ def test_score_and_generate_read_gguf(gguf_files, capsys):
     assert capsys.readouterr().out.strip()
 
 
+def _greedy_chat(model, tokenizer, messages, max_new: int) -> tuple[list[int], str]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    ids = ids["input_ids"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_new, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.eos_token_id)
+    return ids, tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("name", ["legacy-quants", "k-quants"])
+def test_chat_prompts_and_greedy_answers_equal_transformers(name, gguf_files, capsys):
+    """`generate --chat --system`: the GGUF's chat template rendered and tokenized as Transformers' GGUF tokenizer
+    does (ChatML on byte-level BPE; [INST] with a BOS token on SentencePiece), and the same greedy answer."""
+    from kept_jax.tokenizer import chat_ids
+
+    source = gguf_files[name]
+    model, tokenizer = _transformers(source)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Return the object."}]
+    if name == "k-quants":
+        messages = messages[1:]  # the [INST] template has no system turn
+    reference_ids, answer = _greedy_chat(model, tokenizer, messages, 12)
+    ours, _ = chat_ids(open_checkpoint(source).files_dir, [messages])
+    if name == "legacy-quants":
+        assert ours == [reference_ids]
+    else:  # SentencePiece after a special token: llama.cpp's and SentencePiece's '▁', which Transformers drops
+        assert load_tokenizer(open_checkpoint(source).files_dir, "llama").decode(ours[0]) == \
+            tokenizer.decode(reference_ids, skip_special_tokens=True)
+        return
+    argv = ["--model", source, "--chat", "--prompt", "Return the object.", "--max-new-tokens", "12",
+            "--system", "Be brief."]
+    assert generate.main(argv) == 0
+    assert capsys.readouterr().out == answer + "\n"
+
+
+def test_jsonl_conversations_stop_at_the_templates_end_token(gguf_files, tmp_path, capsys):
+    source = gguf_files["legacy-quants"]
+    model, tokenizer = _transformers(source)
+    conversations = [[{"role": "user", "content": text}] for text in ("Return the object.", "NAME", "Parse it.")]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    assert generate.main(["--model", source, "--file", str(path), "--batch", "2", "--max-new-tokens", "16"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for row, conversation in zip(rows, conversations):
+        ids, answer = _greedy_chat(model, tokenizer, conversation, 16)
+        assert row["completion"] == answer
+        assert (row["stop"] == "eos") == (row["new_tokens"] < 16)
+
+
 def _bad_gguf(tmp_path, vocabs, **changes) -> str:
     hf = {**TINY, "vocab_size": len(vocabs["bpe"]["tokens"]), "tie_word_embeddings": True}
     vocab = changes.pop("vocab", vocabs["bpe"])
