@@ -30,6 +30,25 @@ def llama_checkpoint(tmp_path_factory, sp_model):
     return path, model
 
 
+@pytest.fixture(scope="session")
+def orion_bpe_checkpoint(tmp_path_factory):
+    """(directory, torch reference model) of the tiny Orion with a byte-level BPE tokenizer.json, as SmolLM ships
+    one (tokenizer_config.json naming GPT2Tokenizer, a ChatML template). Do not modify."""
+    model = fx.make_orion_reference(fx.base_config("tiny-orion"), seed=1)
+    path = fx.save_orion(model, str(tmp_path_factory.mktemp("ckpt") / "orion-bpe"))
+    fx.add_byte_level_tokenizer(path, model.config.vocab_size)
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def llama_bpe_checkpoint(tmp_path_factory):
+    """(directory, torch model) of the tiny Llama with the same byte-level BPE tokenizer. Do not modify."""
+    model = fx.make_llama(fx.base_config("tiny-llama"), seed=2)
+    path = fx.save_llama(model, str(tmp_path_factory.mktemp("ckpt") / "llama-bpe"))
+    fx.add_byte_level_tokenizer(path, model.config.vocab_size)
+    return path, model
+
+
 @pytest.fixture
 def orion_copy(orion_checkpoint, tmp_path) -> str:
     """A private copy of the tiny Orion directory that a test may damage."""

@@ -179,24 +179,44 @@ INST_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['rol
 K_QUANT_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
-def train_byte_level_bpe(vocab_size: int = 600, digits: bool = True) -> dict[str, Any]:
-    """A byte-level BPE vocabulary (as GGUF stores one: tokens in the byte alphabet, merges "a b", types) with
-    ChatML's special tokens first; with `digits`, trained as SmolLM's is, each digit on its own."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+CHATML_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def byte_level_bpe(vocab_size: int = 600, digits: bool = True):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on the docstring corpus with ChatML's special tokens first; with
+    `digits`, each digit on its own, as SmolLM's tokenizer.json splits text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
                                if digits else byte_level)
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=CHATML_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(docstring_corpus().splitlines(), trainer)
-    model = json.loads(tokenizer.to_str())["model"]
+    return tokenizer
+
+
+def add_byte_level_tokenizer(model_dir: str, vocab_size: int) -> None:
+    """The tokenizer files a SmolLM-style checkpoint ships: tokenizer.json (byte-level BPE) and tokenizer_config.json
+    naming GPT2Tokenizer, with ChatML's tokens and chat template."""
+    tokenizer = byte_level_bpe(vocab_size)
+    assert tokenizer.get_vocab_size() == vocab_size
+    tokenizer.save(os.path.join(model_dir, "tokenizer.json"))
+    with open(os.path.join(model_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                   "unk_token": "<|endoftext|>", "pad_token": "<|im_end|>", "add_prefix_space": False,
+                   "model_max_length": 2048, "chat_template": CHATML_TEMPLATE}, f, indent=2)
+
+
+def train_byte_level_bpe(vocab_size: int = 600, digits: bool = True) -> dict[str, Any]:
+    """A byte-level BPE vocabulary as GGUF stores one: tokens in the byte alphabet, merges "a b", types."""
+    model = json.loads(byte_level_bpe(vocab_size, digits).to_str())["model"]
     tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     return {"model": "gpt2", "pre": "smollm" if digits else "gpt-2", "tokens": tokens, "merges": merges,
-            "types": [3 if t in special else 1 for t in tokens], "bos": 1, "eos": 2, "unk": 0, "pad": 2,
+            "types": [3 if t in CHATML_TOKENS else 1 for t in tokens], "bos": 1, "eos": 2, "unk": 0, "pad": 2,
             "add_bos": False, "chat_template": CHATML_TEMPLATE}
 
 

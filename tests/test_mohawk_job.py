@@ -1,5 +1,6 @@
 """`python -m kept_jax.train` with recipe: mohawk: Orion -> Llama -> Llamba in one job, three stages on the one
-step, an export the float64 oracle agrees with, and a resume in the middle of a stage that is bit-identical.
+step, an export the float64 oracle agrees with, and a resume in the middle of a stage that is bit-identical. The
+Orion has a byte-level BPE tokenizer.json (the KEPT job test's has SentencePiece), which the export carries.
 
 The stages here train different sets on purpose (stage 2 only the MLPs), so that the mixers stage 1 trained are
 frozen in stage 2 and must come back from the checkpoint, not from the conversion.
@@ -36,13 +37,13 @@ def job_args(source, out):
 
 
 @pytest.fixture(scope="module")
-def reference(orion_checkpoint, tmp_path_factory):
+def reference(orion_bpe_checkpoint, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("mohawk") / "reference")
-    assert train.main(job_args(orion_checkpoint[0], out)) == 0
+    assert train.main(job_args(orion_bpe_checkpoint[0], out)) == 0
     return out
 
 
-def test_three_stages_export_a_llamba_the_oracle_agrees_with(reference):
+def test_three_stages_export_a_llamba_the_oracle_agrees_with(reference, orion_bpe_checkpoint):
     summary = json.load(open(os.path.join(reference, "summary.json")))
     assert summary["recipe"] == "mohawk" and summary["steps"] == TOTAL
     assert [s["name"] for s in summary["stages"]] == ["matrix", "hidden", "kd"]
@@ -57,13 +58,16 @@ def test_three_stages_export_a_llamba_the_oracle_agrees_with(reference):
     assert all("kl" not in r for r in records if r["split"] == "train" and r["stage"] != "kd")
     assert [r["step"] for r in records if r["split"] == "eval"] == [0, 4, 10, 14]
     config, params, _ = load_checkpoint(os.path.join(reference, "export"))
-    assert config.architecture == "llamba" and os.path.isfile(os.path.join(reference, "export", "tokenizer.json"))
+    assert config.architecture == "llamba"
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the teacher's byte-level BPE, byte for byte
+        assert open(os.path.join(reference, "export", name), "rb").read() == \
+            open(os.path.join(orion_bpe_checkpoint[0], name), "rb").read()
     assert os.path.isfile(os.path.join(reference, "report.png"))
 
 
-def test_stage_resume_is_bit_identical(orion_checkpoint, reference, tmp_path):
+def test_stage_resume_is_bit_identical(orion_bpe_checkpoint, reference, tmp_path):
     out = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, "-m", "kept_jax.train", *job_args(orion_checkpoint[0], out)],
+    proc = subprocess.Popen([sys.executable, "-m", "kept_jax.train", *job_args(orion_bpe_checkpoint[0], out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_checkpoint(proc, out, 6, timeout=300)  # inside stage 2 (steps 5-10)
     proc.kill()
@@ -74,7 +78,7 @@ def test_stage_resume_is_bit_identical(orion_checkpoint, reference, tmp_path):
     # run would restart stage 2 from the converted mixers and not match the reference.
     assert os.path.isdir(os.path.join(out, "checkpoints", str(killed_after), "carried")) or killed_after > 10
 
-    proc = subprocess.Popen([sys.executable, "-m", "kept_jax.train", *job_args(orion_checkpoint[0], out)],
+    proc = subprocess.Popen([sys.executable, "-m", "kept_jax.train", *job_args(orion_bpe_checkpoint[0], out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
