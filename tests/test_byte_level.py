@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from bridge.checkpoint import load_checkpoint_tokenizer
 from kept_jax import convert, corpus, generate, score
