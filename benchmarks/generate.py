@@ -1,13 +1,20 @@
 """Decode speed and memory against context length and batch size: a Llama and a Llamba of the same width and depth,
 side by side in one run, and Transformers' own `generate` on the same Llama shape as the baseline.
 
-    python -m benchmarks.generate [--layers 2] [--contexts 1024,2048,4096,8192,16384,32768]
+    python -m benchmarks.generate [--shapes 1b|smollm2-135m] [--layers 2] [--contexts 1024,2048,4096,8192,16384,32768]
                                   [--batches 1,4,16,64,256] [--batch-context 1024] [--steps 32] [--reps 3]
                                   [--dtype float32] [--hf-max-context 8192] [--fit-memory 80GiB]
                                   [--fit-contexts 8192,32768] [--fit-dtype bfloat16] [--no-save]
 
-Shapes: `configs/models/llama-3.2-1b-instruct.json` and `configs/models/llamba-1b.json` (d_model 2048, 32 heads x
-64, MLP 8192, vocabulary 128,256, tied), cut to `--layers` layers (the full 16 on a GPU), random weights.
+Shapes (random weights): `1b`, `configs/models/llama-3.2-1b-instruct.json` and `configs/models/llamba-1b.json`
+(d_model 2048, 32 heads x 64, MLP 8192, vocabulary 128,256, tied), cut to `--layers` layers (default 4; the full 16
+on a GPU); `smollm2-135m`, the real SmolLM2-135M-Instruct's shape and the Llamba `convert --to llamba` makes of it
+(`configs/models/smollm2-135m-instruct.json`, `llamba-smollm2-135m.json`: d_model 576, 9 heads x 64, MLP 1536,
+vocabulary 49,152, tied), at full depth (30 layers) by default.
+
+Batch 1 is also timed streamed, as `python -m kept_jax.generate` streams one row: the same compiled loop called for
+one step at a time, the ids fetched to the host and the text so far decoded after each token (a stand-in decoder
+that writes the ids as text, so that no tokenizer file is needed); its tokens/s is the wall time a user waits.
 
 kept_jax (both models): the compiled decode loop that `python -m kept_jax.generate` runs (`Generator.advance`, a
 `lax.while_loop` of one-token steps, the state donated), timed for `--steps` tokens per row from a state that
@@ -44,14 +51,17 @@ from kept_jax.memory import compiled_peak_bytes
 from kept_jax.models import build_model
 
 MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
-SHAPES = {"llama": "llama-3.2-1b-instruct.json", "llamba": "llamba-1b.json"}
+SHAPES = {"1b": {"llama": "llama-3.2-1b-instruct.json", "llamba": "llamba-1b.json", "layers": 4},
+          "smollm2-135m": {"llama": "smollm2-135m-instruct.json", "llamba": "llamba-smollm2-135m.json", "layers": None}}
 GIB = 2**30
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.generate", description=__doc__.split("\n\n")[0])
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--shapes", default="1b", choices=tuple(SHAPES))
+    p.add_argument("--layers", type=int, help="cut the models to this many layers (default: 4 for 1b, all for "
+                                             "smollm2-135m)")
     p.add_argument("--contexts", type=ints, default=[1024, 2048, 4096, 8192, 16384, 32768])
     p.add_argument("--batches", type=ints, default=[1, 4, 16, 64, 256])
     p.add_argument("--batch-context", type=int, default=4096, help="context of the batch sweep")
@@ -70,8 +80,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def model_config(name: str, layers: int | None, dtype: str) -> ModelConfig:
-    with open(os.path.join(MODELS, SHAPES[name]), encoding="utf-8") as f:
+def model_config(shapes: str, name: str, layers: int | None, dtype: str) -> ModelConfig:
+    with open(os.path.join(MODELS, SHAPES[shapes][name]), encoding="utf-8") as f:
         hf = json.load(f)
     config = ModelConfig.from_hf_dict(hf, compute_dtype=dtype, param_dtype=dtype, scan_layers=False)
     if name == "llama":  # room for the longest context measured; the rope is the same function of position
@@ -129,6 +139,39 @@ def measure_jax(name, config, params, batch, context, steps, reps, limit) -> dic
             "times_s": times[1:]}
 
 
+class IdsAsText:
+    """The stand-in detokenizer of the streamed measurement: the ids written out as text."""
+
+    @staticmethod
+    def decode(ids):
+        return " ".join(map(str, ids))
+
+
+def measure_streamed(name, config, params, context, steps, reps) -> dict:
+    """Batch 1 as the command line streams it: `steps` calls of the one-step loop, each followed by the host fetch
+    and the decode of the text so far (`Streamer.on_step`, its output discarded); wall time, median of `reps`."""
+    import contextlib
+    import io
+
+    from kept_jax.generate import Streamer
+
+    compiled = compiled_loop(Generator(config), params, decode_state(config, 1, context, steps, abstract=True))
+    times = []
+    for _ in range(reps + 1):
+        state = jax.block_until_ready(decode_state(config, 1, context, steps))
+        stream = Streamer(IdsAsText(), ())
+        with contextlib.redirect_stdout(io.StringIO()):
+            began = time.perf_counter()
+            for _ in range(steps):
+                state = compiled(params, state, np.int32(1))
+                stream.on_step(np.asarray(state.tokens), int(state.count))
+            times.append(time.perf_counter() - began)
+        del state
+    seconds = float(np.median(times[1:]))
+    return {"model": name, "impl": "kept_jax streamed", "context": context, "batch": 1, "steps": steps,
+            "tokens_per_s": steps / seconds, "ms_per_step": 1000 * seconds / steps, "times_s": times[1:]}
+
+
 def measure_transformers(config, batch, context, steps) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
@@ -163,9 +206,9 @@ def measure_transformers(config, batch, context, steps) -> dict:
             "peak_GiB": (cache + params) / GIB, "state_GiB": cache / GIB}
 
 
-def largest_batch(name: str, context: int, dtype: str, budget: int) -> dict:
+def largest_batch(shapes: str, name: str, context: int, dtype: str, budget: int) -> dict:
     """Compile (not run) the full-depth decode loop: memory is affine in the batch; two points give the line."""
-    config = model_config(name, None, dtype)
+    config = model_config(shapes, name, None, dtype)
     params = jax.eval_shape(lambda: random_params(config))
     generator = Generator(config)
 
@@ -207,7 +250,8 @@ def plot(result: dict, path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     env = result["environment"]
-    fig.suptitle(f"Decode, 1B shapes x {result['settings']['layers']} layers, {result['settings']['dtype']}, "
+    fig.suptitle(f"Decode, {result['settings']['shapes']} shapes x {result['settings']['layers']} layers, "
+                 f"{result['settings']['dtype']}, "
                  f"{env['device']} ({env['cpu_count']} cores), {env['date']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -224,18 +268,22 @@ def _series(points, axis, other, fixed) -> dict:
 def run(args) -> dict:
     points = []
     limit = parse_memory(args.memory_limit)
+    layers = args.layers or SHAPES[args.shapes]["layers"]
     for name in ("llama", "llamba"):
-        config = model_config(name, args.layers, args.dtype)
+        config = model_config(args.shapes, name, layers, args.dtype)
         params = Generator.prepare(random_params(config))
         for sweep, sizes in (("context", args.contexts), ("batch", args.batches)):
             for size in sizes:
                 batch, context = (1, size) if sweep == "context" else (size, args.batch_context)
                 steps = max(4, min(args.steps, 512 // batch))
-                row = measure_jax(name, config, params, batch, context, steps, args.reps, limit)
-                points.append({**row, "sweep": sweep})
-                print(json.dumps({k: v for k, v in row.items() if k != "times_s"}), flush=True)
+                rows = [measure_jax(name, config, params, batch, context, steps, args.reps, limit)]
+                if sweep == "context" and rows[0]["fits"]:
+                    rows.append(measure_streamed(name, config, params, context, steps, args.reps))
+                for row in rows:
+                    points.append({**row, "sweep": sweep})
+                    print(json.dumps({k: v for k, v in row.items() if k != "times_s"}), flush=True)
         del params
-    config = model_config("llama", args.layers, args.dtype)
+    config = model_config(args.shapes, "llama", layers, args.dtype)
     for context in [c for c in args.contexts if c <= args.hf_max_context]:
         row = measure_transformers(config, 1, context, args.steps)
         points.append({**row, "sweep": "context"})
@@ -250,16 +298,16 @@ def run(args) -> dict:
         budget = parse_memory(args.fit_memory)
         for context in args.fit_contexts:
             for name in ("llama", "llamba"):
-                fits.append(largest_batch(name, context, args.fit_dtype, budget))
+                fits.append(largest_batch(args.shapes, name, context, args.fit_dtype, budget))
                 print(json.dumps(fits[-1]), flush=True)
     result = {"benchmark": "generate", "environment": environment(), "settings": {
-        "layers": args.layers, "dtype": args.dtype, "steps": args.steps, "reps": args.reps,
+        "shapes": args.shapes, "layers": config.num_hidden_layers, "dtype": args.dtype, "steps": args.steps, "reps": args.reps,
         "batch_context": args.batch_context, "hf_max_context": args.hf_max_context,
         "hf_max_batch": args.hf_max_batch, "memory_limit": args.memory_limit},
         "points": points, "largest_batch": fits}
     result["summary"] = summarize(points)
     if not args.no_save:
-        path = write_result("generate", result)
+        path = write_result("generate" if args.shapes == "1b" else f"generate-{args.shapes}", result)
         plot(result, path.removesuffix(".json") + ".png")
         print(f"wrote {path} and its plot", flush=True)
     print(json.dumps(result["summary"], indent=1))
@@ -267,8 +315,8 @@ def run(args) -> dict:
 
 
 def summarize(points) -> dict:
-    """Batch-1 decode tokens/s by context per model, Llamba's speedup over kept_jax's Llama, and each model's change
-    from the shortest to the longest context."""
+    """Batch-1 decode tokens/s by context per model (streamed too), Llamba's speedup over kept_jax's Llama, and each
+    model's change from the shortest to the longest context."""
     by = {}
     for r in points:
         if r["sweep"] == "context" and "tokens_per_s" in r:
