@@ -117,10 +117,9 @@ def state_bytes(config: ModelConfig, batch: int, length: int) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
 
 
-def measure_jax(name, config, params, batch, context, steps, reps, limit) -> dict:
+def measure_jax(name, config, params, batch, context, steps, reps, limit, compiled) -> dict:
     """The compiled loop's memory; then, when it fits in `limit` bytes, its median time over `reps` runs, each from
     a fresh state (the loop consumes its state)."""
-    compiled = compiled_loop(Generator(config), params, decode_state(config, batch, context, steps, abstract=True))
     peak, state_size = compiled_peak_bytes(compiled), state_bytes(config, batch, context + steps)
     row = {"model": name, "impl": "kept_jax", "context": context, "batch": batch, "steps": steps,
            "peak_GiB": peak / GIB, "state_GiB": state_size / GIB}
@@ -147,7 +146,7 @@ class IdsAsText:
         return " ".join(map(str, ids))
 
 
-def measure_streamed(name, config, params, context, steps, reps) -> dict:
+def measure_streamed(name, config, params, context, steps, reps, compiled) -> dict:
     """Batch 1 as the command line streams it: `steps` calls of the one-step loop, each followed by the host fetch
     and the decode of the text so far (`Streamer.on_step`, its output discarded); wall time, median of `reps`."""
     import contextlib
@@ -155,7 +154,6 @@ def measure_streamed(name, config, params, context, steps, reps) -> dict:
 
     from kept_jax.generate import Streamer
 
-    compiled = compiled_loop(Generator(config), params, decode_state(config, 1, context, steps, abstract=True))
     times = []
     for _ in range(reps + 1):
         state = jax.block_until_ready(decode_state(config, 1, context, steps))
@@ -276,9 +274,11 @@ def run(args) -> dict:
             for size in sizes:
                 batch, context = (1, size) if sweep == "context" else (size, args.batch_context)
                 steps = max(4, min(args.steps, 512 // batch))
-                rows = [measure_jax(name, config, params, batch, context, steps, args.reps, limit)]
+                compiled = compiled_loop(Generator(config), params,
+                                         decode_state(config, batch, context, steps, abstract=True))
+                rows = [measure_jax(name, config, params, batch, context, steps, args.reps, limit, compiled)]
                 if sweep == "context" and rows[0]["fits"]:
-                    rows.append(measure_streamed(name, config, params, context, steps, args.reps))
+                    rows.append(measure_streamed(name, config, params, context, steps, args.reps, compiled))
                 for row in rows:
                     points.append({**row, "sweep": sweep})
                     print(json.dumps({k: v for k, v in row.items() if k != "times_s"}), flush=True)
