@@ -239,7 +239,7 @@ def plot(result: dict, path: str) -> None:
               ("batch", result["settings"]["batch_context"], "tokens_per_s", "decode tokens/s vs batch"))
     for ax, (axis, fixed, metric, title) in zip(axes, sweeps):
         other = "batch" if axis == "context" else "context"
-        for label, rows in _series(result["points"], axis, other, fixed).items():
+        for label, rows in _series(result["points"], axis, other, fixed, metric).items():
             ax.plot([r[axis] for r in rows], [r[metric] for r in rows], marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -255,10 +255,10 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _series(points, axis, other, fixed) -> dict:
+def _series(points, axis, other, fixed, metric) -> dict:
     series = {}
     for r in sorted(points, key=lambda r: r[axis]):
-        if r[other] == fixed and r.get("sweep") == axis and "tokens_per_s" in r:
+        if r[other] == fixed and r.get("sweep") == axis and metric in r:
             series.setdefault(f"{r['model']} ({r['impl']})", []).append(r)
     return series
 
