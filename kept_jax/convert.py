@@ -284,6 +284,10 @@ def convert_all(args) -> tuple[Any, list[ConversionResult], dict]:
     kind = conversion_kind(args, source_config)
     dtype = export_dtype(args, source_config)
     teacher_config = load_config(args.source, compute_dtype=dtype, param_dtype=dtype)
+    info = {"source": os.path.abspath(args.source), "to": args.to, "dtype": dtype, "timings_s": {}}
+    if kind == "copy":  # every weight written as read, and both models run in one dtype: KL 0 by construction
+        args.no_eval = True
+        info["not_evaluated"] = "a copy: the teacher's own weights, KL 0 by construction"
     reads_text = (kind == "opm" and not args.calib_ids) or (not args.no_eval and not args.eval_ids)
     tokenizer = load_checkpoint_tokenizer(args.source, source_config.architecture, (
         "calibration and evaluation read text. Give token ids instead, .npy arrays: --calib-ids FILE (--to llama) and "
@@ -291,7 +295,6 @@ def convert_all(args) -> tuple[Any, list[ConversionResult], dict]:
 
     eval_file = args.eval_ids or args.eval_file or corpus.HELDOUT
     calib_rows, skip = None, 0
-    info = {"source": os.path.abspath(args.source), "to": args.to, "dtype": dtype, "timings_s": {}}
     if kind == "opm":
         calib_file = args.calib_ids or args.calib or corpus.HELDOUT
         calib_rows = held_rows(calib_file, bool(args.calib_ids), tokenizer, source_config, args.seq_len, 0,
@@ -368,7 +371,7 @@ def summary_table(results: list[ConversionResult], info: dict) -> str:
     for r in results:
         m = r.metrics
         if not m:
-            lines.append(f"{r.strategy:<11} not evaluated (--no-eval)")
+            lines.append(f"{r.strategy:<11} not evaluated ({info.get('not_evaluated', '--no-eval')})")
             continue
         lines.append(f"{r.strategy:<11} {m['kl']:>18.3e} {m['agreement']:>12.2%} {m['teacher_ppl']:>12.3f} "
                      f"{m['student_ppl']:>14.3f}")

@@ -146,7 +146,7 @@ def test_convert_writes_a_transformers_llama(gguf_files, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, out = gguf_files["legacy-quants"], str(tmp_path / "llama")
-    assert convert.main(["--source", source, "--out", out, "--eval-tokens", "512"]) == 0
+    assert convert.main(["--source", source, "--out", out]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "generation_config.json"} <= set(os.listdir(out))
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False, dtype=torch.float32).eval()
@@ -163,7 +163,8 @@ def test_convert_writes_a_transformers_llama(gguf_files, tmp_path):
         gguf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert json.load(open(os.path.join(out, "generation_config.json")))["eos_token_id"] == 2
     report = json.load(open(os.path.join(out, "conversion_report.json")))
-    assert report["dtype"] == "float32" and report["strategies"]["copy"]["kl"] < 1e-9
+    assert report["dtype"] == "float32" and "kl" not in report["strategies"]["copy"]
+    assert report["not_evaluated"].startswith("a copy")
 
 
 def test_score_and_generate_read_gguf(gguf_files, capsys):
