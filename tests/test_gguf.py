@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bridge import gguf_import
-from bridge.checkpoint import load_checkpoint, open_checkpoint
+from bridge.checkpoint import load_checkpoint, load_checkpoint_tokenizer, open_checkpoint
 from kept_jax import convert, corpus, generate, score
 from kept_jax.models import build_model
 from kept_jax.tokenizer import load_tokenizer
@@ -173,6 +173,26 @@ def test_score_and_generate_read_gguf(gguf_files, capsys):
     assert "perplexity:" in capsys.readouterr().out
     assert generate.main(["--model", source, "--prompt", "Return the", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_mohawk_job_distills_a_gguf_teacher(gguf_files, tmp_path):
+    """`train` with a GGUF source: the Llama teacher dequantized in memory, a Llamba distilled from it, exported
+    with the GGUF's tokenizer and chat template, and verified against the float64 oracle."""
+    from kept_jax import train
+    from tests.test_mohawk_job import TINY_LLAMBA
+
+    source, out = gguf_files["legacy-quants"], str(tmp_path / "run")
+    assert train.main(["--config", TINY_LLAMBA, "--out", out, f"source={source}",
+                       "stages=[{name: kd, objective: kl, tokens: 256, lr: 1.0e-4, trainable: all}]",
+                       "data.seq_len=32", "data.batch_size=4", "data.calib_tokens=256", "data.eval_tokens=256"]) == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["verified"] is True and summary["steps"] == 2
+    export = os.path.join(out, "export")
+    assert load_checkpoint(export)[0].architecture == "llamba"
+    template = json.load(open(os.path.join(open_checkpoint(source).files_dir, "tokenizer_config.json")))
+    assert json.load(open(os.path.join(export, "tokenizer_config.json")))["chat_template"] == template["chat_template"]
+    text = corpus.read_documents(corpus.HELDOUT)[0][:300]
+    assert load_tokenizer(export, "llamba").encode(text) == load_checkpoint_tokenizer(source, "llama").encode(text)
 
 
 def _greedy_chat(model, tokenizer, messages, max_new: int) -> tuple[list[int], str]:
