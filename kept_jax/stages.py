@@ -11,6 +11,8 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from kept_jax.errors import KeptError
@@ -46,9 +48,25 @@ def wsd_schedule(lr: float, steps: int, warmup: float, decay: float) -> optax.Sc
                                  optax.linear_schedule(lr, WSD_END, max(n_decay, 1))], [n_warm, n_warm + n_stable])
 
 
+def decay_where_updated(weight_decay: float) -> optax.GradientTransformation:
+    """AdamW's decoupled weight decay, on the leaves Adam moves this step only: a leaf that never had a gradient
+    stays exactly as it is, as PyTorch's AdamW skips a parameter without a gradient (MOHAWK's stage 1 trains the
+    mixers' input side; out_proj and z_bias are outside its graph and must not shrink)."""
+    def update(updates, state, params):
+        def decayed(u, p):
+            return u + jnp.where(jnp.any(u != 0), weight_decay, 0.0).astype(u.dtype) * p
+
+        return jax.tree.map(decayed, updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def stage_optimizer(schedule: optax.Schedule, weight_decay: float, clip: float) -> optax.GradientTransformation:
-    return optax.chain(optax.clip_by_global_norm(clip),
-                       optax.adamw(schedule, b1=ADAM_B1, b2=ADAM_B2, weight_decay=weight_decay))
+    """MOHAWK's AdamW (0.9, 0.95, eps 1e-8) on `schedule`, global-norm clipped at `clip` (0: not clipped, as the
+    reference trains), with the weight decay of `decay_where_updated`."""
+    adamw = optax.chain(optax.scale_by_adam(b1=ADAM_B1, b2=ADAM_B2, eps=1e-8), decay_where_updated(weight_decay),
+                        optax.scale_by_learning_rate(schedule))
+    return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
 
 
 def plan_stages(cfg) -> list[Stage]:
@@ -64,7 +82,7 @@ def plan_stages(cfg) -> list[Stage]:
         steps = max(1, math.ceil(s.tokens / cfg.data.tokens_per_step))
         schedule = wsd_schedule(s.lr, steps, s.warmup, s.decay)
         stages.append(Stage(s.name, s.objective, start, steps, s.trainable, schedule,
-                            stage_optimizer(schedule, s.weight_decay, t.clip)))
+                            stage_optimizer(schedule, s.weight_decay, s.clip)))
         start += steps
     return stages
 

@@ -116,7 +116,8 @@ class StageConfig:
     trainable: str | tuple[str, ...] = "all"  # a named set, or regular expressions over parameter paths
     warmup: float = 0.1  # the fraction of the stage's steps that warms up linearly from 0
     decay: float = 0.1  # the fraction at the end that decays linearly to 1e-8
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # decoupled, on the leaves with a gradient (kept_jax.stages.decay_where_updated)
+    clip: float = 0.0  # the global gradient norm's bound; 0: not clipped (the reference's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +200,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "loss.forward_kl": (0, INF, False), "loss.reverse_kl": (0, INF, False), "loss.jsd": (0, INF, False),
     "loss.ce": (0, INF, False), "loss.temperature": (0, INF, True), "loss.chunk_size": (1, INF, False),
     "stages.tokens": (1, INF, False), "stages.lr": (0, INF, True), "stages.warmup": (0, 1, False),
-    "stages.decay": (0, 1, False), "stages.weight_decay": (0, INF, False),
+    "stages.decay": (0, 1, False), "stages.weight_decay": (0, INF, False), "stages.clip": (0, INF, False),
     "data.train.weight": (0, INF, True), "data.eval.weight": (0, INF, True),
 }
 
@@ -344,9 +345,9 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> tuple[Job
             value = text
         _set_dotted(raw, key.strip(), value)
     cfg = _build(JobConfig, raw)
-    if cfg.recipe == "mohawk" and {"steps", "warmup", "lr", "weight_decay"} & set(raw.get("train") or {}):
-        raise KeptError("recipe: mohawk takes each stage's tokens, lr and weight_decay from stages:, not "
-                        "train.steps/warmup/lr/weight_decay; remove those keys")
+    if cfg.recipe == "mohawk" and {"steps", "warmup", "lr", "weight_decay", "clip"} & set(raw.get("train") or {}):
+        raise KeptError("recipe: mohawk takes each stage's tokens, lr, weight_decay and clip from stages:, not "
+                        "train.steps/warmup/lr/weight_decay/clip; remove those keys")
     if cfg.recipe == "mohawk" and {"trainable", "lora"} & set(raw):
         raise KeptError("recipe: mohawk trains each stage's own set (stages[i].trainable); remove the top-level "
                         "trainable and lora keys, which are the kept recipe's")

@@ -216,15 +216,17 @@ def test_generation_steps_and_a_prefill_continue_the_sequence():
         assert _relative_error(np.concatenate(outputs, axis=1), full) <= FP32_RELATIVE, prefill
 
 
-def test_mixing_matrix_is_what_the_mixer_applies():
-    """y = M x per head (D on the diagonal), and M is causal."""
+@pytest.mark.parametrize("form", ["chunked", "recurrent"])
+def test_mixing_matrix_is_what_the_mixer_applies(form):
+    """MOHAWK's stage-1 matrix is the one the forward computes: y = M x per head (D on the diagonal) gives the
+    chunked and the recurrent forward's output, and M is causal."""
     config, params, u = _mixer()
     module = DiscreteMamba2(config)
     m = module.apply({"params": params}, u, method="mixing_matrix")
     x, _, _, z, _, _ = module.apply({"params": params}, u, None, method="_inputs")
     y = jnp.einsum("bhts,bshp->bthp", m, x)
     out = module.apply({"params": params}, y - params["D"][:, None] * x, x, z, method="_output")
-    assert _relative_error(out, np.asarray(_forward(config, "chunked", params, u), np.float64)) <= FP32_RELATIVE
+    assert _relative_error(out, np.asarray(_forward(config, form, params, u), np.float64)) <= FP32_RELATIVE
     assert np.all(np.asarray(m)[..., np.triu_indices(u.shape[1], 1)[0], np.triu_indices(u.shape[1], 1)[1]] == 0)
 
 

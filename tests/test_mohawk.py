@@ -9,11 +9,13 @@ Stage 1's memory does not grow with depth: one layer's [batch, heads, T, T] at a
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import traverse_util
 
 from kept_jax.models import LlamaConfig, LlambaConfig, build_model, init_params
 from kept_jax.models.llamba import BLOCK_NORM_EPS
+from kept_jax.stages import stage_optimizer
 from kept_jax.xkd.objectives import HiddenAlignment, MatrixOrientation
 from tests import fixtures as fx
 
@@ -214,3 +216,24 @@ def test_matrix_orientation_memory_does_not_grow_with_depth():
         temp[layers] = fn.lower(s_params).compile().memory_analysis().temp_size_in_bytes
     one_matrix = 1 * student.config.n_v_heads * seq * seq * 4
     assert temp[6] - temp[2] < one_matrix, (temp, one_matrix)
+
+
+def test_stage_optimizer_moves_only_what_has_a_gradient():
+    """A stage's AdamW is optax.adamw (no clipping by default) on the leaves the objective reaches; a leaf outside
+    its graph (stage 1: out_proj, z_bias, the MLPs) is not decayed either, as PyTorch's AdamW skips it."""
+    teacher, student, t_params, s_params = _models()
+    objective = MatrixOrientation(teacher, student)
+    grads = jax.grad(lambda s: _kept_mean_loss(objective, t_params, s, TOKENS))(s_params)
+    optimizer = stage_optimizer(optax.constant_schedule(1e-2), weight_decay=0.1, clip=0.0)
+    updates, _ = optimizer.update(grads, optimizer.init(s_params), s_params)
+    adamw = optax.adamw(1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
+    expected, _ = adamw.update(grads, adamw.init(s_params), s_params)
+    flat_grads, flat_expected = traverse_util.flatten_dict(grads), traverse_util.flatten_dict(expected)
+    still = set()
+    for path, update in traverse_util.flatten_dict(updates).items():
+        if np.any(np.asarray(flat_grads[path]) != 0):
+            np.testing.assert_allclose(update, flat_expected[path], rtol=1e-6, atol=1e-9, err_msg=str(path))
+        else:
+            assert np.all(np.asarray(update) == 0), path
+            still.add("/".join(path[2:]))
+    assert {"mixer/out_proj/kernel", "mixer/z_bias", "mlp/down_proj/kernel"} <= still
