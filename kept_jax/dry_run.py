@@ -114,8 +114,9 @@ def plan(cfg, devices: int | None = None) -> dict:
     if cfg.recipe == "mohawk":
         return plan_mohawk(cfg, devices)
     from kept_jax import sharding
-    from kept_jax.mapping import build_mapping, target_config
+    from kept_jax.mapping import build_mapping
     from kept_jax.models.params import abstract_params
+    from kept_jax.stages import check_trainable_sets, job_models
     from kept_jax.xkd.trainable import init_lora, split_by_paths
 
     layout_path, teacher_config = _source_layout(cfg)
@@ -123,7 +124,8 @@ def plan(cfg, devices: int | None = None) -> dict:
         raise KeptError(f"source must be an Orion checkpoint; {layout_path} describes {teacher_config.architecture!r}")
     mapping = build_mapping(cfg.opm, teacher_config, stats={})  # rules only: statistics are read when applied
     mapping.check()
-    student_config = target_config(teacher_config, cfg.opm).replace(lora_scale=cfg.lora.alpha / cfg.lora.rank)
+    student_config = job_models(cfg, teacher_config)[1].replace(lora_scale=cfg.lora.alpha / cfg.lora.rank)
+    check_trainable_sets(cfg, student_config)
     # Shapes do not depend on the attention kernel, and cudnn cannot even be traced without a GPU.
     teacher_config, student_config = (c.replace(attention_impl="xla") for c in (teacher_config, student_config))
 
@@ -135,8 +137,6 @@ def plan(cfg, devices: int | None = None) -> dict:
     teacher_flat = traverse_util.flatten_dict({"params": teacher})
     split = split_by_paths(student, teacher, cfg.trainable, mapping.shared_with_teacher())
     trainable, own, shared = split.trainable, split.frozen, split.shared
-    if not trainable:
-        raise KeptError(f"trainable={cfg.trainable!r} selects no parameter of the student; check the patterns")
 
     devices, mesh_sizes = _mesh_sizes(cfg, devices)
     teacher_bytes, student_bytes = _placement(cfg, mesh_sizes, teacher_config, student_config)
@@ -240,18 +240,15 @@ def plan_mohawk(cfg, devices: int | None = None) -> dict:
     from kept_jax import sharding
     from kept_jax.mapping.llamba_init import build_llamba_mapping
     from kept_jax.models.params import abstract_params
-    from kept_jax.stages import mohawk_student_config, plan_stages
+    from kept_jax.stages import check_trainable_sets, job_models, plan_stages
     from kept_jax.xkd.trainable import describe, is_trainable, split_by_paths
 
     layout_path, teacher_config = _source_layout(cfg)
-    if teacher_config.architecture == "orion":  # the job converts it to a Llama of the same shape first
-        from kept_jax.mapping import target_config
-
-        teacher_config = target_config(teacher_config, cfg.opm)
-    if teacher_config.architecture != "llama":
+    if teacher_config.architecture not in ("llama", "orion"):
         raise KeptError(f"recipe mohawk starts from a Llama or an Orion; {layout_path} describes "
                         f"{teacher_config.architecture!r}")
-    student_config = mohawk_student_config(cfg, teacher_config)
+    teacher_config, student_config = job_models(cfg, teacher_config)  # an Orion is converted to a Llama first
+    check_trainable_sets(cfg, student_config)
     mapping = build_llamba_mapping(teacher_config, student_config, cfg.mixer_init)
     mapping.check()
     teacher = abstract_params(teacher_config.replace(attention_impl="xla"))
@@ -267,8 +264,6 @@ def plan_mohawk(cfg, devices: int | None = None) -> dict:
         # A leaf an earlier stage trained is the student's own from then on (fp32), no longer the teacher's.
         own_paths = {p: t for p, t in shared_paths.items() if ("params", *p) not in trained}
         split = split_by_paths(student, teacher, stage.trainable, own_paths)
-        if not split.trainable:
-            raise KeptError(f"stage {stage.name}: trainable={stage.trainable!r} selects no parameter of the student")
         own = {k: (jax.ShapeDtypeStruct(v.shape, jnp.float32) if k in trained else v) for k, v in split.frozen.items()}
         memory = _weight_rows(cfg, teacher_weights, own, student_bytes(own),
                               student_bytes(split.trainable, itemsize=4))

@@ -69,6 +69,17 @@ def stage_optimizer(schedule: optax.Schedule, weight_decay: float, clip: float) 
     return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
 
 
+def stage_order_note(cfg) -> str:
+    """A note when a mohawk job's objectives are not in MOHAWK's order (matrix, hidden, kl: each stage starts from
+    what the one before aligned); empty when they are. A different order is allowed (an ablation may want it)."""
+    order = ("matrix", "hidden", "kl")
+    objectives = [s.objective for s in cfg.stages]
+    if objectives == sorted(objectives, key=order.index):
+        return ""
+    return (f"note: the stages' objectives run {' -> '.join(objectives)}, not in MOHAWK's order matrix -> hidden -> "
+            "kl, in which each stage starts from what the one before aligned")
+
+
 def plan_stages(cfg) -> list[Stage]:
     """The job's stages: kept's one (train.*), or mohawk's `stages:` with steps from their token budgets."""
     from kept_jax.xkd.step import make_optimizer, make_schedule
@@ -111,3 +122,33 @@ def mohawk_student_config(cfg, teacher_config):
                         f"{student.n_v_heads} heads and the teacher {heads}; "
                         "give the student n_v_heads equal to the teacher's heads, or drop the matrix stage")
     return student
+
+
+def job_models(cfg, source_config):
+    """(teacher, student) configs of a job from its source's config alone, nothing loaded: kept's Orion and the
+    Llama it becomes; mohawk's Llama teacher (an Orion source converted to one first) and its Llamba."""
+    from kept_jax.mapping import target_config
+
+    if cfg.recipe == "kept":
+        return source_config, target_config(source_config, cfg.opm)
+    teacher = target_config(source_config, cfg.opm) if source_config.architecture == "orion" else source_config
+    return teacher, mohawk_student_config(cfg, teacher)
+
+
+def check_trainable_sets(cfg, student_config) -> None:
+    """Every stage's trainable set selects some parameter of the student: a pattern that matches nothing is refused
+    from the config alone, before the teacher is loaded (the job and its dry run both call this)."""
+    from flax import traverse_util
+
+    from kept_jax.models.params import abstract_params
+    from kept_jax.xkd.trainable import describe, is_trainable
+
+    if cfg.recipe == "kept":  # shapes do not depend on the attention kernel, and cudnn cannot be traced on a CPU
+        student_config = student_config.replace(attention_impl="xla")
+    paths = list(traverse_util.flatten_dict(abstract_params(student_config)))
+    for stage in plan_stages(cfg):
+        if stage.trainable == "lora" or any(is_trainable(("params", *p), stage.trainable) for p in paths):
+            continue
+        example = "/".join(next(p for p in paths if "layers" in p))
+        raise KeptError(f"stage {stage.name}: trainable={describe(stage.trainable)} selects no parameter of the "
+                        f"student ({student_config.architecture}, whose paths are like {example}); check the patterns")

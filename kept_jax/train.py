@@ -73,7 +73,8 @@ class Job:
         from kept_jax.evaluate import batches_of
         from kept_jax.models import build_model
         from kept_jax.recipes import RECIPES
-        from kept_jax.xkd.trainable import is_trainable, shared_leaves
+        from kept_jax.stages import check_trainable_sets, job_models
+        from kept_jax.xkd.trainable import shared_leaves
 
         cfg, d = self.cfg, self.cfg.data
         source = load_config(cfg.source)
@@ -86,6 +87,7 @@ class Job:
             raise KeptError(f"data.seq_len {d.seq_len} is longer than the source's context, max_position_embeddings "
                             f"{source.max_position_embeddings} of {cfg.source}: the teacher was not trained "
                             f"there. Lower data.seq_len, or set data.beyond_context=true to distill past it anyway")
+        check_trainable_sets(cfg, job_models(cfg, source)[1])  # a typo costs no loading, nor an earlier stage
         if cfg.model.attention_impl == "cudnn" and jax.default_backend() != "gpu":
             raise KeptError(f"model.attention_impl=cudnn needs an NVIDIA GPU and JAX runs on {jax.default_backend()}; "
                             f"set model.attention_impl=xla")
@@ -126,10 +128,6 @@ class Job:
             recipe.teacher_params, sharding.logical_axes(recipe.teacher_config), self.mesh, teacher_rules))
         flat = traverse_util.flatten_dict(recipe.student_variables)
         self.twins = shared_leaves(flat, recipe.teacher_params, recipe.shared)
-        for stage in self.stages:  # before any stage trains: a later stage's typo must not waste the earlier ones
-            if not any(is_trainable(key, stage.trainable) for key in flat):
-                raise KeptError(f"stage {stage.name}: trainable={stage.trainable!r} selects no parameter of the "
-                                "student; check the patterns")
         store = {k: v for k, v in flat.items() if k not in self.twins}
         self.store = jax.device_put(store, sharding.flat_shardings(store, self.student_axes, self.mesh, self.rules))
         self.split = self.stage_split(0)
@@ -448,9 +446,12 @@ def export_bytes(cfg) -> int:
 @cli_entry
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from kept_jax.stages import stage_order_note
     from kept_jax.train_config import DEFAULT_CONFIG, load_config
 
     cfg, raw = load_config(args.config, args.overrides)
+    if cfg.recipe == "mohawk" and (note := stage_order_note(cfg)):
+        print(note, file=sys.stderr)
     if args.dry_run:
         from kept_jax.dry_run import dry_run
 

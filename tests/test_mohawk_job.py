@@ -90,7 +90,8 @@ def test_stage_resume_is_bit_identical(orion_bpe_checkpoint, reference, tmp_path
 @pytest.mark.parametrize("override, message", [
     ("stages=[]", "needs a stages: list"),
     ("trainable=lora", "remove the top-level trainable and lora keys"),
-    ("train.lr=0.1", "not train.steps/warmup/lr/weight_decay"),
+    ("train.lr=0.1", "not train.steps/warmup/lr/weight_decay/clip"),
+    ("train.clip=1.0", "not train.steps/warmup/lr/weight_decay/clip"),
     ("stages=[{name: a, objective: matrix, tokens: 10, lr: -1.0}]", "stages[0].lr = -1.0 is out of range"),
     ("stages=[{name: a, objective: matrics, tokens: 10, lr: 1.0}]", "did you mean 'matrix'"),
     ("stages=[{name: a, objective: kl, tokens: 10, lr: 1.0, warmup: 0.6, decay: 0.6}]", "warmup + decay <= 1"),
@@ -99,6 +100,27 @@ def test_stage_resume_is_bit_identical(orion_bpe_checkpoint, reference, tmp_path
 def test_stage_config_errors(override, message):
     with pytest.raises(KeptError, match=re.escape(message)):
         load_config(TINY_LLAMBA, [override])
+
+
+def test_a_stage_that_trains_nothing_is_refused_before_loading(tmp_path, capsys):
+    """A later stage's pattern that matches no parameter costs neither the teacher's loading nor the earlier
+    stages; the message shows what the student's paths look like."""
+    stages = ("stages=[{name: matrix, objective: matrix, tokens: 512, lr: 1.0e-3, trainable: [mixer/]},"
+              " {name: kd, objective: kl, tokens: 512, lr: 1.0e-3, trainable: [mixr/]}]")
+    assert train.main(["--config", TINY_LLAMBA, "--out", str(tmp_path / "run"), stages]) == 2
+    err = capsys.readouterr().err
+    assert "stage kd: trainable=[mixr/] selects no parameter of the student (llamba, whose paths are like " \
+           "backbone/layers/" in err
+    assert "load" not in err.split("error:")[0] and not os.path.exists(tmp_path / "run")
+
+
+def test_stages_out_of_mohawk_order_get_a_note(capsys):
+    stages = ("stages=[{name: kd, objective: kl, tokens: 512, lr: 1.0e-3},"
+              " {name: matrix, objective: matrix, tokens: 512, lr: 1.0e-3, trainable: [mixer/]}]")
+    assert train.main(["--config", TINY_LLAMBA, "--dry-run", stages]) == 0
+    assert "note: the stages' objectives run kl -> matrix, not in MOHAWK's order" in capsys.readouterr().err
+    assert train.main(["--config", TINY_LLAMBA, "--dry-run", STAGES]) == 0
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_wsd_schedule_warms_holds_and_decays():
