@@ -63,7 +63,7 @@ def main(argv=None) -> int:
             continue
         out = os.path.join(root, name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "-"))
         print(f"== {name}", file=sys.stderr, flush=True)
-        if train.main(["--config", CONFIG, "--out", out, "--force", *overrides]) != 0:
+        if train.main(["--config", CONFIG, "--out", out, "--restart", *overrides]) != 0:
             raise SystemExit(f"variant {name!r} failed; see {out}")
         with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
             s = json.load(f)

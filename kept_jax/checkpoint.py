@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 
 import grain
@@ -90,39 +91,45 @@ def _diff(old, new, prefix=""):
         yield prefix[:-1], old, new
 
 
-def check_run_dir(run_dir: str, config: dict, force: bool, needed_bytes: int = 0) -> bool:
+def check_run_dir(run_dir: str, config: dict, restart: bool, needed_bytes: int = 0) -> bool:
     """Whether `run_dir` holds this config's run to resume; writes nothing, so a failing start leaves no trace.
 
     A run directory holds the config it was started with, and the same command resumes it. A different config
     (beyond logging and checkpoint settings), or a non-empty directory that is not a run directory, is an error
-    unless `force` starts over, which it does only where kept_jax wrote everything. The location must be writable
+    unless `restart` starts over, which it does only where kept_jax wrote everything. The location must be writable
     with `needed_bytes` free.
     """
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise KeptError(f"--out {run_dir!r} is a file; give a directory path")
-    if force and os.path.isdir(run_dir) and os.listdir(run_dir):  # --force replaces only what kept_jax wrote
-        check_output_dir(run_dir, force=True, needed_bytes=needed_bytes, make_parents=True)
+    if restart and os.path.isdir(run_dir) and os.listdir(run_dir):  # --restart deletes only what kept_jax wrote
+        check_output_dir(run_dir, force=True, needed_bytes=needed_bytes, make_parents=True, flag="--restart")
     else:
         check_location(run_dir, needed_bytes, make_parents=True)
-    if force or not os.path.isdir(run_dir) or not os.listdir(run_dir):
+    if restart or not os.path.isdir(run_dir) or not os.listdir(run_dir):
         return False
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise KeptError(f"{run_dir!r} is not empty and is not a kept_jax run directory; "
-                        f"use --force to replace it or --out for another directory")
+                        f"use --out for another directory")
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
     changes = [f"{key}: {old!r} -> {new!r}" for key, old, new in _diff(saved, config) if key not in RESUMABLE_CHANGES]
     if changes:
         shown = "; ".join(changes[:4]) + ("; ..." if len(changes) > 4 else "")
         raise KeptError(f"{run_dir!r} holds a run with a different config ({shown}); run the same config to "
-                        f"resume it, or use --force to start over, or --out for a new run directory")
+                        f"resume it, or --out for a new run directory, or --restart to delete that run and start over")
     return True
 
 
-def create_run_dir(run_dir: str, config: dict, force: bool) -> None:
-    """Starts a fresh run directory (clearing it when forced) that records `config`."""
-    if force and os.path.isdir(run_dir):
+def create_run_dir(run_dir: str, config: dict, restart: bool) -> None:
+    """Starts a fresh run directory that records `config`; with `restart`, first deletes the run it holds (saying
+    what it deletes)."""
+    if restart and os.path.isdir(run_dir) and os.listdir(run_dir):
+        steps = sorted(int(n) for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.isdigit()) \
+            if os.path.isdir(os.path.join(run_dir, "checkpoints")) else []
+        kept = f"its checkpoints at steps {', '.join(map(str, steps))}" if steps else "no checkpoint"
+        print(f"--restart: deleting the run in {run_dir} ({kept}; {', '.join(sorted(os.listdir(run_dir)))})",
+              file=sys.stderr, flush=True)
         shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     with atomic_file(os.path.join(run_dir, CONFIG_FILE)) as f:

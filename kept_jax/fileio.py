@@ -43,6 +43,7 @@ def read_optional_json(path: str) -> dict:
         raise KeptError(f"{path} is not valid JSON ({e}); fix or remove it") from None
 
 
+INTERRUPTED = (".*.tmp-*", ".*.old-*")  # what an atomic write leaves when it is killed
 # What kept_jax writes into an output directory (an export, a run directory): `--force` replaces a directory only
 # when everything in it matches one of these, so it never deletes a file kept_jax did not write.
 OUTPUT_NAMES = (
@@ -53,7 +54,7 @@ OUTPUT_NAMES = (
     # run directories
     "metrics.jsonl", "timings.jsonl", "tensorboard", "report.png", "checkpoints", "export", "summary.json",
     "packed_rows",
-    ".*.tmp-*", ".*.old-*",  # what an interrupted atomic write leaves
+    *INTERRUPTED,
 )
 
 
@@ -62,7 +63,18 @@ def foreign_entries(out_dir: str) -> list[str]:
     return sorted(n for n in os.listdir(out_dir) if not any(fnmatch.fnmatch(n, p) for p in OUTPUT_NAMES))
 
 
-def check_output_dir(out_dir: str, force: bool, needed_bytes: int = 0, make_parents: bool = False) -> None:
+def remove_interrupted_writes(out_dir: str) -> list[str]:
+    """Deletes what atomic writes into `out_dir` left when killed (`INTERRUPTED`, names only kept_jax gives);
+    returns their names."""
+    names = sorted(n for n in os.listdir(out_dir) if any(fnmatch.fnmatch(n, p) for p in INTERRUPTED))
+    for name in names:
+        path = os.path.join(out_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+    return names
+
+
+def check_output_dir(out_dir: str, force: bool, needed_bytes: int = 0, make_parents: bool = False,
+                     flag: str = "--force") -> None:
     """Refuses, before any expensive work, an output kept_jax cannot or must not write: a non-empty directory
     without `force`, or with `force` one holding files kept_jax did not write; a path that is or is under a
     regular file; a location that is not writable; one without `needed_bytes` free. `make_parents`: missing
@@ -77,7 +89,7 @@ def check_output_dir(out_dir: str, force: bool, needed_bytes: int = 0, make_pare
         foreign = foreign_entries(out_dir)
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise KeptError(f"--force replaces only what kept_jax wrote, and {out_dir!r} also holds {shown}; move "
+            raise KeptError(f"{flag} replaces only what kept_jax wrote, and {out_dir!r} also holds {shown}; move "
                             "them away or choose another output path")
     check_location(out_dir, needed_bytes, make_parents)
 

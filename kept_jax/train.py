@@ -1,9 +1,9 @@
-"""`python -m kept_jax.train [--config FILE] [--out DIR] [--force] [key=value ...]`: the KEPT job, end to end.
+"""`python -m kept_jax.train [--config FILE] [--out DIR] [--restart] [key=value ...]`: the KEPT job, end to end.
 
 Load the Orion teacher -> convert it (NPM + OPM) -> evaluate KL/agreement on held-out text -> distill (XKD), with
 checkpoints, periodic evaluation and logs in the run directory -> evaluate again -> export the student as a Hugging
 Face Llama directory -> verify it through Transformers -> write `summary.json` and `report.png`. The same command
-resumes an interrupted run. `--dry-run` plans the job from shapes alone (kept_jax/dry_run.py). With no arguments it
+resumes an interrupted run (and only `--restart` starts one over). `--dry-run` plans the job from shapes alone (kept_jax/dry_run.py). With no arguments it
 runs `configs/tiny.yaml`: the embedded tiny Orion on the embedded corpus, a few minutes on a laptop CPU."""
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m kept_jax.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML job config (default: configs/tiny.yaml)")
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
-    p.add_argument("--force", action="store_true", help="start over in a run directory that holds another run")
+    p.add_argument("--restart", action="store_true",
+                   help="start over: delete the run in --out (its checkpoints, logs and export) and train from step 0; "
+                        "without it the same command resumes the run, and a different config is refused")
+    p.add_argument("--force", action="store_true", help=argparse.SUPPRESS)  # the old name, answered with a message
     p.add_argument("--dry-run", action="store_true",
                    help="check the job with abstract shapes only (no weights loaded) and print its memory per device")
     p.add_argument("--device-memory", help="with --dry-run: the memory of one device, e.g. 80GB or 141GiB")
@@ -459,6 +462,7 @@ def main(argv=None) -> int:
     import jax
 
     from kept_jax import checkpoint, runlog, sharding
+    from kept_jax.fileio import remove_interrupted_writes
     from kept_jax.xkd.trainable import describe
 
     sharding.initialize_distributed()
@@ -466,7 +470,10 @@ def main(argv=None) -> int:
     name = os.path.splitext(os.path.basename(args.config or DEFAULT_CONFIG))[0]
     out_dir = args.out or os.path.join("runs", name)
     config = checkpoint.config_dict(cfg)
-    resume = checkpoint.check_run_dir(out_dir, config, args.force, needed_bytes=export_bytes(cfg))
+    if args.force:
+        raise KeptError("train resumes the run in --out by default and no longer takes --force; to start over "
+                        "(deleting the run's checkpoints) pass --restart")
+    resume = checkpoint.check_run_dir(out_dir, config, args.restart, needed_bytes=export_bytes(cfg))
     summary_path = os.path.join(out_dir, "summary.json")
     if resume and os.path.isfile(summary_path):
         with open(summary_path, encoding="utf-8") as f:
@@ -474,7 +481,7 @@ def main(argv=None) -> int:
         print(_summary_table(finished))
         if finished.get("rejected"):
             raise KeptError(finished["rejected"])
-        print(f"\nthe run in {out_dir} is complete; use --force to run it again")
+        print(f"\nthe run in {out_dir} is complete; use --restart to run it again (it deletes this one)")
         return 0
     t_start = time.perf_counter()
 
@@ -483,7 +490,9 @@ def main(argv=None) -> int:
     print(f"teacher {cfg.source} -> convert ({what}) ...", file=sys.stderr, flush=True)
     job.prepare()
     if not resume and lead:
-        checkpoint.create_run_dir(out_dir, config, args.force)
+        checkpoint.create_run_dir(out_dir, config, args.restart)
+    elif lead:
+        remove_interrupted_writes(out_dir)  # an export or summary cut short by the kill
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -493,6 +502,9 @@ def main(argv=None) -> int:
     c = cfg.checkpoint
     checkpoints = checkpoint.Checkpoints(os.path.join(out_dir, "checkpoints"), c.every, c.keep, c.async_save)
     start = checkpoints.latest_step() or 0
+    if resume and not start:  # (a restored run says where it resumes when the stage restores)
+        print(f"{out_dir} holds this run but no checkpoint yet (it stopped before its first): starting from step 0",
+              file=sys.stderr, flush=True)
     # Records up to the restored step stand; later ones, and the evaluation closing a stage at the restored step
     # (made again on resume), are dropped.
     stage_ends = {stage.end for stage in job.stages}
@@ -576,7 +588,7 @@ def main(argv=None) -> int:
                  "training moved the student away from the teacher, most likely a learning rate too high for this "
                  f"trainable set ({'train.lr' if cfg.recipe == 'kept' else 'stages[].lr'}). The export in "
                  f"{os.path.abspath(export_dir)} is kept for inspection and is not a result; lower the learning "
-                 "rate and run again with --force")
+                 "rate and run again with --restart")
         summary["rejected"] = worse
     with atomic_file(summary_path) as f:
         json.dump(summary, f, indent=2)

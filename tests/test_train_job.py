@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import struct
 
 import pytest
@@ -78,14 +79,31 @@ def test_job_writes_summary_logs_and_a_verified_export(orion_checkpoint, tmp_pat
     assert "different config (train.steps: 4 -> 5)" in capsys.readouterr().err
     assert json.load(open(os.path.join(out, "summary.json")))["steps"] == 4
 
+    # A run killed before its first checkpoint, in the middle of an export: the rerun says it starts from step 0
+    # and clears the export's leftovers. --restart says what it deletes.
+    for name in ("checkpoints", "export"):
+        shutil.rmtree(os.path.join(out, name))
+    os.remove(os.path.join(out, "summary.json"))
+    os.makedirs(os.path.join(out, ".export.tmp-k1ll3d"))
+    assert train.main(["--out", out, f"source={orion_checkpoint[0]}", "trainable=lora", "train.eval_every=2",
+                       *FAST]) == 0
+    assert "holds this run but no checkpoint yet (it stopped before its first): starting from step 0" in \
+        capsys.readouterr().err
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+    assert train.main(["--out", out, f"source={orion_checkpoint[0]}", "trainable=lora", "--restart", *FAST[1:],
+                       "train.steps=5", "verify=false"]) == 0
+    assert f"--restart: deleting the run in {out} (its checkpoints at steps 4; checkpoints, config.json, export" in \
+        capsys.readouterr().err
+    assert json.load(open(os.path.join(out, "summary.json")))["steps"] == 5
+
 
 def test_a_new_run_directory_is_created_with_its_parents(tmp_path):
     from kept_jax import checkpoint
 
     run = str(tmp_path / "runs" / "tiny")  # the default --out, runs/<config>, on a fresh clone
-    assert checkpoint.check_run_dir(run, {"a": 1}, force=False) is False
-    checkpoint.create_run_dir(run, {"a": 1}, force=False)
-    assert checkpoint.check_run_dir(run, {"a": 1}, force=False) is True
+    assert checkpoint.check_run_dir(run, {"a": 1}, restart=False) is False
+    checkpoint.create_run_dir(run, {"a": 1}, restart=False)
+    assert checkpoint.check_run_dir(run, {"a": 1}, restart=False) is True
 
 
 def test_job_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
@@ -157,13 +175,17 @@ def test_no_space_is_one_line_before_the_work(tmp_path, monkeypatch, capsys):
     assert "not enough space on" in err and "the output needs about" in err and not os.listdir(tmp_path)
 
 
-def test_force_never_deletes_what_kept_jax_did_not_write(tmp_path, capsys):
+def test_restart_never_deletes_what_kept_jax_did_not_write(tmp_path, capsys):
     out = tmp_path / "run"
     (out / "data").mkdir(parents=True)
     (out / "config.json").write_text("{}")  # looks like a run directory, but the user keeps data in it
     (out / "data" / "corpus.txt").write_text("mine")
-    assert train.main(["--out", str(out), "--force", *FAST]) == 2
-    assert "--force replaces only what kept_jax wrote" in capsys.readouterr().err
+    assert train.main(["--out", str(out), "--restart", *FAST]) == 2
+    assert "--restart replaces only what kept_jax wrote" in capsys.readouterr().err
+    assert (out / "data" / "corpus.txt").read_text() == "mine"
+    assert train.main(["--out", str(out), "--force", *FAST]) == 2  # the old flag: a message, and nothing deleted
+    assert "no longer takes --force; to start over (deleting the run's checkpoints) pass --restart" in \
+        capsys.readouterr().err
     assert (out / "data" / "corpus.txt").read_text() == "mine"
 
 
