@@ -106,8 +106,13 @@ class RunLog:
             self._files[name].write(json.dumps(line) + "\n")
             self._files[name].flush()
             for key, value in line.items():
-                if key not in ("step", "split") and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._writer.add_scalar(f"{record['split']}/{key}", value, record["step"])
+                if key in ("step", "split"):
+                    continue
+                tags = ({f"{key}/{i:02d}": v for i, v in enumerate(value)} if isinstance(value, list)
+                        else {key: value})  # a list (hidden_by_layer): one scalar per entry
+                for tag, v in tags.items():
+                    if isinstance(v, (int, float)) and math.isfinite(v):
+                        self._writer.add_scalar(f"{record['split']}/{tag}", v, record["step"])
 
     def close(self) -> None:
         if self.enabled:
@@ -117,8 +122,9 @@ class RunLog:
 
 
 def write_report(run_dir: str, title: str) -> str:
-    """`report.png`: KL (log scale) and top-1 agreement against training tokens, train and held-out, and, for a
-    job of several stages, each stage's own loss; dotted lines mark where a stage ends."""
+    """`report.png`: KL (log scale) and top-1 agreement against training tokens, train and held-out; for a job of
+    several stages each stage's own loss; for a Llamba the held-out hidden-state distance, per layer and summed.
+    Dotted lines mark where a stage ends."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,7 +132,8 @@ def write_report(run_dir: str, title: str) -> str:
 
     records = read_metrics(run_dir)
     stages = list(dict.fromkeys(r["stage"] for r in records if r["split"] == "train" and r.get("stage")))
-    panels = 3 if len(stages) > 1 else 2
+    hidden = [r for r in records if r["split"] == "eval" and "hidden" in r]
+    panels = (3 if len(stages) > 1 else 2) + bool(hidden)
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), constrained_layout=True)
     ax_kl, ax_agree = axes[:2]
     for split, style in (("train", dict(alpha=0.6, lw=1)), ("eval", dict(marker="o", lw=2))):
@@ -137,7 +144,15 @@ def write_report(run_dir: str, title: str) -> str:
             ax_agree.plot(tokens, [100 * r["agreement"] for r in rows], label=split, **style)
     ax_kl.set(xlabel="training tokens", ylabel="KL(teacher || student), nats/token", yscale="log")
     ax_agree.set(xlabel="training tokens", ylabel="top-1 agreement with the teacher (%)")
-    if panels == 3:
+    if hidden:  # how far each block is from the teacher's layer, held-out: what judges stages 1 and 2
+        ax, tokens = axes[-1], [r["tokens"] for r in hidden]
+        by_layer = list(zip(*(r["hidden_by_layer"] for r in hidden)))
+        colors = plt.cm.viridis([i / max(len(by_layer) - 1, 1) for i in range(len(by_layer))])
+        for i, (values, color) in enumerate(zip(by_layer, colors)):
+            ax.plot(tokens, values, color=color, lw=0.8, alpha=0.8, label="each layer (dark: first)" if i == 0 else None)
+        ax.plot(tokens, [r["hidden"] for r in hidden], "k-o", lw=2, label="sum over layers")
+        ax.set(xlabel="training tokens", ylabel="held-out ||block(u) - teacher layer(u)|| per token", yscale="log")
+    if len(stages) > 1:
         for stage in stages:
             rows = [r for r in records if r["split"] == "train" and r.get("stage") == stage]
             axes[2].plot([r["tokens"] for r in rows], [r["loss"] for r in rows], label=stage)

@@ -163,26 +163,36 @@ class Job:
 
     def evaluate(self, trainable) -> dict:
         """Held-out KL(teacher || student), agreement and NLLs of the student with `trainable` in the current split,
-        overall and by position (`kept_jax.metrics`)."""
+        overall and by position (`kept_jax.metrics`); for a Llamba also the stage-2 distance of every block from the
+        teacher's layer, per token: `hidden` (summed over layers, the stage-2 loss) and `hidden_by_layer`."""
+        import numpy as np
+
         from kept_jax import runlog, sharding
-        from kept_jax.metrics import summarize
         from kept_jax.evaluate import batches_of
-        from kept_jax.xkd.objectives import LogitKL
+        from kept_jax.metrics import summarize
+        from kept_jax.xkd.objectives import HiddenAlignment, LogitKL
         from kept_jax.xkd.step import make_eval_step
 
         split = self.split
         if getattr(self, "_eval_split", None) is not split:  # the split's layout changes between stages
-            self._eval = make_eval_step(LogitKL(self.teacher, self.student, self.cfg.loss), split)
+            self._evals = [make_eval_step(LogitKL(self.teacher, self.student, self.cfg.loss), split)]
+            if self.cfg.recipe == "mohawk":
+                self._evals.append(make_eval_step(HiddenAlignment(self.teacher, self.student, by_layer=True), split))
             self._eval_split = split
-        totals: dict = {}
+        totals, hidden = {}, {}
         batch = self.cfg.data.batch_size
         with runlog.progress(len(self.eval_rows) // batch, "evaluate", "batch", leave=False) as bar:
             for rows in batches_of(self.eval_rows, batch):
                 rows = sharding.global_rows(rows, self.eval_sharding)
-                for k, v in self._eval(trainable, self.teacher_params, split.frozen, rows).items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
+                for evaluate, sums in zip(self._evals, (totals, hidden)):
+                    for k, v in evaluate(trainable, self.teacher_params, split.frozen, rows).items():
+                        sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
                 bar.update(1)
-        return summarize(totals)
+        out = summarize({k: float(v) for k, v in totals.items()})
+        if hidden:
+            out["hidden"] = float(hidden["loss"] / hidden["tokens"])
+            out["hidden_by_layer"] = [float(v) for v in hidden["layers"] / hidden["tokens"]]
+        return out
 
     def pack(self, data_dir: str | None = None) -> None:
         """Every training source tokenized once into packed rows: `data_dir/train-<i>.rows` (memory-mapped, reused
@@ -344,7 +354,8 @@ class Job:
         record = {"split": "eval", "stage": stage, "step": step, "tokens": step * self.cfg.data.tokens_per_step,
                   "kl": metrics["kl"], "agreement": metrics["agreement"], "student_nll": metrics["student_nll"],
                   "teacher_nll": metrics["teacher_nll"], "eval_tokens": metrics["tokens"],
-                  "by_position": metrics["by_position"]}
+                  "by_position": metrics["by_position"],
+                  **{k: metrics[k] for k in ("hidden", "hidden_by_layer") if k in metrics}}
         if log:
             log.write(record)
         return record
@@ -394,8 +405,8 @@ def _check_llamba(export_dir: str, rows) -> dict:
 
 
 def _stage_summaries(stages, evals: list[dict], train_records: list[dict], tokens_per_step: int) -> list[dict]:
-    """Per stage: its steps and tokens, its loss at the first and last log line, and held-out KL and agreement
-    at its end."""
+    """Per stage: its steps and tokens, its loss at the first and last log line, and held-out KL, agreement,
+    student perplexity and hidden-state distance (summed and per layer) at its end."""
     from kept_jax.xkd.trainable import describe
 
     by_end = {r["step"]: r for r in evals}  # a stage's closing evaluation is the only one at its end step
@@ -407,7 +418,8 @@ def _stage_summaries(stages, evals: list[dict], train_records: list[dict], token
                     "steps": stage.steps,
                     "tokens": stage.steps * tokens_per_step, "loss_first": lines[0]["loss"] if lines else None,
                     "loss_last": lines[-1]["loss"] if lines else None, "kl": end["kl"],
-                    "agreement": end["agreement"]})
+                    "agreement": end["agreement"], "student_ppl": math.exp(end["student_nll"]),
+                    "hidden": end.get("hidden"), "hidden_by_layer": end.get("hidden_by_layer")})
     return out
 
 
@@ -419,6 +431,12 @@ def _summary_table(summary: dict) -> str:
                      "".join(f"{s['kl']:>16.4e}" for s in summary["stages"]))
         lines.append(f"{'agreement':<16}{summary['agreement_init']:>12.2%}" +
                      "".join(f"{s['agreement']:>16.2%}" for s in summary["stages"]))
+        lines.append(f"{'student ppl':<16}{summary['student_ppl_init']:>12.4g}" +
+                     "".join(f"{s['student_ppl']:>16.4g}" for s in summary["stages"]) +
+                     f"   (teacher {summary['teacher_ppl']:.4g})")
+        if summary.get("hidden_init") is not None:
+            lines.append(f"{'hidden dist':<16}{summary['hidden_init']:>12.4g}" +
+                         "".join(f"{s['hidden']:>16.4g}" for s in summary["stages"]))
         losses = [f"{s['loss_first']:.3g} -> {s['loss_last']:.3g}" if s["loss_first"] is not None else ""
                   for s in summary["stages"]]
         lines.append(f"{'stage loss':<16}{'':>12}" + "".join(f"{loss:>16}" for loss in losses))
@@ -579,6 +597,7 @@ def main(argv=None) -> int:
     if cfg.recipe == "mohawk":
         summary["mixer_init"] = cfg.mixer_init
         summary["stages"] = _stage_summaries(job.stages, evals, train_records, cfg.data.tokens_per_step)
+        summary["hidden_init"], summary["hidden_by_layer_init"] = init.get("hidden"), init.get("hidden_by_layer")
     title = (f"{cfg.source} -> Llama: opm={cfg.opm}, trainable={summary['trainable']}" if cfg.recipe == "kept" else
              f"{cfg.source} -> Llamba (MOHAWK, {cfg.mixer_init} init): " + ", ".join(s.name for s in job.stages))
     runlog.write_report(out_dir, title)

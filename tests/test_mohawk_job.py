@@ -20,6 +20,7 @@ from kept_jax import train
 from kept_jax.errors import KeptError
 from kept_jax.runlog import read_metrics
 from kept_jax.train_config import load_config
+from tests.test_train_job import tensorboard_scalars
 from tests.test_resume import assert_same_weights, file_bytes, steps_saved, wait_for_checkpoint
 
 # 128 tokens per step: stages of 4, 6 and 4 steps.
@@ -59,6 +60,15 @@ def test_three_stages_export_a_llamba_the_oracle_agrees_with(reference, orion_bp
     assert [r["step"] for r in records if r["split"] == "eval"] == [0, 4, 10, 14]
     config, params, _ = load_checkpoint(os.path.join(reference, "export"))
     assert config.architecture == "llamba"
+    # Stages 1 and 2 are judged by the held-out distance of each block from the teacher's layer.
+    evals = [r for r in records if r["split"] == "eval"]
+    for r in evals:
+        assert len(r["hidden_by_layer"]) == config.num_hidden_layers
+        assert r["hidden"] == pytest.approx(sum(r["hidden_by_layer"]), rel=1e-6)
+    assert evals[2]["hidden"] < evals[1]["hidden"]  # stage 2 trains exactly that distance (here the MLPs)
+    assert [s["hidden"] for s in summary["stages"]] == [r["hidden"] for r in evals[1:]]
+    scalars = tensorboard_scalars(os.path.join(reference, "tensorboard"))
+    assert [v for _, v in scalars["eval/hidden_by_layer/01"]] == pytest.approx([r["hidden_by_layer"][1] for r in evals])
     for name in ("tokenizer.json", "tokenizer_config.json"):  # the teacher's byte-level BPE, byte for byte
         assert open(os.path.join(reference, "export", name), "rb").read() == \
             open(os.path.join(orion_bpe_checkpoint[0], name), "rb").read()

@@ -60,14 +60,14 @@ def teacher_layer_inputs(teacher: nn.Module, teacher_params, tokens) -> jax.Arra
     return inputs
 
 
-def _layer_scan(body, xs):
-    """The sum over layers of `body(layer xs)`, one layer alive at a time: the body is rematerialized in the
-    backward pass, so nothing of size [b, heads, T, T] (or a block's activations) is kept per layer."""
-    def step(total, layer_xs):
-        return total + body(*layer_xs), None
+def _layer_scan(body, xs) -> jax.Array:
+    """[L]: `body(layer xs)` for each layer, one layer alive at a time: the body is rematerialized in the backward
+    pass, so nothing of size [b, heads, T, T] (or a block's activations) is kept per layer."""
+    def step(carry, layer_xs):
+        return carry, body(*layer_xs)
 
-    total, _ = jax.lax.scan(jax.checkpoint(step), jnp.zeros((), jnp.float32), xs)
-    return total
+    _, per_layer = jax.lax.scan(jax.checkpoint(step), None, xs)
+    return per_layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,17 +93,19 @@ class MatrixOrientation:
             mixing = s_block.apply({"params": s_layer}, u, method="mixing_matrix")
             return jnp.sum(jnp.sqrt(jnp.sum(jnp.square(mixing - jax.lax.stop_gradient(attention)), axis=(-2, -1))))
 
-        loss = _layer_scan(distance, (layer_params(teacher_params), layer_params(variables["params"]), targets))
+        loss = _layer_scan(distance, (layer_params(teacher_params), layer_params(variables["params"]), targets)).sum()
         batch = tokens.shape[0]
         return {"loss": loss, "matrices": jnp.asarray(batch * s_cfg.n_v_heads, jnp.float32)}
 
 
 @dataclasses.dataclass(frozen=True)
 class HiddenAlignment:
-    """MOHAWK stage 2: every student block against the teacher's layer it replaces, on the teacher's input."""
+    """MOHAWK stage 2: every student block against the teacher's layer it replaces, on the teacher's input. With
+    `by_layer` (held-out evaluation) the sums also hold `layers` [L], each layer's part of the loss."""
 
     teacher: nn.Module
     student: nn.Module
+    by_layer: bool = False
     metrics: ClassVar[tuple[str, ...]] = ("loss", "tokens")
     count: ClassVar[str] = "tokens"
 
@@ -119,8 +121,9 @@ class HiddenAlignment:
             diff = out.astype(jnp.float32) - u_out.astype(jnp.float32)
             return jnp.sum(jnp.sqrt(jnp.sum(jnp.square(diff), axis=-1)))
 
-        loss = _layer_scan(distance, (layer_params(variables["params"]), targets[:-1], targets[1:]))
-        return {"loss": loss, "tokens": jnp.asarray(tokens.size, jnp.float32)}
+        per_layer = _layer_scan(distance, (layer_params(variables["params"]), targets[:-1], targets[1:]))
+        sums = {"loss": per_layer.sum(), "tokens": jnp.asarray(tokens.size, jnp.float32)}
+        return sums | {"layers": per_layer} if self.by_layer else sums
 
 
 OBJECTIVES = {"kl": LogitKL, "matrix": MatrixOrientation, "hidden": HiddenAlignment}
