@@ -1,11 +1,15 @@
-"""Which MOHAWK stages help, at equal total tokens: the default Llamba job (configs/tiny-llamba.yaml) against the
-same budget spent on stages 2+3 and on stage 3 alone, and the attention-based mixer init against MOHAWK's.
+"""Which MOHAWK stages help, at equal total tokens: a Llamba job's three stages against the same budget spent on
+stages 2+3 and on stage 3 alone, the attention-based mixer init against MOHAWK's, a second split of the budget
+between the stages, and the reference's learning rates.
 
-    python -m benchmarks.mohawk_ablation [--out DIR] [--only NAME ...]
+    python -m benchmarks.mohawk_ablation [--config configs/smollm2-llamba.yaml] [--tokens N] [--eval-every N]
+                                         [--out DIR] [--only NAME ...] [key=value ...]
 
-Each variant is the real job (`python -m kept_jax.train`, in-process) with overrides; the held-out KL(teacher ||
-student) and top-1 agreement after every stage come from its summary.json. Results go to
-benchmarks/results/mohawk_ablation-<backend>-<date>.json.
+Each variant is the real job (`python -m kept_jax.train`, in-process) with its overrides and the command line's `key=value` ones (e.g. data.eval_tokens=2048), on `--tokens` in all (default:
+the config's own budget; each stage keeps its share of it). Held-out KL(teacher || student), agreement and the
+stage-2 hidden-state distance come from the job's metrics.jsonl, at init, every `--eval-every` steps and at the end
+of every stage. Results go to benchmarks/results/mohawk_ablation-<config>-<device>-<date>.json (rewritten after each
+variant, so a stopped run keeps what it measured) with a plot of KL and hidden-state distance against tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from benchmarks.common import environment, write_result
 from kept_jax.errors import cli_entry
 from kept_jax.train_config import CONFIG_DIR, load_config
 
-CONFIG = os.path.join(CONFIG_DIR, "tiny-llamba.yaml")
+CONFIG = os.path.join(CONFIG_DIR, "smollm2-llamba.yaml")
+REFERENCE_LRS = {"matrix": 1e-4, "hidden": 1e-4, "kl": 5e-5}  # goombalab/mohawk's Llamba configs (stage 3: 1e-5-5e-5)
+SECOND_SPLIT = {"matrix": 0.03, "hidden": 0.05, "kl": 0.92}  # Phi-Mamba's (80M / 160M / 2.76B tokens)
 
 
 def _stage(name, objective, tokens, lr, trainable):
@@ -28,24 +34,64 @@ def _stage(name, objective, tokens, lr, trainable):
     return f"{{name: {name}, objective: {objective}, tokens: {tokens}, lr: {lr}, trainable: {patterns}}}"
 
 
-def variants() -> dict[str, list[str]]:
-    """name -> overrides. The budget of the default job's three stages is moved into the stages that remain."""
-    cfg, _ = load_config(CONFIG)
-    by_name = {s.name: s for s in cfg.stages}
-    total = sum(s.tokens for s in cfg.stages)
-    hidden, kd = by_name["hidden"], by_name["kd"]
+def variants(config: str, total: int | None = None) -> dict[str, list[str]]:
+    """name -> overrides. `total` tokens in all (default: the config's), split in whole steps so that every variant
+    trains exactly as many; a variant without a stage gives its share to the next stage that remains."""
+    cfg, _ = load_config(config)
+    by_objective = {s.objective: s for s in cfg.stages}
+    if set(by_objective) != {"matrix", "hidden", "kl"}:
+        raise SystemExit(f"{config}: the ablation needs a job with one matrix, one hidden and one kl stage")
+    per_step = cfg.data.tokens_per_step
+    steps = max(3, (total or sum(s.tokens for s in cfg.stages)) // per_step)
+    share = {o: s.tokens / sum(t.tokens for t in cfg.stages) for o, s in by_objective.items()}
 
-    def stages(*specs):
-        return "stages=[" + ", ".join(_stage(*s) for s in specs) + "]"
+    def stages(split: dict[str, float], lrs: dict[str, float] | None = None):
+        specs, left = [], steps
+        for objective in (o for o in ("matrix", "hidden", "kl") if o in split):
+            s = by_objective[objective]
+            n = left if objective == "kl" else max(1, round(steps * split[objective]))
+            left -= n
+            specs.append(_stage(s.name, objective, n * per_step, (lrs or {}).get(objective, s.lr), s.trainable))
+        return "stages=[" + ", ".join(specs) + "]"
 
-    as_is = [(s.name, s.objective, s.tokens, s.lr, s.trainable) for s in cfg.stages]
     return {
-        "1+2+3 (mohawk init)": [stages(*as_is)],
-        "2+3": [stages(("hidden", "hidden", total - kd.tokens, hidden.lr, hidden.trainable),
-                       ("kd", "kl", kd.tokens, kd.lr, kd.trainable))],
-        "3 only": [stages(("kd", "kl", total, kd.lr, kd.trainable))],
-        "1+2+3 (attention init)": [stages(*as_is), "mixer_init=attention"],
+        "1+2+3 (mohawk init)": [stages(share)],
+        "1+2+3 (attention init)": [stages(share), "mixer_init=attention"],
+        "2+3": [stages({"hidden": share["matrix"] + share["hidden"], "kl": share["kl"]})],
+        "3 only": [stages({"kl": 1.0})],
+        "1+2+3 (3/5/92 split)": [stages(SECOND_SPLIT)],
+        "1+2+3 (reference LRs)": [stages(share, REFERENCE_LRS)],
     }
+
+
+def _curve(run_dir: str) -> list[dict]:
+    from kept_jax.runlog import read_metrics
+
+    return [{k: r.get(k) for k in ("stage", "step", "tokens", "kl", "agreement", "hidden", "student_nll")}
+            for r in read_metrics(run_dir) if r["split"] == "eval"]
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_kl, ax_hidden) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    for name, row in result["variants"].items():
+        tokens = [p["tokens"] for p in row["curve"]]
+        line, = ax_kl.plot(tokens, [p["kl"] for p in row["curve"]], "-o", ms=3, label=name)
+        ax_hidden.plot(tokens, [p["hidden"] for p in row["curve"]], "-o", ms=3, color=line.get_color(), label=name)
+    ax_kl.set(xlabel="training tokens", ylabel="held-out KL(teacher || student), nats/token", yscale="log")
+    ax_hidden.set(xlabel="training tokens", ylabel="held-out hidden-state distance (sum over layers)", yscale="log")
+    for ax in (ax_kl, ax_hidden):
+        ax.grid(alpha=0.3)
+    ax_kl.legend(fontsize=8)
+    env = result["environment"]
+    fig.suptitle(f"MOHAWK ablation, {os.path.basename(result['config'])}, {result['tokens']:,} tokens per variant "
+                 f"({env['device']}, {env['date']})")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 @cli_entry
@@ -53,32 +99,45 @@ def main(argv=None) -> int:
     from kept_jax import train
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.mohawk_ablation", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=CONFIG, help="the Llamba job (default: configs/smollm2-llamba.yaml)")
+    p.add_argument("--tokens", type=int, help="training tokens per variant (default: the config's budget)")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps as well")
     p.add_argument("--out", help="where the runs go (default: a temporary directory)")
     p.add_argument("--only", nargs="*", help="run only these variants")
-    args = p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every variant")
+    args = p.parse_intermixed_args(argv)
     root = args.out or tempfile.mkdtemp(prefix="mohawk_ablation-")
-    rows = {}
-    for name, overrides in variants().items():
+    every = [f"train.eval_every={args.eval_every}"] if args.eval_every else []
+    stem = "mohawk_ablation-" + os.path.splitext(os.path.basename(args.config))[0]
+    chosen = variants(args.config, args.tokens)
+    result = {"environment": environment(), "config": os.path.relpath(args.config), "tokens": None, "variants": {}}
+    for name, overrides in chosen.items():
         if args.only and name not in args.only:
             continue
-        out = os.path.join(root, name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "-"))
+        out = os.path.join(root, name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "-")
+                           .replace("/", "-"))
         print(f"== {name}", file=sys.stderr, flush=True)
-        if train.main(["--config", CONFIG, "--out", out, "--restart", *overrides]) != 0:
+        if train.main(["--config", args.config, "--out", out, *overrides, "verify=false", *every, *args.overrides]) != 0:
             raise SystemExit(f"variant {name!r} failed; see {out}")
         with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
             s = json.load(f)
-        rows[name] = {"tokens": s["tokens"], "kl_init": s["kl_init"], "agreement_init": s["agreement_init"],
-                      "kl_final": s["kl_final"], "agreement_final": s["agreement_final"],
-                      "stages": [{k: st[k] for k in ("name", "tokens", "kl", "agreement", "loss_first", "loss_last")}
-                                 for st in s["stages"]],
-                      "seconds": s["seconds_this_process"]}
-    print(f"\n{'variant':<26}{'tokens':>10}{'KL init':>11}{'KL final':>11}{'agree':>9}  per stage (KL)")
-    for name, r in rows.items():
-        per_stage = ", ".join(f"{st['name']} {st['kl']:.3f}" for st in r["stages"])
-        print(f"{name:<26}{r['tokens']:>10,}{r['kl_init']:>11.4f}{r['kl_final']:>11.4f}{r['agreement_final']:>9.2%}"
-              f"  {per_stage}")
-    path = write_result("mohawk_ablation", {"environment": environment(), "config": CONFIG, "variants": rows})
-    print(f"\nresults: {path}")
+        result["tokens"] = s["tokens"]
+        result["variants"][name] = {
+            "overrides": overrides + args.overrides, "tokens": s["tokens"], "kl_init": s["kl_init"], "kl_final": s["kl_final"],
+            "agreement_final": s["agreement_final"], "student_ppl_final": s["student_ppl_final"],
+            "teacher_ppl": s["teacher_ppl"], "hidden_init": s.get("hidden_init"),
+            "stages": [{k: st[k] for k in ("name", "tokens", "kl", "agreement", "hidden", "loss_first", "loss_last")}
+                       for st in s["stages"]],
+            "curve": _curve(out), "seconds": s["seconds_this_process"]}
+        path = write_result(stem, result)
+        plot(result, path.replace(".json", ".png"))
+    print(f"\n{'variant':<26}{'tokens':>9}{'KL init':>10}{'KL final':>10}{'agree':>8}{'ppl':>9}{'hidden':>9}"
+          f"{'s':>6}")
+    for name, r in result["variants"].items():
+        hidden = r["stages"][-1]["hidden"]
+        print(f"{name:<26}{r['tokens']:>9,}{r['kl_init']:>10.4f}{r['kl_final']:>10.4f}{r['agreement_final']:>8.2%}"
+              f"{r['student_ppl_final']:>9.2f}{hidden:>9.4g}{r['seconds']:>6.0f}")
+    print(f"\nresults: {path} (+ .png)")
     return 0
 
 

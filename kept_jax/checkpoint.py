@@ -102,9 +102,9 @@ def check_run_dir(run_dir: str, config: dict, restart: bool, needed_bytes: int =
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise KeptError(f"--out {run_dir!r} is a file; give a directory path")
     if restart and os.path.isdir(run_dir) and os.listdir(run_dir):  # --restart deletes only what kept_jax wrote
-        check_output_dir(run_dir, force=True, needed_bytes=needed_bytes, make_parents=True, flag="--restart")
+        check_output_dir(run_dir, force=True, needed_bytes=needed_bytes, flag="--restart")
     else:
-        check_location(run_dir, needed_bytes, make_parents=True)
+        check_location(run_dir, needed_bytes)
     if restart or not os.path.isdir(run_dir) or not os.listdir(run_dir):
         return False
     path = os.path.join(run_dir, CONFIG_FILE)

@@ -73,12 +73,11 @@ def remove_interrupted_writes(out_dir: str) -> list[str]:
     return names
 
 
-def check_output_dir(out_dir: str, force: bool, needed_bytes: int = 0, make_parents: bool = False,
-                     flag: str = "--force") -> None:
+def check_output_dir(out_dir: str, force: bool, needed_bytes: int = 0, flag: str = "--force") -> None:
     """Refuses, before any expensive work, an output kept_jax cannot or must not write: a non-empty directory
     without `force`, or with `force` one holding files kept_jax did not write; a path that is or is under a
-    regular file; a location that is not writable; one without `needed_bytes` free. `make_parents`: missing
-    parent directories will be created (else they are an error)."""
+    regular file; a location that is not writable; one without `needed_bytes` free. Missing parent directories are
+    not an error: the write creates them, as `mkdir -p` would."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise KeptError(f"output {out_dir!r} is a file; choose a directory path")
@@ -91,10 +90,10 @@ def check_output_dir(out_dir: str, force: bool, needed_bytes: int = 0, make_pare
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise KeptError(f"{flag} replaces only what kept_jax wrote, and {out_dir!r} also holds {shown}; move "
                             "them away or choose another output path")
-    check_location(out_dir, needed_bytes, make_parents)
+    check_location(out_dir, needed_bytes)
 
 
-def check_location(out_dir: str, needed_bytes: int = 0, make_parents: bool = False) -> None:
+def check_location(out_dir: str, needed_bytes: int = 0) -> None:
     """The location checks of `check_output_dir` alone (for a directory that may be resumed into)."""
     out_dir = os.path.abspath(out_dir)
     existing = out_dir
@@ -103,9 +102,6 @@ def check_location(out_dir: str, needed_bytes: int = 0, make_parents: bool = Fal
     if not os.path.isdir(existing):
         raise KeptError(f"output {out_dir!r} is under {existing!r}, which is a regular file, not a directory; "
                         "choose another path")
-    parent = os.path.dirname(out_dir)
-    if not make_parents and not os.path.isdir(parent):
-        raise KeptError(f"the parent of the output directory, {parent!r}, does not exist; create it first")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise KeptError(f"cannot write to {existing!r} (read-only or not permitted); choose another output path")
     free = shutil.disk_usage(existing).free
@@ -130,6 +126,7 @@ def atomic_output_dir(out_dir: str, force: bool) -> Iterator[str]:
     """Yields a temporary directory beside `out_dir`; on success it replaces `out_dir`, on failure it vanishes."""
     check_output_dir(out_dir, force)
     out_dir = os.path.abspath(out_dir)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any other directory
     try:
