@@ -301,7 +301,8 @@ def run(args) -> dict:
                 fits.append(largest_batch(args.shapes, name, context, args.fit_dtype, budget))
                 print(json.dumps(fits[-1]), flush=True)
     result = {"benchmark": "generate", "environment": environment(), "settings": {
-        "shapes": args.shapes, "layers": config.num_hidden_layers, "dtype": args.dtype, "steps": args.steps, "reps": args.reps,
+        "shapes": args.shapes, "layers": config.num_hidden_layers, "dtype": args.dtype, "steps": args.steps,
+        "reps": args.reps,
         "batch_context": args.batch_context, "hf_max_context": args.hf_max_context,
         "hf_max_batch": args.hf_max_batch, "memory_limit": args.memory_limit},
         "points": points, "largest_batch": fits}

@@ -5,8 +5,9 @@ between the stages, and the reference's learning rates.
     python -m benchmarks.mohawk_ablation [--config configs/smollm2-llamba.yaml] [--tokens N] [--eval-every N]
                                          [--out DIR] [--only NAME ...] [key=value ...]
 
-Each variant is the real job (`python -m kept_jax.train`, in-process) with its overrides and the command line's `key=value` ones (e.g. data.eval_tokens=2048), on `--tokens` in all (default:
-the config's own budget; each stage keeps its share of it). Held-out KL(teacher || student), agreement and the
+Each variant is the real job (`python -m kept_jax.train`, in-process) with its overrides and the command line's
+`key=value` ones (e.g. data.eval_tokens=2048), on `--tokens` in all (default: the config's own budget; each stage
+keeps its share of it). Held-out KL(teacher || student), agreement and the
 stage-2 hidden-state distance come from the job's metrics.jsonl, at init, every `--eval-every` steps and at the end
 of every stage. Results go to benchmarks/results/mohawk_ablation-<config>-<device>-<date>.json (rewritten after each
 variant, so a stopped run keeps what it measured) with a plot of KL and hidden-state distance against tokens.
@@ -117,13 +118,15 @@ def main(argv=None) -> int:
         out = os.path.join(root, name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "-")
                            .replace("/", "-"))
         print(f"== {name}", file=sys.stderr, flush=True)
-        if train.main(["--config", args.config, "--out", out, *overrides, "verify=false", *every, *args.overrides]) != 0:
+        argv = ["--config", args.config, "--out", out, *overrides, "verify=false", *every, *args.overrides]
+        if train.main(argv) != 0:
             raise SystemExit(f"variant {name!r} failed; see {out}")
         with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
             s = json.load(f)
         result["tokens"] = s["tokens"]
         result["variants"][name] = {
-            "overrides": overrides + args.overrides, "tokens": s["tokens"], "kl_init": s["kl_init"], "kl_final": s["kl_final"],
+            "overrides": overrides + args.overrides, "tokens": s["tokens"], "kl_init": s["kl_init"],
+            "kl_final": s["kl_final"],
             "agreement_final": s["agreement_final"], "student_ppl_final": s["student_ppl_final"],
             "teacher_ppl": s["teacher_ppl"], "hidden_init": s.get("hidden_init"),
             "stages": [{k: st[k] for k in ("name", "tokens", "kl", "agreement", "hidden", "loss_first", "loss_last")}

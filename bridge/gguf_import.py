@@ -304,7 +304,8 @@ class GGUFFile:
             check_tokenizer(source, out_dir)
 
     def _write_generation_config(self, out_dir: str) -> None:
-        ids = {key: self.hf[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if self.hf[key] is not None}
+        ids = {key: self.hf[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if self.hf[key] is not None}
         with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
             json.dump(ids, f, indent=2)
 
@@ -328,7 +329,8 @@ def _bpe_tokenizer(tokens: list[str], merges: list[str], types: list[int], pre: 
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                   for t, kind in zip(tokens, types) if kind == 3])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, types) if kind == 4])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t, kind in zip(tokens, types) if kind == 4])
     if bos is not None:
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, vocab[bos])])

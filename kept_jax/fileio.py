@@ -69,7 +69,10 @@ def remove_interrupted_writes(out_dir: str) -> list[str]:
     names = sorted(n for n in os.listdir(out_dir) if any(fnmatch.fnmatch(n, p) for p in INTERRUPTED))
     for name in names:
         path = os.path.join(out_dir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
     return names
 
 

@@ -3,8 +3,9 @@
 Load the Orion teacher -> convert it (NPM + OPM) -> evaluate KL/agreement on held-out text -> distill (XKD), with
 checkpoints, periodic evaluation and logs in the run directory -> evaluate again -> export the student as a Hugging
 Face Llama directory -> verify it through Transformers -> write `summary.json` and `report.png`. The same command
-resumes an interrupted run (and only `--restart` starts one over). `--dry-run` plans the job from shapes alone (kept_jax/dry_run.py). With no arguments it
-runs `configs/tiny.yaml`: the embedded tiny Orion on the embedded corpus, a few minutes on a laptop CPU."""
+resumes an interrupted run (only `--restart` starts one over). `--dry-run` plans the job from shapes alone
+(kept_jax/dry_run.py). With no arguments it runs `configs/tiny.yaml`: the embedded tiny Orion on the embedded corpus,
+a few minutes on a laptop CPU."""
 
 from __future__ import annotations
 
