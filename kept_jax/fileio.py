@@ -53,7 +53,7 @@ OUTPUT_NAMES = (
     "conversion_report.md",  # exports
     # run directories
     "metrics.jsonl", "timings.jsonl", "tensorboard", "report.png", "checkpoints", "export", "summary.json",
-    "packed_rows",
+    "packed_rows", "chat.json",
     *INTERRUPTED,
 )
 

@@ -119,6 +119,25 @@ def end_ids(files_dir: str, config) -> tuple[list[int], int | None]:
     return ids, pad
 
 
+def greedy_chat(config, params, files_dir: str, questions: list[str], max_new: int) -> list[str]:
+    """Greedy answers of a model (`config`, a params tree in memory) to single-turn `questions`, prompted with the
+    chat template of `files_dir`'s tokenizer and stopped at its end token: what `generate --chat --file` prints, for
+    a model a job holds (the teacher, the student before and after training)."""
+    from kept_jax.decoding import Generator
+    from kept_jax.tokenizer import chat_ids, chat_template, load_tokenizer
+
+    if chat_template(files_dir) is None:
+        raise KeptError(f"{files_dir} has no chat template, so the model cannot be asked questions as a chat; "
+                        "remove chat.questions from the config")
+    ids, chat_eos = chat_ids(files_dir, [[{"role": "user", "content": q}] for q in questions])
+    eos_ids, pad_id = end_ids(files_dir, config)
+    eos_ids = list(dict.fromkeys(eos_ids + ([chat_eos] if chat_eos is not None else [])))
+    generator = Generator(config, eos_ids=eos_ids, pad_id=pad_id)
+    result = generator.generate(generator.prepare(params), ids, max_new, prompt_length=max(len(i) for i in ids))
+    tokenizer = load_tokenizer(files_dir, config.architecture)
+    return [tokenizer.decode([t for t in row if t not in eos_ids]) for row in result.tokens]
+
+
 class Streamer:
     """Prints one row's text as its tokens arrive: the text of all ids so far, less what was printed, held back
     while it ends in an incomplete character."""

@@ -58,6 +58,7 @@ def _host_array(x):
     return np.asarray(jax.device_get(x))
 
 
+CHAT_FILE = "chat.json"  # the teacher's and the converted student's answers, written before training
 ORACLE_ROWS, ORACLE_TOKENS = 2, 32  # the float64 oracle runs token by token: a small check of the Llamba export
 ORACLE_TOLERANCE = 1e-4  # of the logit scale; fp32 against float64 on bf16-rounded weights
 
@@ -72,12 +73,13 @@ class Job:
         import jax
         from flax import traverse_util
 
-        from bridge.checkpoint import load_checkpoint, load_checkpoint_tokenizer, load_config
+        from bridge.checkpoint import load_checkpoint, load_checkpoint_tokenizer, load_config, tokenizer_dir
         from kept_jax import data, runlog, sharding
         from kept_jax.evaluate import batches_of
         from kept_jax.models import build_model
         from kept_jax.recipes import RECIPES
         from kept_jax.stages import check_trainable_sets, job_models
+        from kept_jax.tokenizer import chat_template
         from kept_jax.xkd.trainable import shared_leaves
 
         cfg, d = self.cfg, self.cfg.data
@@ -105,6 +107,9 @@ class Job:
             tokenizer = load_checkpoint_tokenizer(cfg.source, source.architecture, "the job tokenizes its text with "
                                                   "the teacher's own tokenizer; add its tokenizer.json or tokenizer.model")
             self.tokenize = data.Tokenize(tokenizer.encode, source.eos_token_id)
+            if cfg.chat.questions and chat_template(tokenizer_dir(cfg.source)) is None:
+                raise KeptError(f"chat.questions are asked with the teacher's chat template, and {cfg.source} has "
+                                "none (tokenizer_config.json's chat_template); remove chat.questions")
             self.train_docs, self.weights, eval_docs = data.open_sources(d, cfg.train.seed)
             n_calib = -(-d.calib_tokens // d.seq_len)
             n_eval = -(-d.eval_tokens // (d.seq_len * d.batch_size)) * d.batch_size
@@ -194,6 +199,21 @@ class Job:
             out["hidden"] = float(hidden["loss"] / hidden["tokens"])
             out["hidden_by_layer"] = [float(v) for v in hidden["layers"] / hidden["tokens"]]
         return out
+
+    def chat(self, config=None, params=None) -> list[str]:
+        """Greedy answers to `chat.questions`, with the teacher's chat template, of a model given as (config, params
+        tree): by default the teacher."""
+        from bridge.checkpoint import tokenizer_dir
+        from kept_jax.generate import greedy_chat
+
+        if config is None:
+            config, params = self.teacher.config, self.teacher_params
+        c = self.cfg.chat
+        return greedy_chat(config, params, tokenizer_dir(self.cfg.source), list(c.questions), c.max_new_tokens)
+
+    def student_params(self) -> dict:
+        """The student's params tree as the store and the teacher's shared buffers hold it now."""
+        return self.split.assemble(self.teacher_params)["params"]
 
     def pack(self, data_dir: str | None = None) -> None:
         """Every training source tokenized once into packed rows: `data_dir/train-<i>.rows` (memory-mapped, reused
@@ -481,7 +501,7 @@ def main(argv=None) -> int:
     import jax
 
     from kept_jax import checkpoint, runlog, sharding
-    from kept_jax.fileio import remove_interrupted_writes
+    from kept_jax.fileio import atomic_file, atomic_output_dir, read_optional_json, remove_interrupted_writes
     from kept_jax.xkd.trainable import describe
 
     sharding.initialize_distributed()
@@ -537,6 +557,13 @@ def main(argv=None) -> int:
             print(f"at init: KL {init['kl']:.4e} nats/token, agreement {init['agreement']:.2%} on "
                   f"{init['eval_tokens']:,} held-out tokens; training {job.num_trainable:,} parameters "
                   f"({describe(job.stages[0].trainable)}) in stage {job.stages[0].name}", file=sys.stderr)
+        chat_path = os.path.join(out_dir, CHAT_FILE)
+        if cfg.chat.questions and lead and not os.path.isfile(chat_path):  # the answers before any training
+            with runlog.phase("chat", f"the teacher and the converted student answer {len(cfg.chat.questions)} "
+                              "questions, greedy"):
+                before = {"teacher": job.chat(), "student_init": job.chat(job.student.config, job.student_params())}
+            with atomic_file(chat_path) as f:
+                json.dump(before, f, indent=1)
         with checkpoint.StopRequest() as stop, runlog.phase(
                 "distill", f"{job.stages[-1].end} steps of {cfg.data.tokens_per_step:,} tokens, evaluated at the end "
                 "of every stage"):
@@ -553,7 +580,6 @@ def main(argv=None) -> int:
     init, final = evals[0], evals[-1]
     train_records = [r for r in records if r["split"] == "train"]
     timings = runlog.read_metrics(out_dir, runlog.TIMINGS_FILE)
-    from kept_jax.fileio import atomic_file, atomic_output_dir
 
     export_dir = os.path.join(out_dir, "export")
     with runlog.phase("export", os.path.abspath(export_dir)), atomic_output_dir(export_dir, force=True) as tmp:
@@ -570,6 +596,15 @@ def main(argv=None) -> int:
         o = verified["oracle"]
         print(f"float64 oracle vs the re-imported export on {ORACLE_ROWS} x {ORACLE_TOKENS} held-out tokens: max "
               f"error {o['max_relative_error']:.2e} of the logit scale, argmax agreement {o['argmax_agreement']:.2%}")
+    chat = None
+    if cfg.chat.questions:
+        from bridge.checkpoint import load_checkpoint
+
+        with runlog.phase("chat", "the exported student answers the same questions"):
+            answers = job.chat(*load_checkpoint(export_dir)[:2])
+        before = read_optional_json(os.path.join(out_dir, CHAT_FILE))
+        chat = [{"question": q, "teacher": t, "student_init": i, "student_final": f}
+                for q, t, i, f in zip(cfg.chat.questions, before["teacher"], before["student_init"], answers)]
     total_steps = job.stages[-1].end
     summary = {
         "recipe": cfg.recipe,
@@ -592,6 +627,7 @@ def main(argv=None) -> int:
         "export_dir": os.path.abspath(export_dir),
         "seconds_this_process": round(time.perf_counter() - t_start, 1),
         **verified,
+        "chat": chat,
         "history": train_records,
         "config": raw,
     }
@@ -613,6 +649,10 @@ def main(argv=None) -> int:
     with atomic_file(summary_path) as f:
         json.dump(summary, f, indent=2)
     print(_summary_table(summary))
+    for row in chat or []:
+        print(f"\nQ: {row['question']}\n" + "\n".join(f"  {who:<14}{json.dumps(row[key], ensure_ascii=False)}"
+                                                     for who, key in (("teacher", "teacher"), ("student init",
+                                                                      "student_init"), ("student", "student_final"))))
     print(f"\n{what} trainable={summary['trainable']} steps={total_steps} "
           f"tokens={summary['tokens']:,} verified={summary['verified']} time={summary['seconds_this_process']:.0f}s\n"
           f"run directory: {os.path.abspath(out_dir)}")

@@ -71,6 +71,15 @@ class CheckpointConfig:
     async_save: bool = True  # write in a background thread while training goes on
 
 
+@dataclasses.dataclass(frozen=True)
+class ChatConfig:
+    """Questions the teacher and the student answer (greedy, with the teacher's chat template) before training and
+    after the export, side by side in the summary."""
+
+    questions: tuple[str, ...] = ()
+    max_new_tokens: int = 48
+
+
 Rule = typing.Union[str, tuple[str, ...], None]
 
 
@@ -138,6 +147,7 @@ class JobConfig:
     model: ModelRuntime = ModelRuntime()
     checkpoint: CheckpointConfig = CheckpointConfig()
     mesh: MeshConfig = MeshConfig()
+    chat: ChatConfig = ChatConfig()
     source_config: str = ""  # the source's config.json when `source` is not on this machine (dry runs only)
 
     def runtime(self, config_class=None) -> dict:
@@ -201,7 +211,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "loss.ce": (0, INF, False), "loss.temperature": (0, INF, True), "loss.chunk_size": (1, INF, False),
     "stages.tokens": (1, INF, False), "stages.lr": (0, INF, True), "stages.warmup": (0, 1, False),
     "stages.decay": (0, 1, False), "stages.weight_decay": (0, INF, False), "stages.clip": (0, INF, False),
-    "data.train.weight": (0, INF, True), "data.eval.weight": (0, INF, True),
+    "data.train.weight": (0, INF, True), "data.eval.weight": (0, INF, True), "chat.max_new_tokens": (1, INF, False),
 }
 
 

@@ -175,19 +175,32 @@ def test_score_and_generate_read_gguf(gguf_files, capsys):
     assert capsys.readouterr().out.strip()
 
 
-def test_mohawk_job_distills_a_gguf_teacher(gguf_files, tmp_path):
+def test_mohawk_job_distills_a_gguf_teacher(gguf_files, tmp_path, capsys):
     """`train` with a GGUF source: the Llama teacher dequantized in memory, a Llamba distilled from it, exported
-    with the GGUF's tokenizer and chat template, and verified against the float64 oracle."""
+    with the GGUF's tokenizer and chat template, verified against the float64 oracle; its summary holds the teacher's
+    and the student's greedy chat answers."""
     from kept_jax import train
     from tests.test_mohawk_job import TINY_LLAMBA
 
     source, out = gguf_files["legacy-quants"], str(tmp_path / "run")
+    questions = ["Return the object.", "Parse it."]
     assert train.main(["--config", TINY_LLAMBA, "--out", out, f"source={source}",
                        "stages=[{name: kd, objective: kl, tokens: 256, lr: 1.0e-4, trainable: all}]",
-                       "data.seq_len=32", "data.batch_size=4", "data.calib_tokens=256", "data.eval_tokens=256"]) == 0
+                       "data.seq_len=32", "data.batch_size=4", "data.calib_tokens=256", "data.eval_tokens=256",
+                       f"chat.questions={json.dumps(questions)}", "chat.max_new_tokens=6"]) == 0
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["verified"] is True and summary["steps"] == 2
     export = os.path.join(out, "export")
+    # The summary's chat: what `generate --chat` answers, for the teacher and for the exported student.
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n" for q in questions))
+    capsys.readouterr()
+    for model, key, extra in ((source, "teacher", []), (export, "student_final", ["--tokenizer", source])):
+        assert generate.main(["--model", model, "--file", str(path), "--max-new-tokens", "6", *extra]) == 0
+        answers = [json.loads(line)["completion"] for line in capsys.readouterr().out.splitlines()]
+        assert [row[key] for row in summary["chat"]] == answers, key
+    assert [row["question"] for row in summary["chat"]] == questions
+    assert all(isinstance(row["student_init"], str) for row in summary["chat"])
     assert load_checkpoint(export)[0].architecture == "llamba"
     template = json.load(open(os.path.join(open_checkpoint(source).files_dir, "tokenizer_config.json")))
     assert json.load(open(os.path.join(export, "tokenizer_config.json")))["chat_template"] == template["chat_template"]
