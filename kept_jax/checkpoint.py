@@ -31,7 +31,7 @@ from kept_jax.fileio import atomic_file, check_location, check_output_dir
 CONFIG_FILE = "config.json"
 # Settings a resumed run may change: they do not touch the trained weights or the data order.
 RESUMABLE_CHANGES = {"verify", "train.log_every", "train.eval_every", "checkpoint.every", "checkpoint.keep",
-                     "checkpoint.async_save"}
+                     "checkpoint.async_save", "chat.questions", "chat.max_new_tokens"}
 
 
 class Checkpoints:

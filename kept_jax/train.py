@@ -558,10 +558,14 @@ def main(argv=None) -> int:
                   f"{init['eval_tokens']:,} held-out tokens; training {job.num_trainable:,} parameters "
                   f"({describe(job.stages[0].trainable)}) in stage {job.stages[0].name}", file=sys.stderr)
         chat_path = os.path.join(out_dir, CHAT_FILE)
-        if cfg.chat.questions and lead and not os.path.isfile(chat_path):  # the answers before any training
-            with runlog.phase("chat", f"the teacher and the converted student answer {len(cfg.chat.questions)} "
+        asked = {"questions": list(cfg.chat.questions), "max_new_tokens": cfg.chat.max_new_tokens}
+        saved = read_optional_json(chat_path)
+        if asked["questions"] and lead and {k: saved.get(k) for k in asked} != asked:
+            # The answers before training (on a resume too, when questions were added: nothing is restored yet).
+            with runlog.phase("chat", f"the teacher and the converted student answer {len(asked['questions'])} "
                               "questions, greedy"):
-                before = {"teacher": job.chat(), "student_init": job.chat(job.student.config, job.student_params())}
+                before = {**asked, "teacher": job.chat(),
+                          "student_init": job.chat(job.student.config, job.student_params())}
             with atomic_file(chat_path) as f:
                 json.dump(before, f, indent=1)
         with checkpoint.StopRequest() as stop, runlog.phase(
