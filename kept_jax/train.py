@@ -107,6 +107,9 @@ class Job:
             tokenizer = load_checkpoint_tokenizer(cfg.source, source.architecture, "the job tokenizes its text with "
                                                   "the teacher's own tokenizer; add its tokenizer.json or tokenizer.model")
             self.tokenize = data.Tokenize(tokenizer.encode, source.eos_token_id)
+            if cfg.chat.questions and jax.process_count() > 1:
+                raise KeptError("chat.questions are answered on one host; remove them from a multi-host job and ask "
+                                "the export with python -m kept_jax.generate --chat")
             if cfg.chat.questions and chat_template(tokenizer_dir(cfg.source)) is None:
                 raise KeptError(f"chat.questions are asked with the teacher's chat template, and {cfg.source} has "
                                 "none (tokenizer_config.json's chat_template); remove chat.questions")
@@ -654,9 +657,9 @@ def main(argv=None) -> int:
         json.dump(summary, f, indent=2)
     print(_summary_table(summary))
     for row in chat or []:
-        print(f"\nQ: {row['question']}\n" + "\n".join(f"  {who:<14}{json.dumps(row[key], ensure_ascii=False)}"
-                                                     for who, key in (("teacher", "teacher"), ("student init",
-                                                                      "student_init"), ("student", "student_final"))))
+        print(f"\nQ: {row['question']}")
+        for who, key in (("teacher", "teacher"), ("student, init", "student_init"), ("student", "student_final")):
+            print(f"  {who:<15}{json.dumps(row[key], ensure_ascii=False)}")
     print(f"\n{what} trainable={summary['trainable']} steps={total_steps} "
           f"tokens={summary['tokens']:,} verified={summary['verified']} time={summary['seconds_this_process']:.0f}s\n"
           f"run directory: {os.path.abspath(out_dir)}")
