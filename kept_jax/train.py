@@ -450,20 +450,22 @@ def _stage_summaries(stages, evals: list[dict], train_records: list[dict], token
 def _summary_table(summary: dict) -> str:
     rows = [("KL (nats/tok)", "kl", ".4e"), ("agreement", "agreement", ".2%"), ("student ppl", "student_ppl", ".3f")]
     if "stages" in summary:  # MOHAWK: held-out KL and agreement after init and after each stage
-        lines = [f"\n{'':<16}{'init':>12}" + "".join(f"{s['name']:>16}" for s in summary["stages"])]
-        lines.append(f"{'KL (nats/tok)':<16}{summary['kl_init']:>12.4e}" +
-                     "".join(f"{s['kl']:>16.4e}" for s in summary["stages"]))
-        lines.append(f"{'agreement':<16}{summary['agreement_init']:>12.2%}" +
-                     "".join(f"{s['agreement']:>16.2%}" for s in summary["stages"]))
-        lines.append(f"{'student ppl':<16}{summary['student_ppl_init']:>12.4g}" +
-                     "".join(f"{s['student_ppl']:>16.4g}" for s in summary["stages"]) +
-                     f"   (teacher {summary['teacher_ppl']:.4g})")
+        stages = summary["stages"]
+
+        def row(label: str, init, values, fmt: str) -> str:
+            return (f"{label:<16}{'' if init is None else format(init, fmt):>12}"
+                    + "".join(f"{format(v, fmt):>22}" for v in values))
+
+        lines = [f"\n{'':<16}{'init':>12}" + "".join(f"{s['name']:>22}" for s in stages)]
+        lines.append(row("KL (nats/tok)", summary["kl_init"], [s["kl"] for s in stages], ".4e"))
+        lines.append(row("agreement", summary["agreement_init"], [s["agreement"] for s in stages], ".2%"))
+        lines.append(row("student ppl", summary["student_ppl_init"], [s["student_ppl"] for s in stages], ".4g")
+                     + f"   (teacher {summary['teacher_ppl']:.4g})")
         if summary.get("hidden_init") is not None:
-            lines.append(f"{'hidden dist':<16}{summary['hidden_init']:>12.4g}" +
-                         "".join(f"{s['hidden']:>16.4g}" for s in summary["stages"]))
+            lines.append(row("hidden dist", summary["hidden_init"], [s["hidden"] for s in stages], ".4g"))
         losses = [f"{s['loss_first']:.3g} -> {s['loss_last']:.3g}" if s["loss_first"] is not None else ""
-                  for s in summary["stages"]]
-        lines.append(f"{'stage loss':<16}{'':>12}" + "".join(f"{loss:>16}" for loss in losses))
+                  for s in stages]
+        lines.append(row("stage loss", None, losses, ""))
         return "\n".join(lines)
     lines = [f"\n{'':<16}{'init':>12}{'final':>12}"]
     lines += [f"{label:<16}{summary[key + '_init']:>12{fmt}}{summary[key + '_final']:>12{fmt}}" for label, key, fmt in rows]
