@@ -5,9 +5,9 @@ between the stages, and the reference's learning rates.
     python -m benchmarks.mohawk_ablation [--config configs/smollm2-llamba.yaml] [--tokens N] [--eval-every N]
                                          [--out DIR] [--only NAME ...] [key=value ...]
 
-Each variant is the real job (`python -m kept_jax.train`, in-process) with its overrides and the command line's
-`key=value` ones (e.g. data.eval_tokens=2048), on `--tokens` in all (default: the config's own budget; each stage
-keeps its share of it). Held-out KL(teacher || student), agreement and the
+Each variant is the real job (`python -m kept_jax.train`, in-process) on the config's teacher and data, with its own
+`stages:` (RECIPE: split 1 : 4 : 16, or as the variant changes it) and the command line's `key=value` overrides
+(e.g. data.seq_len=128), on `--tokens` in all (default 16,384). Held-out KL(teacher || student), agreement and the
 stage-2 hidden-state distance come from the job's metrics.jsonl, at init, every `--eval-every` steps and at the end
 of every stage. Results go to benchmarks/results/mohawk_ablation-<config>-<device>-<date>.json (rewritten after each
 variant, so a stopped run keeps what it measured) with a plot of KL and hidden-state distance against tokens.
@@ -26,33 +26,31 @@ from kept_jax.errors import cli_entry
 from kept_jax.train_config import CONFIG_DIR, load_config
 
 CONFIG = os.path.join(CONFIG_DIR, "smollm2-llamba.yaml")
+# The three stages the variants take or leave: objective -> (name, share of the budget, peak LR, trainable set).
+# Shares 1 : 4 : 16; learning rates for budgets of tens of thousands of tokens.
+RECIPE = {"matrix": ("matrix", 1 / 21, 1e-3, "[mixer/]"), "hidden": ("hidden", 4 / 21, 1e-3, "[backbone/layers/]"),
+          "kl": ("kd", 16 / 21, 3e-4, "all")}
 REFERENCE_LRS = {"matrix": 1e-4, "hidden": 1e-4, "kl": 5e-5}  # goombalab/mohawk's Llamba configs (stage 3: 1e-5-5e-5)
 SECOND_SPLIT = {"matrix": 0.03, "hidden": 0.05, "kl": 0.92}  # Phi-Mamba's (80M / 160M / 2.76B tokens)
 
 
-def _stage(name, objective, tokens, lr, trainable):
-    patterns = trainable if isinstance(trainable, str) else "[" + ", ".join(trainable) + "]"
-    return f"{{name: {name}, objective: {objective}, tokens: {tokens}, lr: {lr}, trainable: {patterns}}}"
-
-
-def variants(config: str, total: int | None = None) -> dict[str, list[str]]:
-    """name -> overrides. `total` tokens in all (default: the config's), split in whole steps so that every variant
+def variants(config: str, total: int) -> dict[str, list[str]]:
+    """name -> overrides of `config`'s stages: `total` tokens in all, split in whole steps so that every variant
     trains exactly as many; a variant without a stage gives its share to the next stage that remains."""
     cfg, _ = load_config(config)
-    by_objective = {s.objective: s for s in cfg.stages}
-    if set(by_objective) != {"matrix", "hidden", "kl"}:
-        raise SystemExit(f"{config}: the ablation needs a job with one matrix, one hidden and one kl stage")
     per_step = cfg.data.tokens_per_step
-    steps = max(3, (total or sum(s.tokens for s in cfg.stages)) // per_step)
-    share = {o: s.tokens / sum(t.tokens for t in cfg.stages) for o, s in by_objective.items()}
+    steps = max(3, total // per_step)
+    share = {objective: r[1] for objective, r in RECIPE.items()}
 
     def stages(split: dict[str, float], lrs: dict[str, float] | None = None):
         specs, left = [], steps
-        for objective in (o for o in ("matrix", "hidden", "kl") if o in split):
-            s = by_objective[objective]
+        for objective in (o for o in RECIPE if o in split):
+            name, _, lr, trainable = RECIPE[objective]
             n = left if objective == "kl" else max(1, round(steps * split[objective]))
             left -= n
-            specs.append(_stage(s.name, objective, n * per_step, (lrs or {}).get(objective, s.lr), s.trainable))
+            lr = (lrs or {}).get(objective, lr)
+            specs.append(f"{{name: {name}, objective: {objective}, tokens: {n * per_step}, lr: {lr}, "
+                         f"trainable: {trainable}}}")
         return "stages=[" + ", ".join(specs) + "]"
 
     return {
@@ -101,7 +99,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.mohawk_ablation", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=CONFIG, help="the Llamba job (default: configs/smollm2-llamba.yaml)")
-    p.add_argument("--tokens", type=int, help="training tokens per variant (default: the config's budget)")
+    p.add_argument("--tokens", type=int, default=16384, help="training tokens per variant (default: 16,384)")
     p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps as well")
     p.add_argument("--out", help="where the runs go (default: a temporary directory)")
     p.add_argument("--only", nargs="*", help="run only these variants")
