@@ -119,19 +119,25 @@ def end_ids(files_dir: str, config) -> tuple[list[int], int | None]:
     return ids, pad
 
 
+def chat_prompt_ids(files_dir: str, conversations, eos_ids: list[int]) -> tuple[list[list[int]], list[int]]:
+    """The conversations' prompt ids (assistant turn opened) and `eos_ids` with the template's end-of-turn token
+    added: a chat answer stops there as well as at the model's end token."""
+    from kept_jax.tokenizer import chat_ids
+
+    ids, chat_eos = chat_ids(files_dir, conversations)
+    return ids, list(dict.fromkeys(eos_ids + ([chat_eos] if chat_eos is not None else [])))
+
+
 def greedy_chat(config, params, files_dir: str, questions: list[str], max_new: int) -> list[str]:
     """Greedy answers of a model (`config`, a params tree in memory) to single-turn `questions`, prompted with the
     chat template of `files_dir`'s tokenizer and stopped at its end token: what `generate --chat --file` prints, for
-    a model a job holds (the teacher, the student before and after training)."""
+    a model a job holds (the teacher, the student before and after training). The job checks for a chat template
+    before it loads anything."""
     from kept_jax.decoding import Generator
-    from kept_jax.tokenizer import chat_ids, chat_template, load_tokenizer
+    from kept_jax.tokenizer import load_tokenizer
 
-    if chat_template(files_dir) is None:
-        raise KeptError(f"{files_dir} has no chat template, so the model cannot be asked questions as a chat; "
-                        "remove chat.questions from the config")
-    ids, chat_eos = chat_ids(files_dir, [[{"role": "user", "content": q}] for q in questions])
     eos_ids, pad_id = end_ids(files_dir, config)
-    eos_ids = list(dict.fromkeys(eos_ids + ([chat_eos] if chat_eos is not None else [])))
+    ids, eos_ids = chat_prompt_ids(files_dir, [[{"role": "user", "content": q}] for q in questions], eos_ids)
     generator = Generator(config, eos_ids=eos_ids, pad_id=pad_id)
     result = generator.generate(generator.prepare(params), ids, max_new, prompt_length=max(len(i) for i in ids))
     tokenizer = load_tokenizer(files_dir, config.architecture)
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bridge.checkpoint import load_checkpoint, load_checkpoint_tokenizer, load_config, open_checkpoint, tokenizer_dir
     from kept_jax.decoding import Generator
-    from kept_jax.tokenizer import chat_ids, chat_template
+    from kept_jax.tokenizer import chat_template
 
     config = load_config(args.model, compute_dtype=args.dtype, param_dtype=args.dtype)
     tokenizer_source = args.tokenizer or args.model
@@ -207,8 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             raise KeptError(f"{tokenizer_source} has no chat template (tokenizer_config.json's chat_template or "
                             "chat_template.jinja), so it cannot be prompted as a chat; drop --chat (and 'messages') "
                             "and give the prompt as plain text, or give a tokenizer with a template (--tokenizer)")
-        ids, chat_eos = chat_ids(files, [p for p in prompts if not isinstance(p, str)])
-        eos_ids = list(dict.fromkeys(eos_ids + ([chat_eos] if chat_eos is not None else [])))
+        ids, eos_ids = chat_prompt_ids(files, [p for p in prompts if not isinstance(p, str)], eos_ids)
         ids = iter(ids)
         prompts = [tokenizer.encode(p) if isinstance(p, str) else next(ids) for p in prompts]
     else:
