@@ -159,7 +159,7 @@ def run(size_bytes: int, shards: int, workdir: str) -> dict:
 
 
 def main(argv=None) -> int:
-    from kept_jax.dry_run import parse_memory
+    from kept_jax.memory import parse_size
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.convert_io", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="2GB", help="checkpoint size in bf16, e.g. 2GB or 500MB")
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", help="where to write the checkpoints (default: a temporary directory, removed after)")
     p.add_argument("--no-save", action="store_true", help="do not write the JSON result")
     args = p.parse_args(argv)
-    size = parse_memory(args.size)
+    size = parse_size(args.size, "--size")
     if args.shards < 1:
         raise KeptError("--shards must be at least 1")
     if args.workdir and os.path.exists(args.workdir):

@@ -46,14 +46,12 @@ import numpy as np
 from benchmarks.common import environment, write_result
 from kept_jax.config import ModelConfig
 from kept_jax.decoding import DecodeState, Generator
-from kept_jax.dry_run import parse_memory
-from kept_jax.memory import compiled_peak_bytes
+from kept_jax.memory import GIB, compiled_peak_bytes, parse_size
 from kept_jax.models import build_model
 
 MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
 SHAPES = {"1b": {"llama": "llama-3.2-1b-instruct.json", "llamba": "llamba-1b.json", "layers": 4},
           "smollm2-135m": {"llama": "smollm2-135m-instruct.json", "llamba": "llamba-smollm2-135m.json", "layers": None}}
-GIB = 2**30
 
 
 def parse_args(argv=None):
@@ -265,7 +263,7 @@ def _series(points, axis, other, fixed, metric) -> dict:
 
 def run(args) -> dict:
     points = []
-    limit = parse_memory(args.memory_limit)
+    limit = parse_size(args.memory_limit, "--memory-limit")
     layers = args.layers or SHAPES[args.shapes]["layers"]
     for name in ("llama", "llamba"):
         config = model_config(args.shapes, name, layers, args.dtype)
@@ -295,7 +293,7 @@ def run(args) -> dict:
         print(json.dumps(row), flush=True)
     fits = []
     if args.fit_memory:
-        budget = parse_memory(args.fit_memory)
+        budget = parse_size(args.fit_memory, "--fit-memory")
         for context in args.fit_contexts:
             for name in ("llama", "llamba"):
                 fits.append(largest_batch(args.shapes, name, context, args.fit_dtype, budget))

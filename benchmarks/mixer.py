@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from benchmarks.common import environment, median_seconds, write_result
 from kept_jax.config import ModelConfig
-from kept_jax.dry_run import parse_memory
+from kept_jax.memory import parse_size
 from kept_jax.models.llamba import MIXER_FORMS, DiscreteMamba2
 
 LLAMBA_1B = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models",
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     lengths = [int(n) for n in args.lengths.split(",")]
     forms = args.forms.split(",")
-    budget = parse_memory(args.memory_budget)
+    budget = parse_size(args.memory_budget, "--memory-budget")
     config = mixer_config(args.dtype, "chunked")
     print(f"mixer of {os.path.basename(LLAMBA_1B)}: d_model {config.hidden_size}, {config.n_v_heads} heads x "
           f"{config.head_dim}, {config.n_qk_heads} groups, d_state {config.d_state}, chunk {config.chunk_size}; "

@@ -21,7 +21,7 @@ from kept_jax.config import NUMPY_DTYPES, ModelConfig
 from kept_jax.models.names import TensorSpec
 
 SAFETENSORS_DTYPE_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16"}
-DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # 5GB, as Transformers' save_pretrained counts it
 
 
 def hf_tensor(params: dict, config: ModelConfig, spec: TensorSpec, dtype: str) -> np.ndarray:

@@ -20,13 +20,13 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
 from typing import Any, Callable
 
 import numpy as np
 
 from kept_jax.errors import KeptError, cli_entry
+from kept_jax.memory import parse_size
 
 DEFAULT_SOURCE = os.path.join(os.path.dirname(__file__), "assets", "tiny-orion")
 
@@ -117,13 +117,6 @@ def held_rows(path: str, ids: bool, tokenizer, source_config, seq_len: int, skip
     if len(rows) == 0:
         raise KeptError(f"{path} has too little text: nothing is left after the calibration rows; give more text")
     return rows
-
-
-def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text.upper())
-    if not match:
-        raise KeptError(f"--max-shard-size {text!r} is not a size such as 5GB or 500MB")
-    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " "))
 
 
 TARGETS = {"llama": ("orion", "llama"), "llamba": ("llama",)}  # target architecture -> the sources it is made from
@@ -503,7 +496,7 @@ def main(argv=None) -> int:
     source = load_config(args.source)
     itemsize = np.dtype(NUMPY_DTYPES[export_dtype(args, source)]).itemsize
     check_output_dir(args.out, args.force, needed_bytes=source.num_params() * itemsize)
-    max_shard_bytes = None if args.max_shard_size is None else parse_size(args.max_shard_size)
+    max_shard_bytes = None if args.max_shard_size is None else parse_size(args.max_shard_size, "--max-shard-size")
     _, results, info = convert_all(args)
     export = (args.opm if conversion_kind(args, source) == "opm" else args.mixer_init) != "all"
     with atomic_output_dir(args.out, args.force) as tmp:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import sys
 
 import jax
@@ -40,19 +39,9 @@ import numpy as np
 from flax import traverse_util
 
 from kept_jax.errors import KeptError
+from kept_jax.memory import GIB, parse_size
 
-GIB = 2**30
 FIT_FRACTION = 0.95
-
-
-def parse_memory(text: str) -> int:
-    """'80GB' (10^9), '80GiB' (2^30), '80G' (as GB), or bytes -> bytes."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*(gib|gb|g|mib|mb|m|tib|tb|t|b)?\s*", text.lower())
-    if not m:
-        raise KeptError(f"--device-memory {text!r}: give a size such as 80GB, 141GB or 80GiB")
-    unit = {"gib": GIB, "gb": 1e9, "g": 1e9, "mib": 2**20, "mb": 1e6, "m": 1e6, "tib": 2**40, "tb": 1e12, "t": 1e12,
-            "b": 1, None: 1}[m.group(2)]
-    return int(float(m.group(1)) * unit)
 
 
 def _source_layout(cfg):
@@ -210,7 +199,7 @@ def llamba_block_bytes(config, b: int, t: int, c: int) -> dict[str, float]:
 
 
 def mohawk_activation_bytes(cfg, objective: str, teacher, student, b: int) -> dict[str, float]:
-    """Stage activations per device (estimates of XLA's live set; DESIGN.md section 6 for the objectives):
+    """Stage activations per device (estimates of XLA's live set; docs/llamba.md for the objectives):
       matrix  the teacher's layer inputs (L x b T d), then one layer at a time: the teacher's attention
               probabilities and the student's mixing matrix with its segment sums and their gradients
               (5 x b H T^2 fp32)
@@ -286,7 +275,7 @@ def _fits(total: float, capacity: int) -> str:
 def dry_run_mohawk(cfg, device_memory: str | None, devices: int | None) -> int:
     p = plan_mohawk(cfg, devices)
     t, s, mesh = p["teacher_config"], p["student_config"], p["mesh"]
-    capacity = parse_memory(device_memory) if device_memory else None
+    capacity = parse_size(device_memory, "--device-memory") if device_memory else None
     print(f"dry run: abstract shapes only, no weights read\n"
           f"teacher        {p['layout']}: Llama, {t.num_hidden_layers} layers, hidden {t.hidden_size}, "
           f"{t.num_attention_heads} heads x {t.head_dim} ({t.num_key_value_heads} KV), "
@@ -345,7 +334,7 @@ def dry_run(cfg, device_memory: str | None, devices: int | None) -> int:
     print(f"  {'total':<58}{p['total'] / GIB:>8.2f}", file=out)
     if device_memory is None:
         return 0
-    capacity = parse_memory(device_memory)
+    capacity = parse_size(device_memory, "--device-memory")
     fits = p["total"] <= FIT_FRACTION * capacity
     print(f"\ndevice memory {device_memory} = {capacity / GIB:.1f} GiB: "
           f"{'fits' if fits else 'does NOT fit'} ({p['total'] / capacity:.0%} of it; the limit is "

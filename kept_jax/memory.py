@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 import os
+import re
 
 import jax
+
+from kept_jax.errors import KeptError
+
+GIB = 2**30
+# Decimal units as Transformers' max_shard_size and GPU data sheets count them (5GB = 5e9 bytes, "80GB" H100),
+# binary with an i (80GiB = 80 * 2^30); a bare letter is the decimal unit.
+SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+              "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """A size a user gives (`--device-memory 80GB`, `--max-shard-size 5GiB`, `1024`) in bytes; `flag` names the
+    option in the message when the text is not a size."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*", str(text).lower())
+    if not m or m.group(2) not in SIZE_UNITS:
+        raise KeptError(f"{flag} {text!r} is not a size: give one such as 80GB (10^9 bytes), 80GiB (2^30) or "
+                        "500MB")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2)])
 
 
 def compiled_peak_bytes(compiled) -> int:
@@ -35,4 +54,4 @@ def free_bytes(device: jax.Device | None = None) -> int | None:
 
 
 def gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.1f} GiB"
+    return f"{nbytes / GIB:.1f} GiB"

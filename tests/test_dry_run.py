@@ -3,11 +3,12 @@
 import pytest
 
 from kept_jax import train
-from kept_jax.dry_run import GIB, parse_memory, plan
+from kept_jax.dry_run import plan
+from kept_jax.memory import GIB, parse_size
 from kept_jax.errors import KeptError
 from kept_jax.train_config import load_config
 
-# Orion-14B (DESIGN.md): 40 layers, d 5120, ffn 15360, 40 heads x 128 (MHA), vocab 84608, untied, LayerNorm with bias.
+# Orion-14B (configs/models/orion-14b.json): 40 layers, d 5120, ffn 15360, 40 heads x 128 (MHA), vocab 84608, untied, LayerNorm with bias.
 L, D, F, V = 40, 5120, 15360, 84608
 ORION_PARAMS = L * (4 * D * D + 3 * D * F + 2 * 2 * D) + 2 * V * D + 2 * D
 
@@ -52,14 +53,19 @@ def test_dry_run_needs_a_layout(tmp_path, capsys):
     assert "no source_config set" in capsys.readouterr().err
 
 
-def test_memory_sizes_parse():
-    assert parse_memory("80GB") == 80 * 10**9 and parse_memory("80GiB") == 80 * GIB
-    assert parse_memory("141 gb") == 141 * 10**9 and parse_memory("1024") == 1024
-    with pytest.raises(KeptError, match="give a size such as 80GB"):
-        parse_memory("eighty")
+def test_one_size_parser_for_every_flag():
+    """--device-memory and --max-shard-size read sizes alike: GB decimal (as GPU data sheets and Transformers'
+    max_shard_size), GiB binary."""
+    assert parse_size("80GB", "--device-memory") == 80 * 10**9 and parse_size("80GiB", "--device-memory") == 80 * GIB
+    assert parse_size("141 gb", "--x") == 141 * 10**9 and parse_size("1024", "--x") == 1024
+    assert parse_size("5GB", "--max-shard-size") == 5 * 10**9 and parse_size("500MiB", "--x") == 500 * 2**20
+    assert parse_size(".5G", "--x") == 5 * 10**8
+    for bad in ("eighty", "80 GBs", "5XB", ""):
+        with pytest.raises(KeptError, match=r"--device-memory '.*' is not a size: give one such as 80GB"):
+            parse_size(bad, "--device-memory")
 
 
-# Llama-3.2-1B (DESIGN.md section 6): 16 layers, d 2048, ffn 8192, 32 heads x 64 (8 KV), vocab 128256, tied.
+# Llama-3.2-1B (configs/models/llama-3.2-1b-instruct.json): 16 layers, d 2048, ffn 8192, 32 heads x 64 (8 KV), vocab 128256, tied.
 def test_llamba_configs_plan_every_stage_on_1_and_8_devices(capsys):
     cfg, _ = load_config("configs/llamba-1b.yaml")
     p = plan(cfg)
