@@ -1,4 +1,4 @@
-"""An independent Llamba: the model in float64 NumPy, one token at a time, written from the math (DESIGN.md section 6)
+"""An independent Llamba: the model in float64 NumPy, one token at a time, written from the math (docs/llamba.md)
 and sharing no code with `kept_jax.models`. Transformers has no Llamba class and the reference implementation needs
 GPU kernels, so this is what kept_jax's Llamba is checked against: by the tests, and by the training job on its
 export (`check_export`).
@@ -14,12 +14,9 @@ import numpy as np
 BLOCK_EPS = 1e-5  # the two block norms' eps, fixed in the reference implementation
 
 
-def oracle_logits(hf: dict, tensors: dict[str, np.ndarray], tokens: np.ndarray, mutation: str | None = None):
-    """Llamba in float64, one token at a time, from the math (DESIGN.md section 6).
-
-    `mutation` breaks one term on purpose ("no_D", "no_z_bias", "no_conv_bias", "delta_input": x scaled by
-    softplus(l) as in Mamba-2's discretization), to show that the comparison notices it.
-    """
+def oracle_logits(hf: dict, tensors: dict[str, np.ndarray], tokens: np.ndarray):
+    """Llamba in float64, one token at a time, from the math (docs/llamba.md). (tests/test_llamba.py breaks each
+    term in a copy of this source to show that the comparison notices it.)"""
     w = {k: v.astype(np.float64) for k, v in tensors.items()}
     ssm = hf["ssm_cfg"]
     d, layers = hf["d_model"], hf["n_layer"]
@@ -48,7 +45,7 @@ def oracle_logits(hf: dict, tensors: dict[str, np.ndarray], tokens: np.ndarray, 
                 taps = np.concatenate([window[i], xbc[None]])  # [K, C], the current token last
                 window[i] = taps[1:]
                 conv = np.einsum("kc,ck->c", taps, w[p + "mixer.conv1d.weight"][:, 0, :])
-                if ssm["conv_bias"] and mutation != "no_conv_bias":
+                if ssm["conv_bias"]:
                     conv = conv + w[p + "mixer.conv1d.bias"]
                 if ssm["activation"] == "silu":
                     conv = silu(conv)
@@ -59,12 +56,11 @@ def oracle_logits(hf: dict, tensors: dict[str, np.ndarray], tokens: np.ndarray, 
                 for head_index in range(h):
                     group = head_index // (h // g)
                     decay = 1.0 / (1.0 + np.exp(ell[head_index]))  # sigmoid(-l)
-                    x_in = x[head_index] * (np.log1p(np.exp(ell[head_index])) if mutation == "delta_input" else 1.0)
+                    x_in = x[head_index]  # unscaled: no step size on the input (Mamba-2 has one)
                     state[i][head_index] = decay * state[i][head_index] + np.outer(x_in, b[group])
                     y[head_index] = state[i][head_index] @ c[group]
-                    if mutation != "no_D":
-                        y[head_index] += w[p + "mixer.D"][head_index] * x[head_index]
-                z_bias = 0.0 if mutation == "no_z_bias" else w[p + "mixer.z_bias"]
+                    y[head_index] += w[p + "mixer.D"][head_index] * x[head_index]
+                z_bias = w[p + "mixer.z_bias"]
                 x_res = x_res + w[p + "mixer.out_proj.weight"] @ (y.reshape(-1) * silu(z + z_bias))
                 u = rmsnorm(x_res, w[p + "post_attention_layernorm.weight"], BLOCK_EPS)
                 gate, up = (w[p + f"mlp.{m}_proj.weight"] @ u + w.get(p + f"mlp.{m}_proj.bias", 0.0)
