@@ -20,7 +20,7 @@ import grain
 import numpy as np
 
 from kept_jax.errors import KeptError
-from kept_jax.fileio import atomic_file, read_optional_json
+from kept_jax.fileio import atomic_file, json_line, read_optional_json
 from kept_jax.train_config import SourceConfig
 
 CORPUS_DIR = os.path.join(os.path.dirname(__file__), "assets", "corpus")
@@ -56,12 +56,9 @@ class _JsonlFile:
 
     def _parse(self, raw: bytes, lineno: int) -> str:
         where = f"{self.path}:{lineno}"
-        try:
-            record = json.loads(_utf8(raw, where))
-        except json.JSONDecodeError as e:
-            raise KeptError(f"{where}: not a JSON object ({e.msg}); every line must be one JSON object") from None
-        if not isinstance(record, dict) or not isinstance(record.get(self.field), str):
-            keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+        record = json_line(_utf8(raw, where), where)
+        if not isinstance(record.get(self.field), str):
+            keys = ", ".join(map(str, record))
             raise KeptError(f"{where}: no string field {self.field!r} (found: {keys}); set the source's field")
         return record[self.field]
 

@@ -32,6 +32,25 @@ def read_text(path: str, what: str) -> str:
         raise KeptError(f"{what} {path!r} cannot be read (permission denied)") from None
 
 
+def json_line(line: str, where: str) -> dict:
+    """One line of a JSONL file as the JSON object it must be (`where`: file and line, for the message)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise KeptError(f"{where}: not a JSON object ({e.msg}); every line must be one JSON object") from None
+    if not isinstance(record, dict):
+        raise KeptError(f"{where}: not a JSON object (a {type(record).__name__}); every line must be one JSON object")
+    return record
+
+
+def jsonl_records(path: str, what: str) -> Iterator[tuple[str, dict]]:
+    """(where, object) for each non-blank line of a JSONL file a user named with the flag `what`."""
+    for number, line in enumerate(read_text(path, what).splitlines(), 1):
+        if line.strip():
+            where = f"{path}:{number}"
+            yield where, json_line(line, where)
+
+
 def read_optional_json(path: str) -> dict:
     """A checkpoint's optional JSON side file (`tokenizer_config.json`, `generation_config.json`): {} when absent."""
     if not os.path.isfile(path):

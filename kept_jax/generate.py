@@ -73,26 +73,19 @@ def _messages(record, where: str) -> list[dict[str, str]]:
 def read_prompts(args: argparse.Namespace) -> list[str | list[dict[str, str]]]:
     """The prompts: texts (--prompt, a whole --file, the 'prompt' or 'text' of each .jsonl line) or conversations
     (a .jsonl line's 'messages'; with --chat, each text as the user's turn after the --system message)."""
-    from kept_jax.fileio import read_text
+    from kept_jax.fileio import jsonl_records, read_text
 
     if args.prompt is not None:
         prompts = [args.prompt]
     elif args.file.endswith(".jsonl"):
         prompts = []
-        for number, line in enumerate(read_text(args.file, "--file").splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"--file {args.file!r} line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            if isinstance(record, dict) and "messages" in record:
+        for where, record in jsonl_records(args.file, "--file"):
+            if "messages" in record:
                 prompts.append(_messages(record, where))
-            elif isinstance(record, dict) and ("prompt" in record or "text" in record):
+            elif "prompt" in record or "text" in record:
                 prompts.append(record["prompt"] if "prompt" in record else record["text"])
             else:
-                raise KeptError(f"{where} is not a JSON object with a 'prompt', 'text' or 'messages' field")
+                raise KeptError(f"{where}: no 'prompt', 'text' or 'messages' field; give each line one of them")
         if not prompts:
             raise KeptError(f"--file {args.file!r} holds no prompts; write one JSON object per line")
     else:

@@ -264,7 +264,7 @@ def test_cli_batches_a_jsonl_file_of_prompts_in_bfloat16(kept_export, tmp_path, 
     (["--prompt", "hi", "--chat"], "has no chat template (tokenizer_config.json's chat_template or "
                                    "chat_template.jinja), so it cannot be prompted as a chat; drop --chat"),
     (["--prompt", "hi", "--system", "Be brief."], "--system is the system message of a chat: add --chat"),
-    (["--file", "{bad_messages}"], "line 1: 'messages' must be a non-empty list"),
+    (["--file", "{bad_messages}"], ".jsonl:1: 'messages' must be a non-empty list"),
 ])
 def test_cli_user_errors_get_one_line(argv, message, kept_export, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
