@@ -1,6 +1,6 @@
 """What every architecture's typed config shares, and reading a Hugging Face `config.json` into the right one.
 
-An architecture is one module in `kept_jax/models/` (DESIGN.md section 7); its config class derives from
+An architecture is one module in `kept_jax/models/` (docs/design.md); its config class derives from
 `ModelConfig` and says everything specific to it: how it reads and writes `config.json`, its HF tensor-name table, its
 parameter and FLOP formulas, its logical sharding axes and its Flax model. `kept_jax.models.ARCHITECTURES` maps each
 HF `model_type` to its class, and `ModelConfig.from_hf_dict` picks the class from `model_type` (`bridge.load_config`

@@ -1,4 +1,4 @@
-"""Recipes: what a training job distills from what, and in which stages. DESIGN.md section 7.
+"""Recipes: what a training job distills from what, and in which stages. docs/design.md.
 
 A recipe turns the loaded source into a `Recipe`: the teacher (config and params), the student's initial variables,
 the mapping between them, which student leaves read the teacher's buffers (the mapping's identity rules, student

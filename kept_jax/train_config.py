@@ -134,7 +134,7 @@ class JobConfig:
     source: str = "kept_jax/assets/tiny-orion"
     recipe: Literal["kept", "mohawk"] = "kept"  # kept: Orion -> Llama; mohawk: (Orion ->) Llama -> Llamba
     opm: Literal["copy", "lsq", "center", "center-lsq", "absorb", "exact"] = "absorb"
-    mixer_init: Literal["mohawk", "attention"] = "mohawk"  # mohawk: how each mixer starts (DESIGN.md section 6)
+    mixer_init: Literal["mohawk", "attention"] = "mohawk"  # mohawk: how each mixer starts (docs/llamba.md)
     student_config: str = ""  # mohawk: the Llamba student's config.json (default: derived from the teacher)
     stages: tuple[StageConfig, ...] = ()  # mohawk: the stages in order (kept trains once, with train.* and loss.*)
     trainable: str | tuple[str, ...] = "norms"  # a named set, or regular expressions over parameter paths

@@ -1,6 +1,6 @@
 """MOHAWK's stage objectives equal a naive float64 computation of their definitions, values and gradients.
 
-The reference here is written from the math (DESIGN.md section 6) with jax.numpy in float64 only for autodiff: the
+The reference here is written from the math (docs/llamba.md) with jax.numpy in float64 only for autodiff: the
 teacher's attention probabilities with RoPE and GQA repetition spelled out, the student's mixing matrix from cumulative
 sums of log-decays (kept_jax sums each segment instead), the blocks as plain formulas, one layer after another.
 Stage 1's memory does not grow with depth: one layer's [batch, heads, T, T] at a time (`memory_analysis`).

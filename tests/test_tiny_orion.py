@@ -62,7 +62,7 @@ def test_heldout_perplexity_is_what_the_log_says(asset):
 
 
 def test_norm_biases_and_residual_means_are_not_trivial(asset):
-    """What makes the OPM strategies distinguishable on this teacher (sizes are reported in the README)."""
+    """What makes the OPM strategies distinguishable on this teacher (sizes are reported in docs/kept.md)."""
     config, params, _ = asset
     layers = params["model"]["layers"]
     betas = [np.asarray(layers[s]["bias"], np.float32) for s in ("input_layernorm", "post_attention_layernorm")]

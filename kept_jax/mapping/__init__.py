@@ -1,4 +1,4 @@
-"""NPM/OPM: mappings between architectures as tables of rules (DESIGN.md section 3)."""
+"""NPM/OPM: mappings between architectures as tables of rules (docs/kept.md)."""
 
 from kept_jax.mapping.calibration import SiteStats, calibrate
 from kept_jax.mapping.opm import STRATEGIES, build_mapping, outer_sites, target_config

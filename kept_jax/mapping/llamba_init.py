@@ -1,4 +1,4 @@
-"""Llama -> Llamba without training: copy what the two share, drop attention, initialize each mixer. DESIGN.md 6.
+"""Llama -> Llamba without training: copy what the two share, drop attention, initialize each mixer. docs/llamba.md.
 
 The embedding, every norm, the MLPs and the head are copied (renamed into `backbone/...`). Each attention sublayer
 becomes a Discrete-Mamba-2 mixer, initialized in one of two ways:

@@ -1,4 +1,4 @@
-"""NPM + OPM: Orion (LayerNorm with bias) -> Llama (RMSNorm), training-free. DESIGN.md section 3.
+"""NPM + OPM: Orion (LayerNorm with bias) -> Llama (RMSNorm), training-free. docs/kept.md.
 
 LN(x) = gamma * a + beta with a = (x - mean)/std; RMSNorm(x) = g * u with u = x/rms. Strategies:
 

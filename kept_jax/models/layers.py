@@ -1,7 +1,7 @@
 """The shared building blocks of every architecture: embedding, linear, norms, RoPE, attention, SwiGLU MLP, and
 the stack of layers (scanned or unrolled, with a remat policy).
 
-Numerics follow Hugging Face (DESIGN.md section 2): norms in fp32, RoPE angles in fp32, softmax in fp32.
+Numerics follow Hugging Face (docs/design.md, Models): norms in fp32, RoPE angles in fp32, softmax in fp32.
 Parameters carry logical axis names so that sharding rules can place them on a device mesh.
 """
 

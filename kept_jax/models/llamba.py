@@ -1,4 +1,4 @@
-"""Llamba (Cartesia 2025): a Llama decoder whose attention sublayers are Discrete-Mamba-2 mixers. DESIGN.md section 6.
+"""Llamba (Cartesia 2025): a Llama decoder whose attention sublayers are Discrete-Mamba-2 mixers. docs/llamba.md.
 
     h += mixer(RMSNorm_1e-5(h));  h += LlamaMLP(RMSNorm_1e-5(h));  ...;  logits = head(RMSNorm_norm_epsilon(h))
 
@@ -217,7 +217,7 @@ class LlambaConfig(ModelConfig):
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The published layout (DESIGN.md section 6) and the token ids, nothing else. No dtype: the official
+        """The published layout (docs/llamba.md) and the token ids, nothing else. No dtype: the official
         `LlambaLMHeadModel.from_pretrained` (cartesia_pytorch, through huggingface_hub's PyTorchModelHubMixin) passes
         config.json's keys on to its constructor, whose own `config`, `initializer_cfg`, `device` and `dtype`
         parameters they would replace (the weights' dtype is in the safetensors file). No model_type: Transformers,

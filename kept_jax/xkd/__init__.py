@@ -1,1 +1,1 @@
-"""XKD: cross-architecture knowledge distillation (DESIGN.md section 4)."""
+"""XKD: cross-architecture knowledge distillation (docs/design.md)."""
