@@ -47,7 +47,7 @@ from benchmarks.common import environment, write_result
 from kept_jax.config import ModelConfig
 from kept_jax.decoding import DecodeState, Generator
 from kept_jax.memory import GIB, compiled_peak_bytes, parse_size
-from kept_jax.models import build_model
+from kept_jax.models import build_model, config_from_hf
 
 MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
 SHAPES = {"1b": {"llama": "llama-3.2-1b-instruct.json", "llamba": "llamba-1b.json", "layers": 4},
@@ -81,7 +81,7 @@ def parse_args(argv=None):
 def model_config(shapes: str, name: str, layers: int | None, dtype: str) -> ModelConfig:
     with open(os.path.join(MODELS, SHAPES[shapes][name]), encoding="utf-8") as f:
         hf = json.load(f)
-    config = ModelConfig.from_hf_dict(hf, compute_dtype=dtype, param_dtype=dtype, scan_layers=False)
+    config = config_from_hf(hf, compute_dtype=dtype, param_dtype=dtype, scan_layers=False)
     if name == "llama":  # room for the longest context measured; the rope is the same function of position
         config = config.replace(max_position_embeddings=max(config.max_position_embeddings, 2**17))
     return config if layers is None else config.replace(num_hidden_layers=layers)

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import environment, median_seconds, write_result
-from kept_jax.config import ModelConfig
 from kept_jax.memory import parse_size
+from kept_jax.models import config_from_hf
 from kept_jax.models.llamba import MIXER_FORMS, DiscreteMamba2
 
 LLAMBA_1B = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models",
@@ -33,7 +33,7 @@ MIB = 2**20
 
 def mixer_config(dtype: str, form: str):
     with open(LLAMBA_1B, encoding="utf-8") as f:
-        return ModelConfig.from_hf_dict(json.load(f), compute_dtype=dtype, param_dtype=dtype, mixer_form=form)
+        return config_from_hf(json.load(f), compute_dtype=dtype, param_dtype=dtype, mixer_form=form)
 
 
 def functions(config) -> tuple:

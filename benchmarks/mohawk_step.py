@@ -20,11 +20,11 @@ import sys
 import jax
 
 from benchmarks.common import environment, median_seconds, write_result
-from kept_jax.config import ModelConfig, read_config_json
+from kept_jax.config import read_config_json
 from kept_jax.errors import cli_entry
 from kept_jax.flops import peak_flops, stage_flops_per_token
 from kept_jax.mapping.llamba_init import build_llamba_mapping, llamba_config_for
-from kept_jax.models import build_model, init_params
+from kept_jax.models import build_model, config_from_hf, init_params
 from kept_jax.stages import plan_stages
 from kept_jax.train_config import CONFIG_DIR, load_config
 from kept_jax.xkd.objectives import make_objective
@@ -49,8 +49,8 @@ def main(argv=None) -> int:
     runtime = dict(compute_dtype=args.dtype, param_dtype=args.dtype)
     teacher_hf = read_config_json(os.path.join(MODELS, "llama-3.2-1b-instruct.json"))
     vocab = {"vocab_size": args.vocab} if args.vocab else {}
-    teacher_config = ModelConfig.from_hf_dict({**teacher_hf, "num_hidden_layers": args.layers, **vocab}, **runtime)
-    layout = ModelConfig.from_hf_dict({**read_config_json(os.path.join(MODELS, "llamba-1b.json")),
+    teacher_config = config_from_hf({**teacher_hf, "num_hidden_layers": args.layers, **vocab}, **runtime)
+    layout = config_from_hf({**read_config_json(os.path.join(MODELS, "llamba-1b.json")),
                                        "n_layer": args.layers, **vocab})
     student_config = llamba_config_for(teacher_config, "mohawk", layout).replace(**runtime)
     teacher, student = build_model(teacher_config), build_model(student_config)

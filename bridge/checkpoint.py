@@ -22,6 +22,7 @@ from bridge.gguf_import import GGUFFile, is_gguf
 from bridge.hf_import import CheckpointReader, ImportReport, params_from_reader
 from kept_jax.config import ModelConfig, read_config_json
 from kept_jax.errors import KeptError
+from kept_jax.models import config_from_hf
 from kept_jax.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -76,7 +77,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 def load_config(path: str | os.PathLike, **runtime: Any) -> ModelConfig:
     """The architecture's config of the checkpoint at `path`, with `runtime` fields set (param_dtype, ...)."""
-    return ModelConfig.from_hf_dict(open_checkpoint(path).hf, **runtime)
+    return config_from_hf(open_checkpoint(path).hf, **runtime)
 
 
 def tokenizer_dir(path: str | os.PathLike) -> str:
@@ -105,7 +106,7 @@ def load_checkpoint(path: str | os.PathLike, progress: str | None = None, **runt
     model's device copy.
     """
     checkpoint = open_checkpoint(path)
-    config = ModelConfig.from_hf_dict(checkpoint.hf, **runtime)
+    config = config_from_hf(checkpoint.hf, **runtime)
     reader = checkpoint.reader()
     params, skipped, dtypes = params_from_reader(reader, config, progress=progress)
     if config.tie_word_embeddings and "lm_head.weight" in reader.names():

@@ -3,8 +3,8 @@
 An architecture is one module in `kept_jax/models/` (docs/design.md); its config class derives from
 `ModelConfig` and says everything specific to it: how it reads and writes `config.json`, its HF tensor-name table, its
 parameter and FLOP formulas, its logical sharding axes and its Flax model. `kept_jax.models.ARCHITECTURES` maps each
-HF `model_type` to its class, and `ModelConfig.from_hf_dict` picks the class from `model_type` (`bridge.load_config`
-reads it from a checkpoint).
+HF `model_type` to its class, and `kept_jax.models.config_from_hf` picks the class from `model_type`
+(`bridge.load_config` reads it from a checkpoint). This module imports no architecture: the registry imports them.
 
 The shared fields use one name whatever the HF spelling (Llamba's `d_model` is `hidden_size` here), so that the
 layers, the mapping, the bridge and the training engine read any architecture alike. Runtime fields choose how the
@@ -63,6 +63,7 @@ class ModelConfig:
     embedding_path: ClassVar[tuple[str, ...]]
     hf_embedding_name: ClassVar[str]
     hf_tie_key: ClassVar[str] = "tie_word_embeddings"  # the config.json key of tie_word_embeddings
+    model_types: ClassVar[tuple[str, ...]] = ()  # the config.json model_type(s) this class reads
     # config.json keys that identify the architecture when config.json has no model_type (its official writer's).
     layout_keys: ClassVar[frozenset[str]] = frozenset()
     # The official loader reads one `model.safetensors` only: the export is never sharded.
@@ -87,18 +88,15 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], **runtime: Any) -> "ModelConfig":
-        """The config of `hf`'s `model_type` (or, without one, of the architecture whose `layout_keys` it has); on a
-        subclass, only that architecture is accepted."""
-        from kept_jax.models import ARCHITECTURES  # the registry imports every architecture, which import this
-
+        """The config of `hf`, which must be one of this architecture's `model_types` (or, without a model_type,
+        have its `layout_keys`). `kept_jax.models.config_from_hf` picks the architecture for any config.json."""
         model_type = hf.get("model_type")
-        accepted = {t: c for t, c in ARCHITECTURES.items() if issubclass(c, cls)}
-        if model_type is None:
-            model_type = next((t for t, c in accepted.items() if c.layout_keys and c.layout_keys <= set(hf)), None)
-        if model_type not in accepted:
+        if model_type is None and cls.layout_keys and cls.layout_keys <= set(hf):
+            model_type = cls.model_types[0]
+        if model_type not in cls.model_types:
             raise KeptError(f"config.json has model_type {model_type!r}; kept_jax reads "
-                            f"{', '.join(map(repr, accepted))}")
-        return accepted[model_type]._from_hf(hf, **runtime)
+                            f"{', '.join(map(repr, cls.model_types))} here")
+        return cls._from_hf(hf, **runtime)
 
     @classmethod
     def _from_hf(cls, hf: dict[str, Any], **runtime: Any) -> "ModelConfig":

@@ -450,12 +450,12 @@ def dry_run(args) -> int:
 
     from bridge.checkpoint import load_config
     from bridge.gguf_import import is_gguf
-    from kept_jax.config import ModelConfig, read_config_json
-    from kept_jax.models import abstract_params
+    from kept_jax.config import read_config_json
+    from kept_jax.models import abstract_params, config_from_hf
 
     plain_config = os.path.isfile(args.source) and not is_gguf(args.source)
     layout = args.source if os.path.isfile(args.source) else os.path.join(args.source, "config.json")
-    source = (ModelConfig.from_hf_dict(read_config_json(args.source)) if plain_config else load_config(args.source))
+    source = (config_from_hf(read_config_json(args.source)) if plain_config else load_config(args.source))
     check_source(args, source)
     mappings = conversion_mappings(args, source, {})
 

@@ -45,7 +45,8 @@ FIT_FRACTION = 0.95
 
 
 def _source_layout(cfg):
-    from kept_jax.config import ModelConfig, read_config_json
+    from kept_jax.config import read_config_json
+    from kept_jax.models import config_from_hf
     from kept_jax.train_config import find_config_json
 
     candidates = [os.path.join(cfg.source, "config.json")]
@@ -53,7 +54,7 @@ def _source_layout(cfg):
         candidates.append(find_config_json(cfg.source_config))
     for path in candidates:
         if path and os.path.isfile(path):
-            return path, ModelConfig.from_hf_dict(read_config_json(path), **cfg.runtime())
+            return path, config_from_hf(read_config_json(path), **cfg.runtime())
     raise KeptError(f"no config.json at {cfg.source!r} and no source_config set; give the source's config.json "
                     f"with source_config=PATH to plan without the weights")
 

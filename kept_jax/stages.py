@@ -102,8 +102,9 @@ def mohawk_student_config(cfg, teacher_config):
     """The Llamba student of a mohawk job: the layout `student_config` names (a config.json, or a directory holding
     one), or one derived from the teacher, with the job's runtime fields; refused when a matrix stage cannot pair
     each mixer head with an attention head. The job and its dry run both build the student here."""
-    from kept_jax.config import ModelConfig, read_config_json
+    from kept_jax.config import read_config_json
     from kept_jax.mapping.llamba_init import llamba_config_for
+    from kept_jax.models import config_from_hf
     from kept_jax.train_config import find_config_json
 
     layout = None
@@ -113,7 +114,7 @@ def mohawk_student_config(cfg, teacher_config):
             raise KeptError(f"student_config {cfg.student_config!r} is neither a config.json nor a directory "
                             "holding one; give a Llamba config.json (e.g. configs/models/llamba-1b.json) or leave it "
                             "out to derive the student from the teacher")
-        layout = ModelConfig.from_hf_dict(read_config_json(path))
+        layout = config_from_hf(read_config_json(path))
     student = llamba_config_for(teacher_config, cfg.mixer_init, layout)
     student = student.replace(**cfg.runtime(type(student)))
     heads = teacher_config.num_attention_heads

@@ -6,7 +6,7 @@ import pytest
 from transformers import LlamaConfig
 
 from bridge.checkpoint import load_config
-from kept_jax.config import ModelConfig
+from kept_jax.models import config_from_hf
 from kept_jax.models.layers import RopeConfig
 from kept_jax.errors import KeptError
 
@@ -40,22 +40,22 @@ def test_v5_and_older_rope_forms_agree(rope):
     v5 = {**base, "rope_parameters": {"rope_type": "default", "rope_theta": 5e7, **(ROPES[rope] or {})}}
     old = {**base, "rope_theta": 5e7, "rope_scaling": ROPES[rope] and {
         ("type" if k == "rope_type" else k): v for k, v in ROPES[rope].items()}}
-    assert ModelConfig.from_hf_dict(v5).rope == ModelConfig.from_hf_dict(old).rope
+    assert config_from_hf(v5).rope == config_from_hf(old).rope
 
 
 @pytest.mark.parametrize("rope", ROPES)
 def test_round_trip_writes_both_rope_forms(rope):
-    config = ModelConfig.from_hf_dict({"model_type": "orion", **SIZES, "rope_theta": 5e7, "rope_scaling": ROPES[rope]})
+    config = config_from_hf({"model_type": "orion", **SIZES, "rope_theta": 5e7, "rope_scaling": ROPES[rope]})
     hf = json.loads(json.dumps(config.to_hf_dict()))
     assert hf["rope_theta"] == 5e7 and hf["rope_parameters"]["rope_theta"] == 5e7
     assert hf.get("rope_scaling") == (None if rope == "default" else hf["rope_parameters"])
-    assert ModelConfig.from_hf_dict(hf) == config
-    assert ModelConfig.from_hf_dict({k: v for k, v in hf.items() if k not in ("rope_theta", "rope_scaling")}) == config
+    assert config_from_hf(hf) == config
+    assert config_from_hf({k: v for k, v in hf.items() if k not in ("rope_theta", "rope_scaling")}) == config
 
 
 def test_orion_layernorm_eps_comes_from_rms_norm_eps():
-    assert ModelConfig.from_hf_dict({"model_type": "orion", **SIZES, "rms_norm_eps": 1e-5}).rms_norm_eps == 1e-5
-    assert ModelConfig.from_hf_dict({"model_type": "orion", **SIZES}).norm == "layernorm"
+    assert config_from_hf({"model_type": "orion", **SIZES, "rms_norm_eps": 1e-5}).rms_norm_eps == 1e-5
+    assert config_from_hf({"model_type": "orion", **SIZES}).norm == "layernorm"
 
 
 @pytest.mark.parametrize(
@@ -80,7 +80,7 @@ def test_orion_layernorm_eps_comes_from_rms_norm_eps():
 )
 def test_rejects_what_would_change_the_math(changes, message):
     with pytest.raises(KeptError) as info:
-        ModelConfig.from_hf_dict({"model_type": "llama", **SIZES, **changes})
+        config_from_hf({"model_type": "llama", **SIZES, **changes})
     assert message in str(info.value)
 
 
@@ -93,8 +93,8 @@ METADATA = {"_model_name_or_path": "Smollm2 135M 8k Lc100K Mix1 Ep2", "unk_token
 
 @pytest.mark.parametrize("key", METADATA)
 def test_keys_the_reference_does_not_read_are_metadata(key):
-    plain = ModelConfig.from_hf_dict({"model_type": "llama", **SIZES})
-    assert ModelConfig.from_hf_dict({"model_type": "llama", **SIZES, key: METADATA[key]}) == plain
+    plain = config_from_hf({"model_type": "llama", **SIZES})
+    assert config_from_hf({"model_type": "llama", **SIZES, key: METADATA[key]}) == plain
 
 
 def test_every_key_of_transformers_llama_is_read_fixed_or_without_effect():
@@ -111,7 +111,7 @@ def test_every_key_of_transformers_llama_is_read_fixed_or_without_effect():
 
 
 def test_runtime_choices_are_validated():
-    config = ModelConfig.from_hf_dict({"model_type": "llama", **SIZES})
+    config = config_from_hf({"model_type": "llama", **SIZES})
     with pytest.raises(KeptError, match="did you mean 'save-dots'"):
         config.replace(remat_policy="save_dots")
     with pytest.raises(KeptError, match="compute_dtype"):
@@ -119,7 +119,7 @@ def test_runtime_choices_are_validated():
 
 
 def test_llama3_original_length_defaults_to_max_positions_like_transformers():
-    rope = ModelConfig.from_hf_dict({
+    rope = config_from_hf({
         "model_type": "llama", **SIZES, "max_position_embeddings": 4096,
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}}).rope
     assert rope == RopeConfig("llama3", 10000.0, 8.0, 1.0, 4.0, 4096)
@@ -133,7 +133,7 @@ def test_num_params_matches_the_tensor_table_and_the_model(arch, tied):
     import jax
     from kept_jax.models.params import abstract_params
 
-    config = ModelConfig.from_hf_dict({"model_type": arch, **SIZES, "num_key_value_heads": 2, "mlp_bias": True,
+    config = config_from_hf({"model_type": arch, **SIZES, "num_key_value_heads": 2, "mlp_bias": True,
                                        "attention_bias": True, "tie_word_embeddings": tied})
     from_table = sum(math.prod(s.hf_shape) for s in config.tensor_table())
     from_model = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(config)))

@@ -17,7 +17,7 @@ from bridge.hf_export import write_params
 from bridge.checkpoint import load_checkpoint
 from bridge.tokenizer_export import export_tokenizer
 from kept_jax import corpus
-from kept_jax.config import ModelConfig
+from kept_jax.models import config_from_hf
 from kept_jax.errors import KeptError
 from kept_jax.fileio import atomic_file, atomic_output_dir
 from kept_jax.models import build_model, init_params
@@ -27,7 +27,7 @@ TOKENS = np.random.default_rng(9).integers(0, 512, size=(1, 20))
 
 
 def _llama_config(**kw):
-    return ModelConfig.from_hf_dict({**fx.base_config("tiny-llama"), "attention_bias": True, "mlp_bias": True}, **kw)
+    return config_from_hf({**fx.base_config("tiny-llama"), "attention_bias": True, "mlp_bias": True}, **kw)
 
 
 @pytest.mark.parametrize("arch, dtype, scan_layers", [
@@ -37,7 +37,7 @@ def _llama_config(**kw):
 def test_round_trip_is_bit_identical(tmp_path, arch, dtype, scan_layers):
     runtime = dict(param_dtype=dtype, scan_layers=scan_layers)
     config = (_llama_config(**runtime) if arch == "llama"
-              else ModelConfig.from_hf_dict(fx.base_config("tiny-llamba"), **runtime))
+              else config_from_hf(fx.base_config("tiny-llamba"), **runtime))
     params = init_params(config, jax.random.key(0))
     write_params(str(tmp_path), params, config, dtype)
     loaded_config, loaded, _ = load_checkpoint(tmp_path, param_dtype=dtype, scan_layers=scan_layers)
@@ -71,7 +71,7 @@ def test_rope_settings_survive_in_both_forms(tmp_path):
     """A LongChat-like export: Transformers reads the same theta and scaling from config.json."""
     hf = {**fx.base_config("tiny-llama"), "rope_theta": 5e7,
           "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
-    config = ModelConfig.from_hf_dict(hf)
+    config = config_from_hf(hf)
     params = init_params(config, jax.random.key(2))
     write_params(str(tmp_path), params, config, "float32")
     model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()

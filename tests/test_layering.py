@@ -51,3 +51,25 @@ def test_the_check_sees_imports_inside_functions(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from bridge.checkpoint import load_checkpoint\n")
     assert "bridge.checkpoint" in _imports(probe)
+
+
+def test_no_import_cycle_inside_the_library():
+    """The modules of kept_jax and bridge import one another in one direction (imports inside functions count):
+    `kept_jax.config` once needed the registry that imports every architecture, which imports it."""
+    modules = {_module(f): f for package in ("kept_jax", "bridge") for f in _files(package)}
+    graph = {m: {n for n in _imports(f) if n in modules and n != m} for m, f in modules.items()}
+    cycles, state = [], {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for n in sorted(graph[module]):
+            if state.get(n) == "open":
+                cycles.append(" -> ".join(path[path.index(n):] + [n]))
+            elif n not in state:
+                visit(n, path + [n])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []

@@ -20,9 +20,8 @@ from safetensors.numpy import save_file
 
 from bridge.checkpoint import load_checkpoint
 from bridge.llamba_oracle import oracle_logits
-from kept_jax.config import ModelConfig
 from kept_jax.errors import KeptError
-from kept_jax.models import LlambaConfig, build_model
+from kept_jax.models import LlambaConfig, build_model, config_from_hf
 from kept_jax.models.llamba import DiscreteMamba2
 from tests import fixtures as fx
 
@@ -145,7 +144,7 @@ def test_the_oracle_comparison_catches_a_broken_term(mutation):
     """Each term the math has is visible to the comparison above: drop it and the tolerance is missed by far."""
     hf = _hf_config("tied-grouped-expand2")
     tensors = random_tensors(hf)
-    config = ModelConfig.from_hf_dict(hf)
+    config = config_from_hf(hf)
     from bridge.hf_import import ArrayReader, params_from_reader
 
     params, _, _ = params_from_reader(ArrayReader(tensors), config)
@@ -263,7 +262,7 @@ def test_published_configs_read_with_the_reference_defaults():
         hf = json.load(f)
     del hf["ssm_cfg"]["d_conv"], hf["ssm_cfg"]["conv_bias"]
     hf.update(tie_word_embeddings=True, transformers_version="4.48.0", architectures=None)
-    config = ModelConfig.from_hf_dict(hf)
+    config = config_from_hf(hf)
     assert isinstance(config, LlambaConfig) and config.d_conv == 4 and config.conv_bias
     assert not config.tie_word_embeddings  # tie_embeddings decides, as in the reference
     assert (config.head_dim, config.d_inner, config.padded_vocab_size) == (128, 4096, 128256)
@@ -272,9 +271,9 @@ def test_published_configs_read_with_the_reference_defaults():
 def test_num_params_matches_the_table_the_model_and_the_published_shapes():
     for name, expected in (("llamba-1b", 1_405_159_936), ("llamba-3b", 3_656_994_688), ("llamba-8b", 8_841_204_736)):
         with open(os.path.join(fx.MODEL_CONFIGS, f"{name}.json")) as f:
-            config = ModelConfig.from_hf_dict(json.load(f))
+            config = config_from_hf(json.load(f))
         assert config.num_params() == sum(math.prod(s.hf_shape) for s in config.tensor_table()) == expected, name
-    config = ModelConfig.from_hf_dict(_hf_config("untied-one-group-silu"))
+    config = config_from_hf(_hf_config("untied-one-group-silu"))
     from kept_jax.models.params import abstract_params
 
     assert config.num_params() == sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(config)))
@@ -296,7 +295,7 @@ def test_config_errors_name_the_problem(change, message):
     for key, value in change.items():
         hf[key] = {**hf[key], **value} if isinstance(value, dict) else value
     with pytest.raises(KeptError, match=re.escape(message)):
-        ModelConfig.from_hf_dict(hf)
+        config_from_hf(hf)
 
 
 def test_missing_tensor_names_the_layout_flags(tmp_path):

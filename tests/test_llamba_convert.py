@@ -244,11 +244,11 @@ def test_dry_run_plans_the_published_sizes(size, capsys):
 
 
 def test_a_teacher_with_attention_biases_is_refused_for_what_kept_jax_lacks():
-    from kept_jax.config import ModelConfig
     from kept_jax.errors import KeptError
     from kept_jax.mapping.llamba_init import llamba_config_for
+    from kept_jax.models import config_from_hf
 
-    teacher = ModelConfig.from_hf_dict({**fx.base_config("tiny-llama"), "attention_bias": True})
+    teacher = config_from_hf({**fx.base_config("tiny-llama"), "attention_bias": True})
     with pytest.raises(KeptError, match=r"attention biases \(attention_bias=true\)\. The official Llamba code can "
                                         r"hold them \(ssm_cfg\.bias=true"):
         llamba_config_for(teacher, "mohawk")

@@ -10,9 +10,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from kept_jax import convert
-from kept_jax.config import ModelConfig
 from kept_jax.mapping import STRATEGIES, MappingError, build_mapping
 from kept_jax.mapping.rules import identity
+from kept_jax.models import config_from_hf
 from tests import fixtures as fx
 
 TOKENS = np.random.default_rng(5).integers(0, 512, size=(2, 32))
@@ -20,7 +20,7 @@ TOKENS = np.random.default_rng(5).integers(0, 512, size=(2, 32))
 
 @pytest.fixture(scope="module")
 def orion_config():
-    return ModelConfig.from_hf_dict(fx.base_config("tiny-orion"))
+    return config_from_hf(fx.base_config("tiny-orion"))
 
 
 @pytest.mark.parametrize("strategy", ["copy", "center"])

@@ -12,12 +12,25 @@ from __future__ import annotations
 import flax.linen as nn
 
 from kept_jax.config import ModelConfig
+from kept_jax.errors import KeptError
 from kept_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from kept_jax.models.llamba import LlambaConfig, LlambaForCausalLM
 from kept_jax.models.params import (abstract_params, head_kernel, init_params, layer_list, layer_params,
                                     stack_layers, unstack_layers)
 
-ARCHITECTURES: dict[str, type[ModelConfig]] = {"llama": LlamaConfig, "orion": LlamaConfig, "llamba": LlambaConfig}
+ARCHITECTURES: dict[str, type[ModelConfig]] = {t: c for c in (LlamaConfig, LlambaConfig) for t in c.model_types}
+
+
+def config_from_hf(hf: dict, **runtime) -> ModelConfig:
+    """The typed config of a Hugging Face `config.json` dict, of the architecture its `model_type` names (or,
+    without one, whose `layout_keys` it has), with runtime choices (dtypes, scan, remat)."""
+    model_type = hf.get("model_type")
+    if model_type is None:
+        model_type = next((t for t, c in ARCHITECTURES.items() if c.layout_keys and c.layout_keys <= set(hf)), None)
+    if model_type not in ARCHITECTURES:
+        raise KeptError(f"config.json has model_type {model_type!r}; kept_jax reads "
+                        f"{', '.join(map(repr, ARCHITECTURES))}")
+    return ARCHITECTURES[model_type].from_hf_dict(hf, **runtime)
 
 
 def build_model(config: ModelConfig) -> nn.Module:
@@ -26,7 +39,7 @@ def build_model(config: ModelConfig) -> nn.Module:
 
 
 __all__ = [
-    "ARCHITECTURES", "LlamaConfig", "LlamaForCausalLM", "LlambaConfig", "LlambaForCausalLM", "ModelConfig",
+    "ARCHITECTURES", "config_from_hf", "LlamaConfig", "LlamaForCausalLM", "LlambaConfig", "LlambaForCausalLM", "ModelConfig",
     "abstract_params", "build_model", "head_kernel", "init_params", "layer_list", "layer_params", "stack_layers",
     "unstack_layers",
 ]

@@ -58,6 +58,8 @@ READ_HF_KEYS = frozenset(
 class LlamaConfig(ModelConfig):
     """A Llama or Orion `config.json`, field for field (`architecture` is its model_type), plus runtime choices."""
 
+    model_types: ClassVar[tuple[str, ...]] = ("llama", "orion")
+
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int

@@ -26,9 +26,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import kept_jax.models.ssd as ssd
 from kept_jax.config import ModelConfig, check_choice, check_hf_keys, check_positive_ints, hf_dtype
 from kept_jax.errors import KeptError
-from kept_jax.models import ssd
 from kept_jax.models.layers import MLP, Embed, Linear, RMSNorm, layer_stack, logical_init
 from kept_jax.models.names import TensorSpec, linear_specs, norm_specs
 
@@ -70,6 +70,7 @@ class LlambaConfig(ModelConfig):
     embedding_path: ClassVar[tuple[str, ...]] = ("backbone", "embedding", "embedding")
     hf_embedding_name: ClassVar[str] = "backbone.embedding.weight"
     hf_tie_key: ClassVar[str] = "tie_embeddings"
+    model_types: ClassVar[tuple[str, ...]] = ("llamba",)
     layout_keys: ClassVar[frozenset[str]] = frozenset({"d_model", "ssm_cfg"})
     hf_single_file: ClassVar[bool] = True  # huggingface_hub's PyTorchModelHubMixin loads model.safetensors alone
     # in_proj's outputs (x, B, C, z, l side by side) stay whole; the inner dimension splits like attention's heads.
