@@ -262,21 +262,20 @@ def conversion_mappings(args, teacher_config, stats: dict) -> list:
     return opm_mappings(args, teacher_config, stats) if kind == "opm" else [copy_mapping(teacher_config)]
 
 
-def convert_all(args) -> tuple[Any, list[ConversionResult], dict]:
-    """Calibrates once (OPM: the teacher streamed from its files, layer by layer), builds each requested mapping
+def convert_all(args, source_config) -> tuple[Any, list[ConversionResult], dict]:
+    """`source_config`: the source's config as `main` read it (once). Calibrates once (OPM: the teacher streamed from its files, layer by layer), builds each requested mapping
     and, unless --no-eval, converts and evaluates each (both models in memory); without the evaluation the
     tensors are computed only as the export writes them."""
-    from bridge.checkpoint import load_checkpoint_tokenizer, load_config, open_checkpoint
+    from bridge.checkpoint import load_checkpoint_tokenizer, open_checkpoint
     from bridge.hf_import import ArrayReader, params_from_reader, streamed_layers
     from kept_jax import corpus
     from kept_jax.evaluate import batches_of
     from kept_jax.runlog import counted, phase
 
-    source_config = load_config(args.source)
     check_source(args, source_config)
     kind = conversion_kind(args, source_config)
     dtype = export_dtype(args, source_config)
-    teacher_config = load_config(args.source, compute_dtype=dtype, param_dtype=dtype)
+    teacher_config = source_config.replace(compute_dtype=dtype, param_dtype=dtype)
     info = {"source": os.path.abspath(args.source), "to": args.to, "dtype": dtype, "timings_s": {}}
     if kind == "copy":  # every weight written as read, and both models run in one dtype: KL 0 by construction
         args.no_eval = True
@@ -497,7 +496,7 @@ def main(argv=None) -> int:
     itemsize = np.dtype(NUMPY_DTYPES[export_dtype(args, source)]).itemsize
     check_output_dir(args.out, args.force, needed_bytes=source.num_params() * itemsize)
     max_shard_bytes = None if args.max_shard_size is None else parse_size(args.max_shard_size, "--max-shard-size")
-    _, results, info = convert_all(args)
+    _, results, info = convert_all(args, source)
     export = (args.opm if conversion_kind(args, source) == "opm" else args.mixer_init) != "all"
     with atomic_output_dir(args.out, args.force) as tmp:
         if export:

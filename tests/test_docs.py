@@ -1,5 +1,6 @@
 """The README and docs/ as a user meets them: every link resolves inside the repository (a file that exists, a
-heading that exists), and the README stays short enough to find each main command in it."""
+heading that exists), the README stays short and shows every main command, each command shown parses (a job's
+config loads), and the cheap ones run as written."""
 
 import os
 import re
@@ -64,3 +65,60 @@ def test_the_readme_is_short_and_shows_every_main_command():
     for command in ("kept_jax.train", "kept_jax.train --config configs/tiny-llamba.yaml", "kept_jax.convert",
                     "kept_jax.convert --to llamba", "kept_jax.generate", "kept_jax.score"):
         assert f"python -m {command}" in blocks, f"the README shows no example of python -m {command}"
+
+
+PROGRAMS = ("kept_jax.train", "kept_jax.convert", "kept_jax.generate", "kept_jax.score", "bridge.verify")
+
+
+def shown_commands() -> list[tuple[str, list[str]]]:
+    """Every `python -m PROGRAM ...` line of a shell block in the README and docs/ (continuations joined, comments
+    and a `$ ` prompt dropped), as (page, argv after the program); usage synopses (with [ ] or |) are left out."""
+    import shlex
+
+    commands = []
+    for page in PAGES:
+        with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+            blocks = re.findall(r"^```(?:bash)?\n(.*?)^```", f.read(), flags=re.M | re.S)
+        for block in blocks:
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.removeprefix("$ ").split("  #")[0].strip()
+                if not line.startswith("python -m ") or re.search(r"[\[|]| [A-Z]+(_[A-Z]+)*\b", line):
+                    continue
+                argv = shlex.split(line)[2:]
+                if argv[0] in PROGRAMS:
+                    commands.append((page, [a.replace("$GGUF", "model.gguf") for a in argv]))
+    return commands
+
+
+def test_every_command_shown_parses_and_its_config_loads():
+    """Each command in the docs has flags its program accepts, and a job's config with its overrides loads."""
+    import importlib
+
+    from kept_jax.train_config import load_config
+
+    commands = shown_commands()
+    assert len(commands) >= 15, commands  # the extraction found the commands
+    for page, argv in commands:
+        program = importlib.import_module(argv[0])
+        try:
+            args = program.parse_args(argv[1:])
+        except SystemExit:
+            raise AssertionError(f"{page}: python -m {' '.join(argv)}: the program refuses these flags") from None
+        if argv[0] == "kept_jax.train":
+            load_config(os.path.join(ROOT, args.config) if args.config else None, args.overrides)
+
+
+CHEAP = [  # run as written from the repository root: nothing to download, nothing written, seconds each
+    ["kept_jax.score", "--model", "kept_jax/assets/tiny-orion", "--text", "Return a new exception."],
+    ["kept_jax.convert", "--source", "configs/models/orion-14b.json", "--opm", "absorb", "--dry-run"],
+]
+
+
+@pytest.mark.parametrize("argv", CHEAP, ids=lambda a: a[0])
+def test_the_cheap_commands_run_as_written(argv):
+    import subprocess
+    import sys
+
+    assert ("README.md", argv) in shown_commands(), "run what the README shows"
+    proc = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
