@@ -1,8 +1,21 @@
+import atexit
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
+
+# XLA's compiled programs are kept on disk for this session, set before anything imports jax: the many small jobs
+# the tests run (in this process and in the subprocesses they start, which inherit the variable) compile the same
+# programs again and again, and each Job makes new closures that jit's in-memory cache cannot match. The directory
+# starts empty, so a clean clone's time is an honest one; KEPT_JAX_TEST_CACHE=0 runs without it.
+if os.environ.get("KEPT_JAX_TEST_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="kept_jax-test-xla-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 from tests import fixtures as fx
 
