@@ -269,6 +269,11 @@ def plan_mohawk(cfg, devices: int | None = None) -> dict:
             "total": max(s["total"] for s in stages)}
 
 
+def _amount(n: float) -> str:
+    """A count of tokens in the unit that shows it: 2.70B, 0.30B, 12.3M, 20,480 (not 0.00B)."""
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{int(n):,}"
+
+
 def _fits(total: float, capacity: int) -> str:
     return f"{'fits' if total <= FIT_FRACTION * capacity else 'does NOT fit'} ({total / capacity:.0%})"
 
@@ -290,7 +295,7 @@ def dry_run_mohawk(cfg, device_memory: str | None, devices: int | None) -> int:
           f"sequences per device), {cfg.data.grad_accum} micro-steps per step", file=sys.stdout)
     fits_all = True
     for stage in p["stages"]:
-        print(f"\nstage {stage['name']} ({stage['objective']}): {stage['steps']:,} steps, {stage['tokens'] / 1e9:.2f}B "
+        print(f"\nstage {stage['name']} ({stage['objective']}): {stage['steps']:,} steps, {_amount(stage['tokens'])} "
               f"tokens, trainable {stage['trainable_params'] / 1e6:,.1f}M ({stage['trainable']}), "
               f"{stage['shared_leaves']} student leaves read from the teacher")
         print(f"  {'memory per device':<62}{'GiB':>8}")

@@ -8,7 +8,8 @@ from kept_jax.memory import GIB, parse_size
 from kept_jax.errors import KeptError
 from kept_jax.train_config import load_config
 
-# Orion-14B (configs/models/orion-14b.json): 40 layers, d 5120, ffn 15360, 40 heads x 128 (MHA), vocab 84608, untied, LayerNorm with bias.
+# Orion-14B (configs/models/orion-14b.json): 40 layers, d 5120, ffn 15360, 40 heads x 128 (MHA), vocab 84608,
+# untied, LayerNorm with bias.
 L, D, F, V = 40, 5120, 15360, 84608
 ORION_PARAMS = L * (4 * D * D + 3 * D * F + 2 * 2 * D) + 2 * V * D + 2 * D
 
@@ -65,7 +66,8 @@ def test_one_size_parser_for_every_flag():
             parse_size(bad, "--device-memory")
 
 
-# Llama-3.2-1B (configs/models/llama-3.2-1b-instruct.json): 16 layers, d 2048, ffn 8192, 32 heads x 64 (8 KV), vocab 128256, tied.
+# Llama-3.2-1B (configs/models/llama-3.2-1b-instruct.json): 16 layers, d 2048, ffn 8192, 32 heads x 64 (8 KV),
+# vocab 128256, tied.
 def test_llamba_configs_plan_every_stage_on_1_and_8_devices(capsys):
     cfg, _ = load_config("configs/llamba-1b.yaml")
     p = plan(cfg)
@@ -88,7 +90,10 @@ def test_llamba_configs_plan_every_stage_on_1_and_8_devices(capsys):
                        "mesh.fsdp=8"]) == 0
     out = capsys.readouterr().out
     assert "every stage fits" in out and out.count("stage ") >= 3
+    assert "1,908 steps, 0.50B tokens" in out  # the paper's budgets in billions
     assert train.main(["--config", "configs/llamba-3b.yaml", "--dry-run"]) == 0
+    assert train.main(["--config", "configs/tiny-llamba.yaml", "--dry-run"]) == 0
+    assert "40 steps, 40,960 tokens" in capsys.readouterr().out  # a small budget in tokens, not "0.00B"
 
 
 def test_llamba_dry_run_refuses_what_the_job_refuses():
