@@ -15,11 +15,11 @@ import orbax.checkpoint as ocp
 from kept_jax import train
 from kept_jax.runlog import read_metrics
 
-STEPS = 150
+STEPS = 60
 
 
 def job_args(source, out):
-    return ["--out", out, f"source={source}", f"train.steps={STEPS}", "train.log_every=3", "train.eval_every=75",
+    return ["--out", out, f"source={source}", f"train.steps={STEPS}", "train.log_every=3", "train.eval_every=30",
             "checkpoint.every=3", "checkpoint.keep=2", "verify=false", "trainable=lora", "data.seq_len=32",
             "data.batch_size=4", "data.calib_tokens=256", "data.eval_tokens=256"]
 
