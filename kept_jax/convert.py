@@ -263,9 +263,9 @@ def conversion_mappings(args, teacher_config, stats: dict) -> list:
 
 
 def convert_all(args, source_config) -> tuple[Any, list[ConversionResult], dict]:
-    """`source_config`: the source's config as `main` read it (once). Calibrates once (OPM: the teacher streamed from its files, layer by layer), builds each requested mapping
+    """Calibrates once (OPM: the teacher streamed from its files, layer by layer), builds each requested mapping
     and, unless --no-eval, converts and evaluates each (both models in memory); without the evaluation the
-    tensors are computed only as the export writes them."""
+    tensors are computed only as the export writes them. `source_config`: the source's config, as `main` read it."""
     from bridge.checkpoint import load_checkpoint_tokenizer, open_checkpoint
     from bridge.hf_import import ArrayReader, params_from_reader, streamed_layers
     from kept_jax import corpus

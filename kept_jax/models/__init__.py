@@ -3,8 +3,8 @@
     config = bridge.load_config(path)          # the architecture comes from config.json's model_type
     model = build_model(config)                # a Flax module: model.apply({"params": params}, tokens, output=...)
 
-Adding an architecture: write its module (config with `_from_hf`/`to_hf_dict`, `tensor_table`, formulas, logical
-axes, `model_class`; blocks built from `layers.py`) and register its model_type here.
+Adding an architecture: write its module (config with `model_types`, `_from_hf`/`to_hf_dict`, `tensor_table`,
+formulas, logical axes, `model_class`; blocks built from `layers.py`) and add its config class to ARCHITECTURES.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def build_model(config: ModelConfig) -> nn.Module:
 
 
 __all__ = [
-    "ARCHITECTURES", "config_from_hf", "LlamaConfig", "LlamaForCausalLM", "LlambaConfig", "LlambaForCausalLM", "ModelConfig",
-    "abstract_params", "build_model", "head_kernel", "init_params", "layer_list", "layer_params", "stack_layers",
+    "ARCHITECTURES", "LlamaConfig", "LlamaForCausalLM", "LlambaConfig", "LlambaForCausalLM", "ModelConfig",
+    "abstract_params", "build_model", "config_from_hf", "head_kernel", "init_params", "layer_list", "layer_params", "stack_layers",
     "unstack_layers",
 ]
