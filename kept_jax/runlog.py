@@ -40,17 +40,25 @@ def phase(name: str, detail: str = "", timings: dict[str, float] | None = None) 
     print(f"{name}: {seconds:.1f} s", file=sys.stderr, flush=True)
 
 
+_OPEN_BARS: list = []  # the bars of `progress` now open, outermost first
+
+
 @contextlib.contextmanager
 def progress(total: int, desc: str, unit: str, initial: int = 0, leave: bool = True) -> Iterator[Any]:
-    """A tqdm progress bar on stderr, drawn by the first host only, closed when the block ends."""
+    """A tqdm progress bar on stderr, drawn by the first host only, closed when the block ends. A bar opened inside
+    another (an evaluation during training) is drawn only on a terminal: nesting moves the cursor up, which a log
+    file would keep as `[A` escapes."""
     import jax
     from tqdm import tqdm
 
+    nested_in_a_file = bool(_OPEN_BARS) and not sys.stderr.isatty()
     bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
-               mininterval=1.0, leave=leave, disable=jax.process_index() != 0)
+               mininterval=1.0, leave=leave, disable=jax.process_index() != 0 or nested_in_a_file)
+    _OPEN_BARS.append(bar)
     try:
         yield bar
     finally:
+        _OPEN_BARS.remove(bar)
         bar.close()
 
 

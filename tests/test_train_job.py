@@ -198,3 +198,18 @@ def test_a_job_that_ends_worse_than_it_started_fails(orion_checkpoint, tmp_path,
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert not summary["kl_final"] <= summary["kl_init"] and summary["rejected"]
     assert train.main(argv) == 2  # the finished run says so again
+
+
+def test_a_bar_inside_a_bar_leaves_no_escapes_in_a_log(capsys):
+    """Training's bar stays open while an evaluation's bar runs: on a terminal both are drawn, but in a log file the
+    inner one would leave cursor-up escapes (`[A`) on every line it draws."""
+    from kept_jax import runlog
+
+    with runlog.progress(4, "xkd", "step") as outer:
+        outer.update(1)
+        with runlog.progress(3, "evaluate", "batch", leave=False) as inner:
+            inner.update(3)
+        outer.update(3)
+    err = capsys.readouterr().err
+    assert "xkd" in err and "4/4" in err
+    assert "\x1b[A" not in err
