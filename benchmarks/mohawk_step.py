@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     vocab = {"vocab_size": args.vocab} if args.vocab else {}
     teacher_config = config_from_hf({**teacher_hf, "num_hidden_layers": args.layers, **vocab}, **runtime)
     layout = config_from_hf({**read_config_json(os.path.join(MODELS, "llamba-1b.json")),
-                                       "n_layer": args.layers, **vocab})
+                             "n_layer": args.layers, **vocab})
     student_config = llamba_config_for(teacher_config, "mohawk", layout).replace(**runtime)
     teacher, student = build_model(teacher_config), build_model(student_config)
     teacher_params = init_params(teacher_config, jax.random.key(0))
