@@ -87,12 +87,18 @@ class ModelConfig:
     # ---- Hugging Face config.json -------------------------------------------------------------
 
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any], **runtime: Any) -> "ModelConfig":
-        """The config of `hf`, which must be one of this architecture's `model_types` (or, without a model_type,
-        have its `layout_keys`). `kept_jax.models.config_from_hf` picks the architecture for any config.json."""
+    def model_type_of(cls, hf: dict[str, Any]) -> str | None:
+        """`hf`'s model_type, or, without one, this architecture's when `hf` has its `layout_keys`."""
         model_type = hf.get("model_type")
         if model_type is None and cls.layout_keys and cls.layout_keys <= set(hf):
-            model_type = cls.model_types[0]
+            return cls.model_types[0]
+        return model_type
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], **runtime: Any) -> "ModelConfig":
+        """The config of `hf`, which must be one of this architecture's `model_types` (`model_type_of`).
+        `kept_jax.models.config_from_hf` picks the architecture for any config.json."""
+        model_type = cls.model_type_of(hf)
         if model_type not in cls.model_types:
             raise KeptError(f"config.json has model_type {model_type!r}; kept_jax reads "
                             f"{', '.join(map(repr, cls.model_types))} here")

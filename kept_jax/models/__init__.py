@@ -25,8 +25,8 @@ def config_from_hf(hf: dict, **runtime) -> ModelConfig:
     """The typed config of a Hugging Face `config.json` dict, of the architecture its `model_type` names (or,
     without one, whose `layout_keys` it has), with runtime choices (dtypes, scan, remat)."""
     model_type = hf.get("model_type")
-    if model_type is None:
-        model_type = next((t for t, c in ARCHITECTURES.items() if c.layout_keys and c.layout_keys <= set(hf)), None)
+    if model_type is None:  # an official writer's layout without one: the class whose layout_keys it has says
+        model_type = next((t for c in ARCHITECTURES.values() if (t := c.model_type_of(hf))), None)
     if model_type not in ARCHITECTURES:
         raise KeptError(f"config.json has model_type {model_type!r}; kept_jax reads "
                         f"{', '.join(map(repr, ARCHITECTURES))}")
