@@ -4,8 +4,8 @@
 
 The teacher is Llama-3.2-1B's layout (configs/models/llama-3.2-1b-instruct.json) and the student the published
 Llamba-1B's, with `--layers` layers (16 is the real depth; fewer on a CPU), on random weights. Each stage is
-`kept_jax.xkd.step.make_train_step` with its objective, its trainable set from configs/llamba-1b.yaml and the
-shared-buffer split of the mapping: the step the job runs. Median of `--reps` steps after compilation and one
+`kept_jax.xkd.step.make_train_step` with its objective, its trainable set from the job's plan of
+configs/llamba-1b.yaml (`kept_jax.plan.make_plan`) and the shared-buffer split of the mapping: the step the job runs. Median of `--reps` steps after compilation and one
 warm-up. FLOPs per token from `kept_jax.flops.stage_flops_per_token`; MFU where the device's peak is known (GPUs);
 memory is XLA's `memory_analysis()` of the compiled step. Writes benchmarks/results/mohawk_step-<device>-<date>.json.
 """
@@ -23,9 +23,9 @@ from benchmarks.common import environment, median_seconds, write_result
 from kept_jax.config import read_config_json
 from kept_jax.errors import cli_entry
 from kept_jax.flops import peak_flops, stage_flops_per_token
-from kept_jax.mapping.llamba_init import build_llamba_mapping, llamba_config_for
+from kept_jax.mapping.llamba_init import build_llamba_mapping
 from kept_jax.models import build_model, config_from_hf, init_params
-from kept_jax.stages import plan_stages
+from kept_jax.plan import make_plan
 from kept_jax.train_config import CONFIG_DIR, load_config
 from kept_jax.xkd.objectives import make_objective
 from kept_jax.xkd.step import init_state, make_train_step
@@ -46,23 +46,26 @@ def main(argv=None) -> int:
     p.add_argument("--no-save", action="store_true", help="print the rows as JSON instead of writing a result file")
     args = p.parse_args(argv)
 
-    runtime = dict(compute_dtype=args.dtype, param_dtype=args.dtype)
-    teacher_hf = read_config_json(os.path.join(MODELS, "llama-3.2-1b-instruct.json"))
+    # The job's own plan (kept_jax.plan) of configs/llamba-1b.yaml, on `--layers` layers, the benchmark's dtype and no
+    # remat: its teacher, student and stages (trainable sets, optimizers).
+    job, _ = load_config(os.path.join(CONFIG_DIR, "llamba-1b.yaml"), [
+        f"precision.compute={args.dtype}", f"precision.params={args.dtype}", "model.remat=none"])
     vocab = {"vocab_size": args.vocab} if args.vocab else {}
-    teacher_config = config_from_hf({**teacher_hf, "num_hidden_layers": args.layers, **vocab}, **runtime)
+    teacher_json = os.path.join(MODELS, "llama-3.2-1b-instruct.json")
+    source = config_from_hf({**read_config_json(teacher_json), "num_hidden_layers": args.layers, **vocab})
     layout = config_from_hf({**read_config_json(os.path.join(MODELS, "llamba-1b.json")),
                              "n_layer": args.layers, **vocab})
-    student_config = llamba_config_for(teacher_config, "mohawk", layout).replace(**runtime)
+    plan = make_plan(job, source, teacher_json, 1, layout)
+    teacher_config, student_config = plan.teacher_config, plan.student_config
     teacher, student = build_model(teacher_config), build_model(student_config)
     teacher_params = init_params(teacher_config, jax.random.key(0))
     student_params = init_params(student_config, jax.random.key(1))
     shared = build_llamba_mapping(teacher_config, student_config, "mohawk").shared_with_teacher()
-    job, _ = load_config(os.path.join(CONFIG_DIR, "llamba-1b.yaml"))
     tokens = jax.random.randint(jax.random.key(2), (1, args.batch, args.seq), 0, teacher_config.vocab_size)
     peak = peak_flops(jax.devices()[0].device_kind, args.dtype)
 
     rows = []
-    for stage in plan_stages(job):
+    for stage in plan.stages:
         split = split_by_paths({"params": student_params}, teacher_params, stage.trainable, shared)
         step = make_train_step(make_objective(stage.objective, teacher, student, job.loss), split, stage.optimizer)
         state = init_state(split, stage.optimizer)

@@ -1,7 +1,8 @@
-"""`python -m kept_jax.train --config C --dry-run [--device-memory 80GB] [--devices N]`: plan a job on shapes alone.
+"""`python -m kept_jax.train --config C --dry-run [--device-memory 80GB] [--devices N]`: a job on shapes alone.
 
-Nothing is loaded or allocated: the source's config.json gives the layout (or `source_config` when the weights are
-elsewhere), `jax.eval_shape` gives every parameter's shape, and the mapping's rules say which student weights equal
+Nothing is loaded or allocated: the job's plan (`kept_jax.plan.JobPlan`, from the source's config.json, or
+`source_config` when the weights are elsewhere) gives the models, stages and mesh, `jax.eval_shape` gives every
+parameter's shape, and the mapping's rules say which student weights equal
 the teacher's (and so share its buffers). It checks that the mapping covers every tensor of the layout and that every
 sharded dimension splits evenly on the mesh, then prints parameter counts and the memory per device:
 
@@ -29,8 +30,6 @@ compiled step's `memory_analysis()` to check them.
 
 from __future__ import annotations
 
-import math
-import os
 import sys
 
 import jax
@@ -38,25 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from kept_jax.errors import KeptError
 from kept_jax.memory import GIB, parse_size
+from kept_jax.plan import for_shapes
 
 FIT_FRACTION = 0.95
-
-
-def _source_layout(cfg):
-    from kept_jax.config import read_config_json
-    from kept_jax.models import config_from_hf
-    from kept_jax.train_config import find_config_json
-
-    candidates = [os.path.join(cfg.source, "config.json")]
-    if cfg.source_config:
-        candidates.append(find_config_json(cfg.source_config))
-    for path in candidates:
-        if path and os.path.isfile(path):
-            return path, config_from_hf(read_config_json(path), **cfg.runtime())
-    raise KeptError(f"no config.json at {cfg.source!r} and no source_config set; give the source's config.json "
-                    f"with source_config=PATH to plan without the weights")
 
 
 def _nbytes(x) -> int:
@@ -99,26 +83,19 @@ def activation_bytes(cfg, config, micro_batch: int, mesh_sizes: dict) -> dict[st
     }
 
 
-def plan(cfg, devices: int | None = None) -> dict:
-    """Everything the dry run prints, as data (tests read it)."""
-    if cfg.recipe == "mohawk":
-        return plan_mohawk(cfg, devices)
-    from kept_jax import sharding
+def estimate(plan) -> dict:
+    """Everything the dry run prints about `plan` beyond the plan itself, as data (tests read it): the mapping,
+    parameter counts, and memory per device (per stage for mohawk)."""
+    if plan.cfg.recipe == "mohawk":
+        return estimate_mohawk(plan)
     from kept_jax.mapping import build_mapping
     from kept_jax.models.params import abstract_params
-    from kept_jax.stages import check_trainable_sets, job_models
     from kept_jax.xkd.trainable import init_lora, split_by_paths
 
-    layout_path, teacher_config = _source_layout(cfg)
-    if teacher_config.architecture != "orion":
-        raise KeptError(f"source must be an Orion checkpoint; {layout_path} describes {teacher_config.architecture!r}")
-    mapping = build_mapping(cfg.opm, teacher_config, stats={})  # rules only: statistics are read when applied
+    cfg = plan.cfg
+    mapping = build_mapping(cfg.opm, plan.source_config, stats={})  # rules only: statistics are read when applied
     mapping.check()
-    student_config = job_models(cfg, teacher_config)[1].replace(lora_scale=cfg.lora.alpha / cfg.lora.rank)
-    check_trainable_sets(cfg, student_config)
-    # Shapes do not depend on the attention kernel, and cudnn cannot even be traced without a GPU.
-    teacher_config, student_config = (c.replace(attention_impl="xla") for c in (teacher_config, student_config))
-
+    teacher_config, student_config = for_shapes(plan.teacher_config), for_shapes(plan.student_config)
     teacher = abstract_params(teacher_config)
     student = {"params": abstract_params(student_config)}
     if cfg.trainable == "lora":
@@ -128,49 +105,37 @@ def plan(cfg, devices: int | None = None) -> dict:
     split = split_by_paths(student, teacher, cfg.trainable, mapping.shared_with_teacher())
     trainable, own, shared = split.trainable, split.frozen, split.shared
 
-    devices, mesh_sizes = _mesh_sizes(cfg, devices)
-    teacher_bytes, student_bytes = _placement(cfg, mesh_sizes, teacher_config, student_config)
-    micro_batch = sharding.per_device_batch(cfg.data.batch_size, mesh_sizes)
+    teacher_bytes, student_bytes = _placement(plan)
     memory = _weight_rows(cfg, teacher_bytes(teacher_flat), own, student_bytes(own),
                           student_bytes(trainable, itemsize=4))
-    memory.update(activation_bytes(cfg, student_config, micro_batch, mesh_sizes))
-    if mesh_sizes["fsdp"] > 1:  # XLA gathers a layer's fsdp-sharded weights (teacher's and student's) to use them
+    memory.update(activation_bytes(cfg, student_config, plan.micro_batch, plan.mesh))
+    if plan.mesh["fsdp"] > 1:  # XLA gathers a layer's fsdp-sharded weights (teacher's and student's) to use them
         c = teacher_config
         layer_and_head = (c.matmul_params() - c.hidden_size * c.vocab_size) / c.num_hidden_layers + c.hidden_size * c.vocab_size
         memory["one layer's and the head's weights, gathered (fsdp)"] = (
-            2 * layer_and_head * jnp.dtype(cfg.precision.params).itemsize / mesh_sizes["tensor"])
+            2 * layer_and_head * jnp.dtype(cfg.precision.params).itemsize / plan.mesh["tensor"])
     return {
-        "layout": layout_path, "teacher_config": teacher_config, "mapping": mapping, "mesh": mesh_sizes,
-        "devices": devices, "micro_batch": micro_batch,
-        "teacher_params": _count(teacher_flat), "student_params": _count(traverse_util.flatten_dict(
-            {"params": student["params"]})), "trainable_params": _count(trainable),
-        "shared_leaves": len(shared), "student_leaves": len(traverse_util.flatten_dict(student)), "memory": memory,
-        "total": sum(memory.values()),
+        "mapping": mapping, "teacher_params": _count(teacher_flat),
+        "student_params": _count(traverse_util.flatten_dict({"params": student["params"]})),
+        "trainable_params": _count(trainable), "shared_leaves": len(shared),
+        "student_leaves": len(traverse_util.flatten_dict(student)), "memory": memory, "total": sum(memory.values()),
     }
 
 
-def _mesh_sizes(cfg, devices: int | None) -> tuple[int, dict]:
-    from kept_jax import sharding
-
-    m = cfg.mesh
-    if devices is None:
-        devices = math.prod(s for s in (m.data, m.fsdp, m.tensor) if s != -1)
-    return devices, dict(zip(sharding.MESH_AXES, sharding.mesh_shape(m.data, m.fsdp, m.tensor, devices)))
-
-
-def _placement(cfg, mesh_sizes: dict, teacher_config, student_config):
+def _placement(plan):
     """(teacher_bytes(flat), student_bytes(flat, itemsize=None)): per-device bytes under the job's sharding rules."""
     from kept_jax import sharding
 
-    student_rules = sharding.rules_from(cfg.mesh.rules)
-    teacher_rules = sharding.rules_from(cfg.mesh.teacher_rules, dict(student_rules))
-    student_axes, teacher_axes = sharding.logical_axes(student_config), sharding.logical_axes(teacher_config)
+    student_rules = sharding.rules_from(plan.cfg.mesh.rules)
+    teacher_rules = sharding.rules_from(plan.cfg.mesh.teacher_rules, dict(student_rules))
+    student_axes = sharding.logical_axes(for_shapes(plan.student_config))
+    teacher_axes = sharding.logical_axes(for_shapes(plan.teacher_config))
 
     def teacher_bytes(flat):
-        return per_device_bytes(flat, teacher_axes, teacher_rules, mesh_sizes)
+        return per_device_bytes(flat, teacher_axes, teacher_rules, plan.mesh)
 
     def student_bytes(flat, itemsize=None):
-        return per_device_bytes(flat, student_axes, student_rules, mesh_sizes, itemsize)
+        return per_device_bytes(flat, student_axes, student_rules, plan.mesh, itemsize)
 
     return teacher_bytes, student_bytes
 
@@ -224,49 +189,38 @@ def mohawk_activation_bytes(cfg, objective: str, teacher, student, b: int) -> di
                 3 * cfg.loss.chunk_size * student.padded_vocab_size * 4}
 
 
-def plan_mohawk(cfg, devices: int | None = None) -> dict:
+def estimate_mohawk(plan) -> dict:
     """The Llama -> Llamba job, stage by stage: weights (teacher, the student leaves not read from the teacher,
     which grow as stages train them), trainable copies, AdamW state, gradients and the stage's activations."""
-    from kept_jax import sharding
     from kept_jax.mapping.llamba_init import build_llamba_mapping
     from kept_jax.models.params import abstract_params
-    from kept_jax.stages import check_trainable_sets, job_models, plan_stages
     from kept_jax.xkd.trainable import describe, is_trainable, split_by_paths
 
-    layout_path, teacher_config = _source_layout(cfg)
-    if teacher_config.architecture not in ("llama", "orion"):
-        raise KeptError(f"recipe mohawk starts from a Llama or an Orion; {layout_path} describes "
-                        f"{teacher_config.architecture!r}")
-    teacher_config, student_config = job_models(cfg, teacher_config)  # an Orion is converted to a Llama first
-    check_trainable_sets(cfg, student_config)
+    cfg, teacher_config, student_config = plan.cfg, plan.teacher_config, plan.student_config
     mapping = build_llamba_mapping(teacher_config, student_config, cfg.mixer_init)
     mapping.check()
-    teacher = abstract_params(teacher_config.replace(attention_impl="xla"))
+    teacher = abstract_params(for_shapes(teacher_config))
     student = traverse_util.flatten_dict({"params": abstract_params(student_config)})
     teacher_flat = traverse_util.flatten_dict({"params": teacher})
-    devices, mesh_sizes = _mesh_sizes(cfg, devices)
-    teacher_bytes, student_bytes = _placement(cfg, mesh_sizes, teacher_config, student_config)
-    micro_batch = sharding.per_device_batch(cfg.data.batch_size, mesh_sizes)
+    teacher_bytes, student_bytes = _placement(plan)
     shared_paths = mapping.shared_with_teacher()
     teacher_weights = teacher_bytes(teacher_flat)
     stages, trained = [], set()
-    for stage in plan_stages(cfg):
+    for stage in plan.stages:
         # A leaf an earlier stage trained is the student's own from then on (fp32), no longer the teacher's.
         own_paths = {p: t for p, t in shared_paths.items() if ("params", *p) not in trained}
         split = split_by_paths(student, teacher, stage.trainable, own_paths)
         own = {k: (jax.ShapeDtypeStruct(v.shape, jnp.float32) if k in trained else v) for k, v in split.frozen.items()}
         memory = _weight_rows(cfg, teacher_weights, own, student_bytes(own),
                               student_bytes(split.trainable, itemsize=4))
-        memory.update(mohawk_activation_bytes(cfg, stage.objective, teacher_config, student_config, micro_batch))
+        memory.update(mohawk_activation_bytes(cfg, stage.objective, teacher_config, student_config, plan.micro_batch))
         stages.append({"name": stage.name, "objective": stage.objective, "steps": stage.steps,
                        "tokens": stage.steps * cfg.data.tokens_per_step, "trainable": describe(stage.trainable),
                        "trainable_params": _count(split.trainable), "shared_leaves": len(split.shared),
                        "memory": memory, "total": sum(memory.values())})
         trained |= {k for k in student if is_trainable(k, stage.trainable)}
-    return {"layout": layout_path, "teacher_config": teacher_config, "student_config": student_config,
-            "mapping": mapping, "mesh": mesh_sizes, "devices": devices, "micro_batch": micro_batch,
-            "teacher_params": _count(teacher_flat), "student_params": _count(student), "stages": stages,
-            "total": max(s["total"] for s in stages)}
+    return {"mapping": mapping, "teacher_params": _count(teacher_flat), "student_params": _count(student),
+            "stages": stages, "total": max(s["total"] for s in stages)}
 
 
 def _amount(n: float) -> str:
@@ -278,20 +232,20 @@ def _fits(total: float, capacity: int) -> str:
     return f"{'fits' if total <= FIT_FRACTION * capacity else 'does NOT fit'} ({total / capacity:.0%})"
 
 
-def dry_run_mohawk(cfg, device_memory: str | None, devices: int | None) -> int:
-    p = plan_mohawk(cfg, devices)
-    t, s, mesh = p["teacher_config"], p["student_config"], p["mesh"]
+def dry_run_mohawk(plan, device_memory: str | None) -> int:
+    p, cfg = estimate_mohawk(plan), plan.cfg
+    t, s, mesh = plan.teacher_config, plan.student_config, plan.mesh
     capacity = parse_size(device_memory, "--device-memory") if device_memory else None
     print(f"dry run: abstract shapes only, no weights read\n"
-          f"teacher        {p['layout']}: Llama, {t.num_hidden_layers} layers, hidden {t.hidden_size}, "
+          f"teacher        {plan.layout}: Llama, {t.num_hidden_layers} layers, hidden {t.hidden_size}, "
           f"{t.num_attention_heads} heads x {t.head_dim} ({t.num_key_value_heads} KV), "
           f"{p['teacher_params'] / 1e9:.2f}B\n"
           f"student        Llamba, {s.n_v_heads} mixer heads x {s.head_dim}, d_state {s.d_state}, "
           f"{s.n_qk_heads} B/C groups, {p['student_params'] / 1e9:.2f}B; mapping {p['mapping'].strategy}: every "
           f"tensor covered\n"
-          f"mesh           data={mesh['data']} x fsdp={mesh['fsdp']} x tensor={mesh['tensor']} = {p['devices']} "
+          f"mesh           data={mesh['data']} x fsdp={mesh['fsdp']} x tensor={mesh['tensor']} = {plan.devices} "
           f"device(s); every sharded dimension splits evenly\n"
-          f"batch          {cfg.data.batch_size} x {cfg.data.seq_len} tokens per micro-step ({p['micro_batch']} "
+          f"batch          {cfg.data.batch_size} x {cfg.data.seq_len} tokens per micro-step ({plan.micro_batch} "
           f"sequences per device), {cfg.data.grad_accum} micro-steps per step", file=sys.stdout)
     fits_all = True
     for stage in p["stages"]:
@@ -313,26 +267,25 @@ def dry_run_mohawk(cfg, device_memory: str | None, devices: int | None) -> int:
     return 0 if fits_all else 1
 
 
-def dry_run(cfg, device_memory: str | None, devices: int | None) -> int:
-    """Prints the plan; returns 0, or 1 when `device_memory` is given and the job does not fit."""
-    if cfg.recipe == "mohawk":
-        return dry_run_mohawk(cfg, device_memory, devices)
-    p = plan(cfg, devices)
-    c = p["teacher_config"]
-    mesh = p["mesh"]
+def dry_run(plan, device_memory: str | None) -> int:
+    """Prints the plan and its estimates; returns 0, or 1 when `device_memory` is given and the job does not fit."""
+    if plan.cfg.recipe == "mohawk":
+        return dry_run_mohawk(plan, device_memory)
+    p, cfg = estimate(plan), plan.cfg
+    c, mesh = plan.teacher_config, plan.mesh
     out = sys.stdout
     rules = p["mapping"].rules
     print(f"dry run: abstract shapes only, no weights read\n"
-          f"source layout  {p['layout']}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+          f"source layout  {plan.layout}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
           f"{c.num_attention_heads} heads x {c.head_dim}, ffn {c.intermediate_size}, vocab {c.vocab_size}\n"
           f"mapping        opm={cfg.opm}: {len(rules)} target tensors, {len(p['mapping'].dropped)} source tensors "
           f"dropped on purpose; every tensor covered\n"
-          f"mesh           data={mesh['data']} x fsdp={mesh['fsdp']} x tensor={mesh['tensor']} = {p['devices']} "
+          f"mesh           data={mesh['data']} x fsdp={mesh['fsdp']} x tensor={mesh['tensor']} = {plan.devices} "
           f"device(s); every sharded dimension splits evenly\n"
           f"parameters     teacher {p['teacher_params'] / 1e9:.2f}B, student {p['student_params'] / 1e9:.2f}B, "
           f"trainable {p['trainable_params'] / 1e6:.1f}M ({cfg.trainable}); "
           f"{p['shared_leaves']} of {p['student_leaves']} student leaves share the teacher's buffers\n"
-          f"batch          {cfg.data.batch_size} x {cfg.data.seq_len} tokens per micro-step ({p['micro_batch']} "
+          f"batch          {cfg.data.batch_size} x {cfg.data.seq_len} tokens per micro-step ({plan.micro_batch} "
           f"sequences per device), {cfg.data.grad_accum} micro-steps per step", file=out)
     print(f"\n{'memory per device':<60}{'GiB':>8}", file=out)
     for name, value in p["memory"].items():

@@ -1,4 +1,4 @@
-"""The stages of a training job, planned from its config alone (the job and its dry run share them).
+"""The stages of a training job, planned from its config alone (`kept_jax.plan` puts them in the job's plan).
 
 `kept` trains one stage, XKD's logits KL, with `train.*` (linear warmup, cosine decay). `mohawk` trains the config's
 `stages:` in order, each with its objective, token budget, peak learning rate and trainable set, and a fresh AdamW
@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kept_jax.errors import KeptError
 
 WSD_END = 1e-8  # where each stage's decay ends
 ADAM_B1, ADAM_B2 = 0.9, 0.95  # MOHAWK's AdamW
@@ -69,17 +68,6 @@ def stage_optimizer(schedule: optax.Schedule, weight_decay: float, clip: float) 
     return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
 
 
-def stage_order_note(cfg) -> str:
-    """A note when a mohawk job's objectives are not in MOHAWK's order (matrix, hidden, kl: each stage starts from
-    what the one before aligned); empty when they are. A different order is allowed (an ablation may want it)."""
-    order = ("matrix", "hidden", "kl")
-    objectives = [s.objective for s in cfg.stages]
-    if objectives == sorted(objectives, key=order.index):
-        return ""
-    return (f"note: the stages' objectives run {' -> '.join(objectives)}, not in MOHAWK's order matrix -> hidden -> "
-            "kl, in which each stage starts from what the one before aligned")
-
-
 def plan_stages(cfg) -> list[Stage]:
     """The job's stages: kept's one (train.*), or mohawk's `stages:` with steps from their token budgets."""
     from kept_jax.xkd.step import make_optimizer, make_schedule
@@ -96,60 +84,3 @@ def plan_stages(cfg) -> list[Stage]:
                             stage_optimizer(schedule, s.weight_decay, s.clip)))
         start += steps
     return stages
-
-
-def mohawk_student_config(cfg, teacher_config):
-    """The Llamba student of a mohawk job: the layout `student_config` names (a config.json, or a directory holding
-    one), or one derived from the teacher, with the job's runtime fields; refused when a matrix stage cannot pair
-    each mixer head with an attention head. The job and its dry run both build the student here."""
-    from kept_jax.config import read_config_json
-    from kept_jax.mapping.llamba_init import llamba_config_for
-    from kept_jax.models import config_from_hf
-    from kept_jax.train_config import find_config_json
-
-    layout = None
-    if cfg.student_config:
-        path = find_config_json(cfg.student_config)
-        if path is None:
-            raise KeptError(f"student_config {cfg.student_config!r} is neither a config.json nor a directory "
-                            "holding one; give a Llamba config.json (e.g. configs/models/llamba-1b.json) or leave it "
-                            "out to derive the student from the teacher")
-        layout = config_from_hf(read_config_json(path))
-    student = llamba_config_for(teacher_config, cfg.mixer_init, layout)
-    student = student.replace(**cfg.runtime(type(student)))
-    heads = teacher_config.num_attention_heads
-    if any(s.objective == "matrix" for s in cfg.stages) and student.n_v_heads != heads:
-        raise KeptError(f"the matrix stage compares each mixer head with an attention head, but the student has "
-                        f"{student.n_v_heads} heads and the teacher {heads}; "
-                        "give the student n_v_heads equal to the teacher's heads, or drop the matrix stage")
-    return student
-
-
-def job_models(cfg, source_config):
-    """(teacher, student) configs of a job from its source's config alone, nothing loaded: kept's Orion and the
-    Llama it becomes; mohawk's Llama teacher (an Orion source converted to one first) and its Llamba."""
-    from kept_jax.mapping import target_config
-
-    if cfg.recipe == "kept":
-        return source_config, target_config(source_config, cfg.opm)
-    teacher = target_config(source_config, cfg.opm) if source_config.architecture == "orion" else source_config
-    return teacher, mohawk_student_config(cfg, teacher)
-
-
-def check_trainable_sets(cfg, student_config) -> None:
-    """Every stage's trainable set selects some parameter of the student: a pattern that matches nothing is refused
-    from the config alone, before the teacher is loaded (the job and its dry run both call this)."""
-    from flax import traverse_util
-
-    from kept_jax.models.params import abstract_params
-    from kept_jax.xkd.trainable import describe, is_trainable
-
-    if cfg.recipe == "kept":  # shapes do not depend on the attention kernel, and cudnn cannot be traced on a CPU
-        student_config = student_config.replace(attention_impl="xla")
-    paths = list(traverse_util.flatten_dict(abstract_params(student_config)))
-    for stage in plan_stages(cfg):
-        if stage.trainable == "lora" or any(is_trainable(("params", *p), stage.trainable) for p in paths):
-            continue
-        example = "/".join(next(p for p in paths if "layers" in p))
-        raise KeptError(f"stage {stage.name}: trainable={describe(stage.trainable)} selects no parameter of the "
-                        f"student ({student_config.architecture}, whose paths are like {example}); check the patterns")

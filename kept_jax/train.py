@@ -58,6 +58,39 @@ def _host_array(x):
     return np.asarray(jax.device_get(x))
 
 
+def plan_job(cfg, devices: int, dry_run: bool = False):
+    """The job's `kept_jax.plan.JobPlan` on `devices` devices: the program reads the layouts (the source's from its
+    checkpoint, a Hugging Face directory or a GGUF file; for a dry run without the weights, from `source_config`;
+    the student's from `student_config`) and the library resolves the rest from them."""
+    from bridge.checkpoint import open_checkpoint
+    from kept_jax.config import read_config_json
+    from kept_jax.models import config_from_hf
+    from kept_jax.plan import make_plan
+    from kept_jax.train_config import find_config_json
+
+    has_weights = os.path.isfile(cfg.source) or os.path.isfile(os.path.join(cfg.source, "config.json"))
+    if dry_run and not has_weights:
+        if not cfg.source_config:
+            raise KeptError(f"no checkpoint at {cfg.source!r} and no source_config set; give the source's config.json "
+                            "with source_config=PATH to plan without the weights")
+        layout = find_config_json(cfg.source_config)
+        if layout is None:
+            raise KeptError(f"source_config {cfg.source_config!r} is neither a config.json nor a directory holding "
+                            "one; give the source's config.json")
+        source_config = config_from_hf(read_config_json(layout))
+    else:
+        layout, source_config = cfg.source, config_from_hf(open_checkpoint(cfg.source).hf)
+    student_layout = None
+    if cfg.recipe == "mohawk" and cfg.student_config:
+        path = find_config_json(cfg.student_config)
+        if path is None:
+            raise KeptError(f"student_config {cfg.student_config!r} is neither a config.json nor a directory "
+                            "holding one; give a Llamba config.json (e.g. configs/models/llamba-1b.json) or leave it "
+                            "out to derive the student from the teacher")
+        student_layout = config_from_hf(read_config_json(path))
+    return make_plan(cfg, source_config, layout, devices, student_layout)
+
+
 CHAT_FILE = "chat.json"  # the teacher's and the converted student's answers, written before training
 ORACLE_ROWS, ORACLE_TOKENS = 2, 32  # the float64 oracle runs token by token: a small check of the Llamba export
 ORACLE_TOLERANCE = 1e-4  # of the logit scale; fp32 against float64 on bf16-rounded weights
@@ -66,41 +99,29 @@ ORACLE_TOLERANCE = 1e-4  # of the logit scale; fp32 against float64 on bf16-roun
 class Job:
     """The pieces of one run, built in order; each stage is a method so that tests can drive them."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, plan):
+        self.plan, self.cfg = plan, plan.cfg
 
     def prepare(self) -> None:
         import jax
         from flax import traverse_util
 
-        from bridge.checkpoint import load_checkpoint, load_checkpoint_tokenizer, load_config, tokenizer_dir
+        from bridge.checkpoint import load_checkpoint, load_checkpoint_tokenizer, tokenizer_dir
         from kept_jax import data, runlog, sharding
         from kept_jax.evaluate import batches_of
         from kept_jax.models import build_model
         from kept_jax.recipes import RECIPES
-        from kept_jax.stages import check_trainable_sets, job_models
         from kept_jax.tokenizer import chat_template
         from kept_jax.xkd.trainable import shared_leaves
 
-        cfg, d = self.cfg, self.cfg.data
-        source = load_config(cfg.source)
-        wanted = {"kept": ("Orion",), "mohawk": ("Llama", "Orion")}[cfg.recipe]
-        if source.architecture.capitalize() not in wanted:
-            hint = "; recipe=mohawk distills a Llama into a Llamba" if source.architecture == "llama" else ""
-            raise KeptError(f"source must be an {' or an '.join(wanted)} checkpoint for recipe {cfg.recipe}; "
-                            f"{cfg.source!r} is {source.architecture!r}{hint}")
-        if d.seq_len > source.max_position_embeddings and not d.beyond_context:
-            raise KeptError(f"data.seq_len {d.seq_len} is longer than the source's context, max_position_embeddings "
-                            f"{source.max_position_embeddings} of {cfg.source}: the teacher was not trained "
-                            f"there. Lower data.seq_len, or set data.beyond_context=true to distill past it anyway")
-        check_trainable_sets(cfg, job_models(cfg, source)[1])  # a typo costs no loading, nor an earlier stage
+        plan, cfg, d = self.plan, self.cfg, self.cfg.data
+        source = plan.source_config
         if cfg.model.attention_impl == "cudnn" and jax.default_backend() != "gpu":
             raise KeptError(f"model.attention_impl=cudnn needs an NVIDIA GPU and JAX runs on {jax.default_backend()}; "
                             f"set model.attention_impl=xla")
-        self.mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        self.mesh = sharding.make_mesh(*(plan.mesh[axis] for axis in sharding.MESH_AXES))
         self.rules = sharding.rules_from(cfg.mesh.rules)
         teacher_rules = sharding.rules_from(cfg.mesh.teacher_rules, dict(self.rules))
-        sharding.per_device_batch(d.batch_size, dict(self.mesh.shape))
 
         # Data: every source is indexed and checked now, before the model is loaded.
         with runlog.phase("check data", "index every source, tokenize the held-out rows"):
@@ -126,18 +147,18 @@ class Job:
         self.eval_rows = heldout[n_calib : n_calib + n_eval]
 
         with runlog.phase("load", cfg.source):
-            source_config, source_params, _ = load_checkpoint(cfg.source, progress="load", **cfg.runtime())
+            _, source_params, _ = load_checkpoint(cfg.source, progress="load", **cfg.runtime(type(source)))
         with runlog.phase("calibrate and convert", f"{calib_rows.size:,} held-out tokens, recipe {cfg.recipe}"):
-            recipe = RECIPES[cfg.recipe](cfg, source_config, source_params, batches_of(calib_rows, d.batch_size))
+            recipe = RECIPES[cfg.recipe](plan, source_params, batches_of(calib_rows, d.batch_size))
         del source_params
-        self.stages, self.mapping = recipe.stages, recipe.mapping
-        self.teacher, self.student = build_model(recipe.teacher_config), build_model(recipe.student_config)
+        self.stages, self.mapping = plan.stages, recipe.mapping
+        self.teacher, self.student = build_model(plan.teacher_config), build_model(plan.student_config)
 
         # Placement on the mesh. Shared leaves live in the teacher's tree, with the teacher's sharding; the store
         # holds the student's other leaves (after a stage, the ones it trained).
-        self.student_axes = sharding.logical_axes(recipe.student_config)
+        self.student_axes = sharding.logical_axes(plan.student_config)
         self.teacher_params = jax.device_put(recipe.teacher_params, sharding.tree_shardings(
-            recipe.teacher_params, sharding.logical_axes(recipe.teacher_config), self.mesh, teacher_rules))
+            recipe.teacher_params, sharding.logical_axes(plan.teacher_config), self.mesh, teacher_rules))
         flat = traverse_util.flatten_dict(recipe.student_variables)
         self.twins = shared_leaves(flat, recipe.teacher_params, recipe.shared)
         store = {k: v for k, v in flat.items() if k not in self.twins}
@@ -476,40 +497,32 @@ def _summary_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def export_bytes(cfg) -> int:
-    """About what the run's export takes on disk (the source's parameter count in the export dtype); 0 when the
-    source cannot be read yet (the job then says why)."""
-    import numpy as np
-
-    from bridge.checkpoint import load_config
-    from kept_jax.config import NUMPY_DTYPES
-
-    try:
-        return load_config(cfg.source).num_params() * np.dtype(NUMPY_DTYPES[cfg.precision.export]).itemsize
-    except KeptError:
-        return 0
-
-
 @cli_entry
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from kept_jax.stages import stage_order_note
     from kept_jax.train_config import DEFAULT_CONFIG, load_config
 
     cfg, raw = load_config(args.config, args.overrides)
-    if cfg.recipe == "mohawk" and (note := stage_order_note(cfg)):
-        print(note, file=sys.stderr)
     if args.dry_run:
         from kept_jax.dry_run import dry_run
 
-        return dry_run(cfg, args.device_memory, args.devices)
+        plan = plan_job(cfg, args.devices or cfg.mesh.devices(), dry_run=True)
+        for note in plan.notes:
+            print(note, file=sys.stderr)
+        return dry_run(plan, args.device_memory)
     import jax
 
+    import numpy as np
+
     from kept_jax import checkpoint, runlog, sharding
+    from kept_jax.config import NUMPY_DTYPES
     from kept_jax.fileio import atomic_file, atomic_output_dir, read_optional_json, remove_interrupted_writes
     from kept_jax.xkd.trainable import describe
 
     sharding.initialize_distributed()
+    plan = plan_job(cfg, jax.device_count())
+    for note in plan.notes:
+        print(note, file=sys.stderr)
     lead = jax.process_index() == 0  # the first host writes logs, the export and the summary
     name = os.path.splitext(os.path.basename(args.config or DEFAULT_CONFIG))[0]
     out_dir = args.out or os.path.join("runs", name)
@@ -517,7 +530,8 @@ def main(argv=None) -> int:
     if args.force:
         raise KeptError("train resumes the run in --out by default and no longer takes --force; to start over "
                         "(deleting the run's checkpoints) pass --restart")
-    resume = checkpoint.check_run_dir(out_dir, config, args.restart, needed_bytes=export_bytes(cfg))
+    export_bytes = plan.source_config.num_params() * np.dtype(NUMPY_DTYPES[cfg.precision.export]).itemsize
+    resume = checkpoint.check_run_dir(out_dir, config, args.restart, needed_bytes=export_bytes)
     summary_path = os.path.join(out_dir, "summary.json")
     if resume and os.path.isfile(summary_path):
         with open(summary_path, encoding="utf-8") as f:
@@ -529,7 +543,7 @@ def main(argv=None) -> int:
         return 0
     t_start = time.perf_counter()
 
-    job = Job(cfg)
+    job = Job(plan)
     what = f"opm={cfg.opm}" if cfg.recipe == "kept" else f"recipe mohawk, mixer_init={cfg.mixer_init}"
     print(f"teacher {cfg.source} -> convert ({what}) ...", file=sys.stderr, flush=True)
     job.prepare()

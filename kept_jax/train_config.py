@@ -91,6 +91,10 @@ class MeshConfig:
     rules: dict[str, Rule] = dataclasses.field(default_factory=dict)  # logical axis -> mesh axes, over the defaults
     teacher_rules: dict[str, Rule] = dataclasses.field(default_factory=dict)  # the teacher's, over `rules`
 
+    def devices(self) -> int:
+        """The devices the sizes name: their product, the -1 entry counted as one (a dry run's default)."""
+        return math.prod(s for s in (self.data, self.fsdp, self.tensor) if s != -1)
+
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:

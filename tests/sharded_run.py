@@ -25,11 +25,11 @@ def run(source: str, layout: dict) -> dict[str, np.ndarray]:
     """Metrics per step and every trained leaf after the steps, plus how a few leaves were laid out."""
     import jax
 
-    from kept_jax.train import Job
+    from kept_jax.train import Job, plan_job
     from kept_jax.train_config import load_config
 
     cfg, _ = load_config(None, overrides(source, layout))
-    job = Job(cfg)
+    job = Job(plan_job(cfg, jax.device_count()))
     job.prepare()
     initial = {key: np.asarray(value) for key, value in job.split.trainable.items()}
     state = job.distill()

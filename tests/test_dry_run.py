@@ -3,13 +3,19 @@
 import pytest
 
 from kept_jax import train
-from kept_jax.dry_run import plan
+from kept_jax.dry_run import estimate
 from kept_jax.memory import GIB, parse_size
 from kept_jax.errors import KeptError
 from kept_jax.train_config import load_config
 
 # Orion-14B (configs/models/orion-14b.json): 40 layers, d 5120, ffn 15360, 40 heads x 128 (MHA), vocab 84608,
 # untied, LayerNorm with bias.
+def plan(cfg, devices=None):
+    """The dry run's plan and estimates of job `cfg` (the job's own planning, from the layout alone)."""
+    job_plan = train.plan_job(cfg, devices or cfg.mesh.devices(), dry_run=True)
+    return {**estimate(job_plan), "plan": job_plan}
+
+
 L, D, F, V = 40, 5120, 15360, 84608
 ORION_PARAMS = L * (4 * D * D + 3 * D * F + 2 * 2 * D) + 2 * V * D + 2 * D
 
@@ -39,7 +45,7 @@ def test_shardings_divide_memory_and_are_checked():
     one, _ = load_config("configs/orion-14b-base.yaml")
     eight, _ = load_config("configs/orion-14b-base.yaml", ["mesh.fsdp=8"])
     p1, p8 = plan(one), plan(eight, devices=8)
-    assert p8["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and p8["micro_batch"] == 1
+    assert p8["plan"].mesh == {"data": 1, "fsdp": 8, "tensor": 1} and p8["plan"].micro_batch == 1
     assert p8["memory"]["teacher weights (bfloat16)"] < p1["memory"]["teacher weights (bfloat16)"] / 7.9
     bad, _ = load_config("configs/orion-14b-base.yaml", ["mesh.tensor=3", "data.batch_size=9"])
     with pytest.raises(KeptError, match="does not split 3 ways over mesh axes"):

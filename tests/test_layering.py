@@ -41,6 +41,15 @@ def test_the_library_never_imports_bridge():
     assert {m: n for m, n in offenders.items() if n} == {}
 
 
+def test_the_library_never_climbs_back_to_a_program():
+    """A config goes down one road: the program reads it and the layouts, the library's plan (kept_jax.plan) resolves
+    them, and the job, the dry run and the recipes consume the plan; no library module reaches back up into a
+    program to re-derive a piece of it."""
+    offenders = {_module(f): sorted(n for n in _imports(f) if any(n == p or n.startswith(p + ".") for p in PROGRAMS))
+                 for f in _files("kept_jax") if _module(f) not in PROGRAMS}
+    assert {m: n for m, n in offenders.items() if n} == {}
+
+
 def test_bridge_never_imports_a_program():
     offenders = {_module(f): sorted(n for n in _imports(f) if any(n == p or n.startswith(p + ".") for p in PROGRAMS))
                  for f in _files("bridge")}

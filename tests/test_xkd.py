@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kept_jax.train import Job
+from kept_jax.train import Job, plan_job
 from kept_jax.train_config import load_config
 from kept_jax.xkd.objectives import LogitKL
 from kept_jax.xkd.step import init_state, make_optimizer, make_train_step
@@ -18,7 +18,7 @@ SMALL = ["data.seq_len=32", "data.batch_size=4", "data.calib_tokens=512", "data.
 
 def _job(source, *overrides):
     cfg, _ = load_config(None, [f"source={source}", *SMALL, *overrides])
-    job = Job(cfg)
+    job = Job(plan_job(cfg, jax.device_count()))
     job.prepare()
     return job
 
