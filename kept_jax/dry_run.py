@@ -126,16 +126,14 @@ def _placement(plan):
     """(teacher_bytes(flat), student_bytes(flat, itemsize=None)): per-device bytes under the job's sharding rules."""
     from kept_jax import sharding
 
-    student_rules = sharding.rules_from(plan.cfg.mesh.rules)
-    teacher_rules = sharding.rules_from(plan.cfg.mesh.teacher_rules, dict(student_rules))
     student_axes = sharding.logical_axes(for_shapes(plan.student_config))
     teacher_axes = sharding.logical_axes(for_shapes(plan.teacher_config))
 
     def teacher_bytes(flat):
-        return per_device_bytes(flat, teacher_axes, teacher_rules, plan.mesh)
+        return per_device_bytes(flat, teacher_axes, plan.teacher_rules, plan.mesh)
 
     def student_bytes(flat, itemsize=None):
-        return per_device_bytes(flat, student_axes, student_rules, plan.mesh, itemsize)
+        return per_device_bytes(flat, student_axes, plan.rules, plan.mesh, itemsize)
 
     return teacher_bytes, student_bytes
 

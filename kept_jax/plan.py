@@ -5,7 +5,7 @@ the checkpoint, or `source_config` for a dry run without the weights) and calls 
 (`train.Job`), the dry run (`dry_run`) and the benchmarks consume the frozen `JobPlan` it returns and derive none
 of it again. Every check that needs only the config and the layout happens here, before anything is loaded:
 the recipe's source architecture, the sequence length against the source's context, the student's shape against
-the teacher's, trainable patterns that select nothing, and the mesh against the batch.
+the teacher's, trainable patterns that select nothing, the mesh against the batch, and the sharding rules.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ class JobPlan:
     student_config: Any
     stages: tuple[Stage, ...]
     mesh: dict[str, int]  # mesh axis -> size
+    rules: tuple  # the student's logical-axis rules (flax's pairs): the defaults with mesh.rules applied
+    teacher_rules: tuple  # the teacher's: the student's with mesh.teacher_rules applied
     notes: tuple[str, ...] = ()  # said before the job starts; not errors
 
     @property
@@ -63,8 +65,11 @@ def make_plan(cfg: JobConfig, source_config, layout: str, devices: int, student_
     stages = tuple(plan_stages(cfg))
     check_trainable_sets(stages, student_config)
     mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)))
-    plan = JobPlan(cfg, layout, source_config, teacher_config, student_config, stages, mesh,
-                   tuple(n for n in (stage_order_note(cfg),) if n))
+    rules = sharding.rules_from(cfg.mesh.rules)
+    teacher_rules = sharding.rules_from(cfg.mesh.teacher_rules, dict(rules))
+    notes = tuple(n for n in (stage_order_note(cfg),) if n)
+    plan = JobPlan(cfg, layout, source_config, teacher_config, student_config, stages, mesh, rules, teacher_rules,
+                   notes)
     plan.micro_batch  # the batch splits over the mesh
     return plan
 

@@ -120,8 +120,7 @@ class Job:
             raise KeptError(f"model.attention_impl=cudnn needs an NVIDIA GPU and JAX runs on {jax.default_backend()}; "
                             f"set model.attention_impl=xla")
         self.mesh = sharding.make_mesh(*(plan.mesh[axis] for axis in sharding.MESH_AXES))
-        self.rules = sharding.rules_from(cfg.mesh.rules)
-        teacher_rules = sharding.rules_from(cfg.mesh.teacher_rules, dict(self.rules))
+        self.rules = plan.rules
 
         # Data: every source is indexed and checked now, before the model is loaded.
         with runlog.phase("check data", "index every source, tokenize the held-out rows"):
@@ -158,7 +157,7 @@ class Job:
         # holds the student's other leaves (after a stage, the ones it trained).
         self.student_axes = sharding.logical_axes(plan.student_config)
         self.teacher_params = jax.device_put(recipe.teacher_params, sharding.tree_shardings(
-            recipe.teacher_params, sharding.logical_axes(plan.teacher_config), self.mesh, teacher_rules))
+            recipe.teacher_params, sharding.logical_axes(plan.teacher_config), self.mesh, plan.teacher_rules))
         flat = traverse_util.flatten_dict(recipe.student_variables)
         self.twins = shared_leaves(flat, recipe.teacher_params, recipe.shared)
         store = {k: v for k, v in flat.items() if k not in self.twins}
