@@ -1,13 +1,16 @@
-"""A few XKD steps of the job on a mesh layout; run as a script under XLA_FLAGS=--xla_force_host_platform_device_count=8.
+"""A few XKD steps of the job on mesh layouts; run as a script under XLA_FLAGS=--xla_force_host_platform_device_count=8.
 
-    python -m tests.sharded_run SOURCE OUT.npz LAYOUT_JSON
+    python -m tests.sharded_run SOURCE OUT_DIR LAYOUTS_JSON
 
-writes the per-step metrics and the trained leaves, so that a test can compare layouts with a one-device run.
+runs each layout of LAYOUTS_JSON ({name: mesh overrides}) in turn, in one process (JAX starts once), and writes
+OUT_DIR/<name>.npz: the per-step metrics and the trained leaves, so that a test can compare layouts with a
+one-device run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -46,5 +49,6 @@ def run(source: str, layout: dict) -> dict[str, np.ndarray]:
 
 
 if __name__ == "__main__":
-    source, path, layout = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    np.savez(path, **run(source, layout))
+    source, out_dir, layouts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    for name, layout in layouts.items():
+        np.savez(os.path.join(out_dir, f"{name}.npz"), **run(source, layout))

@@ -1,6 +1,7 @@
 """Sharding: the XKD step on 8 simulated CPU devices, in data, fsdp, tensor and mixed layouts, matches one device.
 
-Each layout runs in a subprocess (the device count is fixed when JAX starts); the one-device reference runs here.
+The layouts run in one subprocess, one after another (the device count is fixed when JAX starts, and starting JAX
+once for all four saves three starts); the one-device reference runs here.
 """
 
 import json
@@ -30,14 +31,20 @@ def reference(orion_checkpoint):
     return sharded_run.run(orion_checkpoint[0], {})
 
 
-@pytest.mark.parametrize("name", LAYOUTS)
-def test_layout_matches_one_device(name, orion_checkpoint, reference, tmp_path):
-    path = str(tmp_path / f"{name}.npz")
+@pytest.fixture(scope="module")
+def sharded_runs(orion_checkpoint, tmp_path_factory) -> str:
+    """The directory where the 8-device process wrote <layout>.npz for every layout."""
+    out = str(tmp_path_factory.mktemp("sharded"))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "tests.sharded_run", orion_checkpoint[0], path,
-                           json.dumps(LAYOUTS[name])], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "tests.sharded_run", orion_checkpoint[0], out, json.dumps(LAYOUTS)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    sharded = dict(np.load(path))
+    return out
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layout_matches_one_device(name, reference, sharded_runs):
+    sharded = dict(np.load(os.path.join(sharded_runs, f"{name}.npz")))
     assert int(reference["devices"]) == 1 and int(sharded["devices"]) == 8
     for key, value in reference.items():
         if key.startswith("metric/"):
