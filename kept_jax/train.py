@@ -202,19 +202,18 @@ class Job:
         from kept_jax.xkd.objectives import HiddenAlignment, LogitKL
         from kept_jax.xkd.step import make_eval_step
 
-        split = self.split
-        if getattr(self, "_eval_split", None) is not split:  # the split's layout changes between stages
-            self._evals = [make_eval_step(LogitKL(self.teacher, self.student, self.cfg.loss), split)]
+        if not hasattr(self, "_evals"):  # one program each for the whole job: they take the assembled student
+            self._evals = [make_eval_step(LogitKL(self.teacher, self.student, self.cfg.loss))]
             if self.cfg.recipe == "mohawk":
-                self._evals.append(make_eval_step(HiddenAlignment(self.teacher, self.student, by_layer=True), split))
-            self._eval_split = split
+                self._evals.append(make_eval_step(HiddenAlignment(self.teacher, self.student, by_layer=True)))
+        variables = self.split.assemble(self.teacher_params, trainable)
         totals, hidden = {}, {}
         batch = self.cfg.data.batch_size
         with runlog.progress(len(self.eval_rows) // batch, "evaluate", "batch", leave=False) as bar:
             for rows in batches_of(self.eval_rows, batch):
                 rows = sharding.global_rows(rows, self.eval_sharding)
                 for evaluate, sums in zip(self._evals, (totals, hidden)):
-                    for k, v in evaluate(trainable, self.teacher_params, split.frozen, rows).items():
+                    for k, v in evaluate(variables, self.teacher_params, rows).items():
                         sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
                 bar.update(1)
         out = summarize({k: float(v) for k, v in totals.items()})

@@ -104,12 +104,13 @@ def make_train_step(objective, split: StudentSplit, optimizer: optax.GradientTra
     return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
 
 
-def make_eval_step(objective, split: StudentSplit) -> Callable:
-    """Metric sums of `objective` on one [batch, seq] array, for held-out evaluation."""
-    loss_fn = _loss_fn(objective, split)
+def make_eval_step(objective) -> Callable:
+    """Metric sums of `objective` on one [batch, seq] array, for held-out evaluation, of the student's whole
+    variables (`StudentSplit.assemble` outside the step): one program serves every stage of a job, whatever each
+    trains, where a step over the split would compile again for each stage's layout."""
 
     @jax.jit
-    def evaluate(trainable, teacher_params, frozen, tokens):
-        return loss_fn(trainable, teacher_params, frozen, tokens, _targets(objective, teacher_params, tokens))[1]
+    def evaluate(variables, teacher_params, tokens):
+        return objective.sums(variables, teacher_params, tokens, _targets(objective, teacher_params, tokens))
 
     return evaluate
