@@ -7,6 +7,8 @@ import tempfile
 
 import pytest
 
+FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
 # XLA's compiled programs are kept on disk for this session, set before anything imports jax: the many small jobs
 # the tests run (in this process and in the subprocesses they start, which inherit the variable) compile the same
 # programs again and again, and each Job makes new closures that jit's in-memory cache cannot match. The directory
@@ -16,6 +18,14 @@ if os.environ.get("KEPT_JAX_TEST_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+# The tests compile hundreds of small programs and run each for milliseconds: XLA's CPU backend compiles them
+# without LLVM's optimizations (the HLO passes and fusions are the product's; results differ from an optimized build
+# by float rounding, 1.2e-7 at most on the tiny Orion's loss and gradients), which takes about a third off the CPU
+# time (tests/test_mohawk.py + test_llamba.py: 115 -> 69 CPU-seconds, 2026-12-02). Subprocesses inherit it;
+# KEPT_JAX_TEST_FAST_XLA=0 compiles as the product does.
+if os.environ.get("KEPT_JAX_TEST_FAST_XLA", "1") != "0" and FAST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), FAST_XLA_FLAGS]))
 
 from tests import fixtures as fx
 

@@ -35,7 +35,8 @@ def reference(orion_checkpoint):
 def sharded_runs(orion_checkpoint, tmp_path_factory) -> str:
     """The directory where the 8-device process wrote <layout>.npz for every layout."""
     out = str(tmp_path_factory.mktemp("sharded"))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_force_host_platform_device_count=8"]))
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "tests.sharded_run", orion_checkpoint[0], out, json.dumps(LAYOUTS)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
