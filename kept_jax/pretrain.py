@@ -18,6 +18,7 @@ import time
 from kept_jax.errors import KeptError, cli_entry
 
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "assets", "tiny-orion")
+EVAL_BATCH = 16  # held-out rows per evaluation call, whatever --batch trains with (16: the default --batch)
 TINY_ORION = dict(
     architecture="orion", vocab_size=2048, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
     num_attention_heads=3, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
@@ -210,8 +211,8 @@ def main(argv=None) -> int:
         eval_loss = jax.jit(loss_fn)
 
         def heldout_nll(p):  # token-weighted: the last batch may be short
-            sums = [eval_loss(p, heldout[i : i + args.batch]) * len(heldout[i : i + args.batch])
-                    for i in range(0, len(heldout), args.batch)]
+            sums = [eval_loss(p, heldout[i : i + EVAL_BATCH]) * len(heldout[i : i + EVAL_BATCH])
+                    for i in range(0, len(heldout), EVAL_BATCH)]
             return float(np.sum(sums) / len(heldout))
 
         rng = np.random.default_rng(args.seed)
