@@ -50,7 +50,7 @@ def test_xkd_step_refuses_lora_against_torch():
 
 
 def test_convert_io_phases(tmp_path, capsys):
-    result = convert_io.run(300_000_000, 2, str(tmp_path))
+    result = convert_io.run(100_000_000, 2, str(tmp_path))
     assert result["layers"] == 1 and result["shards"] >= 2
     assert set(result["phases"]) == {"calibrate", "export"} and "--no-eval" in result["command"]
     assert all(p["seconds"] > 0 and p["peak_rss_MB"] > 0 for p in result["phases"].values())
