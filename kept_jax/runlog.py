@@ -81,6 +81,24 @@ def read_metrics(run_dir: str, name: str = METRICS_FILE) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, loaded without torch: tensorboardX imports torch when it is installed, only to
+    accept torch tensors (this log gives it floats), and that import cost ~2.7 s of every job's start here. Hidden
+    only while tensorboardX loads; `import torch` works as before afterwards."""
+    import sys
+
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, as it does where torch is not installed
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class RunLog:
     def __init__(self, run_dir: str, keep: Callable[[dict], bool], enabled: bool = True):
         """`keep` selects the records of an earlier process that stand (on resume, those up to the restored step).
@@ -88,8 +106,7 @@ class RunLog:
         self.run_dir, self.enabled = run_dir, enabled
         if not enabled:
             return
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = _summary_writer_class()
         self._files, last = {}, -1
         for name in (METRICS_FILE, TIMINGS_FILE):
             path = os.path.join(run_dir, name)
