@@ -65,13 +65,12 @@ def make_plan(cfg: JobConfig, source_config, layout: str, devices: int, student_
     stages = tuple(plan_stages(cfg))
     check_trainable_sets(stages, student_config)
     mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)))
+    sharding.per_device_batch(d.batch_size, mesh)  # the batch must split over the mesh
     rules = sharding.rules_from(cfg.mesh.rules)
     teacher_rules = sharding.rules_from(cfg.mesh.teacher_rules, dict(rules))
     notes = tuple(n for n in (stage_order_note(cfg),) if n)
-    plan = JobPlan(cfg, layout, source_config, teacher_config, student_config, stages, mesh, rules, teacher_rules,
+    return JobPlan(cfg, layout, source_config, teacher_config, student_config, stages, mesh, rules, teacher_rules,
                    notes)
-    plan.micro_batch  # the batch splits over the mesh
-    return plan
 
 
 def job_models(cfg: JobConfig, source_config, student_layout=None):

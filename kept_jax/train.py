@@ -58,36 +58,39 @@ def _host_array(x):
     return np.asarray(jax.device_get(x))
 
 
+def _read_layout(key: str, path: str, fix: str):
+    """The ModelConfig of the config.json that config key `key` names (a file, or a directory holding one)."""
+    from kept_jax.config import read_config_json
+    from kept_jax.models import config_from_hf
+    from kept_jax.train_config import find_config_json
+
+    found = find_config_json(path)
+    if found is None:
+        raise KeptError(f"{key} {path!r} is neither a config.json nor a directory holding one; {fix}")
+    return found, config_from_hf(read_config_json(found))
+
+
 def plan_job(cfg, devices: int, dry_run: bool = False):
     """The job's `kept_jax.plan.JobPlan` on `devices` devices: the program reads the layouts (the source's from its
     checkpoint, a Hugging Face directory or a GGUF file; for a dry run without the weights, from `source_config`;
     the student's from `student_config`) and the library resolves the rest from them."""
     from bridge.checkpoint import open_checkpoint
-    from kept_jax.config import read_config_json
     from kept_jax.models import config_from_hf
     from kept_jax.plan import make_plan
-    from kept_jax.train_config import find_config_json
 
     has_weights = os.path.isfile(cfg.source) or os.path.isfile(os.path.join(cfg.source, "config.json"))
     if dry_run and not has_weights:
         if not cfg.source_config:
             raise KeptError(f"no checkpoint at {cfg.source!r} and no source_config set; give the source's config.json "
                             "with source_config=PATH to plan without the weights")
-        layout = find_config_json(cfg.source_config)
-        if layout is None:
-            raise KeptError(f"source_config {cfg.source_config!r} is neither a config.json nor a directory holding "
-                            "one; give the source's config.json")
-        source_config = config_from_hf(read_config_json(layout))
+        layout, source_config = _read_layout("source_config", cfg.source_config, "give the source's config.json")
     else:
         layout, source_config = cfg.source, config_from_hf(open_checkpoint(cfg.source).hf)
     student_layout = None
     if cfg.recipe == "mohawk" and cfg.student_config:
-        path = find_config_json(cfg.student_config)
-        if path is None:
-            raise KeptError(f"student_config {cfg.student_config!r} is neither a config.json nor a directory "
-                            "holding one; give a Llamba config.json (e.g. configs/models/llamba-1b.json) or leave it "
-                            "out to derive the student from the teacher")
-        student_layout = config_from_hf(read_config_json(path))
+        _, student_layout = _read_layout(
+            "student_config", cfg.student_config, "give a Llamba config.json (e.g. configs/models/llamba-1b.json) or "
+            "leave it out to derive the student from the teacher")
     return make_plan(cfg, source_config, layout, devices, student_layout)
 
 

@@ -108,3 +108,9 @@ def test_llamba_dry_run_refuses_what_the_job_refuses():
     cfg, _ = load_config("configs/llamba-3b.yaml", ["student_config=configs/models/llamba-3b.json"])
     with pytest.raises(KeptError, match="compares each mixer head with an attention head"):
         plan(cfg)
+
+
+def test_a_layout_path_that_names_no_config_is_one_message(capsys):
+    for key in ("source_config", "student_config"):
+        assert train.main(["--config", "configs/llamba-1b.yaml", "--dry-run", f"{key}=nope.json"]) == 2
+        assert f"{key} 'nope.json' is neither a config.json nor a directory holding one" in capsys.readouterr().err
