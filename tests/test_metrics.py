@@ -14,6 +14,7 @@ from kept_jax.metrics import BUCKET_NAMES, POSITION_BUCKETS, score, summarize
 from kept_jax.models import build_model
 from kept_jax.xkd.losses import LossConfig
 from kept_jax.xkd.objectives import LogitKL
+from kept_jax.xkd.step import make_eval_step
 
 TINY_ORION = "kept_jax/assets/tiny-orion"
 
@@ -86,8 +87,7 @@ def test_the_report_the_job_and_verify_score_alike(two_models):
     report = compare(model, teacher_params, model, student_params, [tokens[:1], tokens[1:]])
 
     objective = LogitKL(model, model, LossConfig(chunk_size=64))
-    job_sums = jax.jit(lambda sp, tp, t: objective.sums({"params": sp}, tp, t, objective.targets(tp, t)))(
-        student_params, teacher_params, jnp.asarray(tokens))
+    job_sums = make_eval_step(objective)({"params": student_params}, teacher_params, jnp.asarray(tokens))
     job = summarize({k: float(v) for k, v in job_sums.items() if k != "loss"})
 
     verified = verify._scores(np.asarray(teacher_logits), np.asarray(student_logits), tokens)
