@@ -44,11 +44,13 @@ TINY_ORION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 CALIB_TOKENS, CALIB_SEQ = 4096, 256  # statistics only: this phase is not I/O, and is timed apart
 
 
-def synthetic_config(size_bytes: int) -> LlamaConfig:
-    """An Orion layout with as many layers as make about `size_bytes` of bf16 weights."""
+def synthetic_config(size_bytes: int, hidden: int = 2048, vocab: int = 32000) -> LlamaConfig:
+    """An Orion layout with as many layers as make about `size_bytes` of bf16 weights. A narrower `hidden` and
+    `vocab` (same proportions) make a quick check of the benchmark itself, not a measurement."""
     def layout(layers: int) -> LlamaConfig:
-        return LlamaConfig(architecture="orion", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                           num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16, head_dim=128,
+        return LlamaConfig(architecture="orion", vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                           num_hidden_layers=layers, num_attention_heads=hidden // 128,
+                           num_key_value_heads=hidden // 128, head_dim=128,
                            max_position_embeddings=4096, dtype="bfloat16", bos_token_id=1, eos_token_id=2,
                            pad_token_id=0)
 
@@ -114,8 +116,8 @@ def run_command(argv: list[str]) -> tuple[int, list[tuple[float, int]], list[tup
     return status, samples, lines, "\n".join(line for _, line in lines)
 
 
-def run(size_bytes: int, shards: int, workdir: str) -> dict:
-    config = synthetic_config(size_bytes)
+def run(size_bytes: int, shards: int, workdir: str, **layout) -> dict:
+    config = synthetic_config(size_bytes, **layout)
     source, out = os.path.join(workdir, "orion"), os.path.join(workdir, "llama")
     start = time.perf_counter()
     ckpt_bytes = write_checkpoint(source, config, shards)

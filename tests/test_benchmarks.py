@@ -50,8 +50,9 @@ def test_xkd_step_refuses_lora_against_torch():
 
 
 def test_convert_io_phases(tmp_path, capsys):
-    result = convert_io.run(100_000_000, 2, str(tmp_path))
-    assert result["layers"] == 1 and result["shards"] >= 2
+    # A narrow layout: this checks the benchmark's machinery; its figures come from the 2 GB run in docs/.
+    result = convert_io.run(8_000_000, 2, str(tmp_path), hidden=256, vocab=2048)
+    assert result["layers"] >= 2 and result["shards"] >= 2
     assert set(result["phases"]) == {"calibrate", "export"} and "--no-eval" in result["command"]
     assert all(p["seconds"] > 0 and p["peak_rss_MB"] > 0 for p in result["phases"].values())
     assert result["peak_rss_MB"] >= max(p["peak_rss_MB"] for p in result["phases"].values())
