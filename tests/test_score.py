@@ -1,9 +1,9 @@
 """`python -m kept_jax.score`: logits through the CLI match Transformers; text uses the checkpoint's tokenizer."""
 
+import contextlib
+import io
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,9 +17,11 @@ TEXT = "Return a new dictionary with the keys and values of the given mapping."
 
 
 def _cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "kept_jax.score", *args], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    """`python -m kept_jax.score ARGS`, run in this process (its main is the command line); returns the stdout."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert score.main(list(args)) == 0
+    return out.getvalue()
 
 
 @pytest.mark.parametrize("which", ["orion", "llama"])
