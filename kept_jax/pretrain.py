@@ -33,6 +33,8 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=900)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eval-tokens", type=int,
+                   help="score this many held-out tokens (whole rows of --seq-len) at each evaluation (default: all)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=60)
@@ -161,6 +163,9 @@ def main(argv=None) -> int:
     from kept_jax.fileio import atomic_output_dir, check_output_dir
 
     check_output_dir(args.out, args.force)
+    if args.eval_tokens is not None and args.eval_tokens < args.seq_len:
+        raise KeptError(f"--eval-tokens {args.eval_tokens} is less than one row of --seq-len {args.seq_len}; give at "
+                        "least that many, or leave it out to score the whole held-out text")
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -183,6 +188,8 @@ def main(argv=None) -> int:
         sp = spm.SentencePieceProcessor(model_file=sp_path)
         tokenize = Tokenize(sp.encode, sp.eos_id())
         train, heldout = (first_rows(docs, tokenize, args.seq_len, sys.maxsize) for docs in (train_docs, heldout_docs))
+        if args.eval_tokens is not None:
+            heldout = heldout[: args.eval_tokens // args.seq_len]
         print(f"tokens: train {train.size:,} ({train.shape[0]} rows), held-out {heldout.size:,}")
 
         model = build_model(config)

@@ -80,13 +80,20 @@ def _digest(path):
 
 
 def test_pretraining_is_reproducible(tmp_path):
-    args = ["--steps", "3", "--batch", "2", "--seq-len", "64", "--warmup", "1", "--seed", "7"]
+    args = ["--steps", "3", "--batch", "2", "--seq-len", "64", "--eval-tokens", "2048", "--warmup", "1", "--seed", "7"]
     assert pretrain.main(args + ["--out", str(tmp_path / "a")]) == 0
     assert pretrain.main(args + ["--out", str(tmp_path / "b")]) == 0
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert json.load(open(tmp_path / "a" / "config.json"))["max_position_embeddings"] == 64  # --seq-len
+    assert json.load(open(tmp_path / "a" / "pretrain_log.json"))["heldout_tokens"] == 32 * 63  # --eval-tokens: 32 rows
     assert pretrain.main(args[:-1] + ["8", "--out", str(tmp_path / "c")]) == 0
     assert _digest(tmp_path / "c")["model.safetensors"] != _digest(tmp_path / "a")["model.safetensors"]
+
+
+def test_too_few_eval_tokens_are_refused_before_any_work(tmp_path, capsys):
+    assert pretrain.main(["--seq-len", "64", "--eval-tokens", "63", "--out", str(tmp_path / "a")]) == 2
+    assert "--eval-tokens 63 is less than one row of --seq-len 64" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sigterm_leaves_no_partial_output(tmp_path):
