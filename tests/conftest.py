@@ -30,17 +30,22 @@ if os.environ.get("KEPT_JAX_TEST_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_
 if os.environ.get("KEPT_JAX_TEST_FAST_XLA", "1") != "0" and FAST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), FAST_XLA_FLAGS]))
 
-from tests import fixtures as fx
+# The fixtures below import their helpers (tests/fixtures.py: torch and Transformers, about 10 s) when they run, so
+# that the xdist controller, which loads this file before it starts the workers, does not wait for them.
 
 
 @pytest.fixture(scope="session")
 def sp_model(tmp_path_factory) -> str:
+    from tests import fixtures as fx
+
     return fx.train_sentencepiece(str(tmp_path_factory.mktemp("sentencepiece")))
 
 
 @pytest.fixture(scope="session")
 def orion_checkpoint(tmp_path_factory, sp_model):
     """(directory, torch reference model) of the tiny Orion, with its SentencePiece tokenizer. Do not modify."""
+    from tests import fixtures as fx
+
     model = fx.make_orion_reference(fx.base_config("tiny-orion"), seed=1)
     path = fx.save_orion(model, str(tmp_path_factory.mktemp("ckpt") / "orion"))
     fx.add_orion_tokenizer(path, sp_model)
@@ -50,6 +55,8 @@ def orion_checkpoint(tmp_path_factory, sp_model):
 @pytest.fixture(scope="session")
 def llama_checkpoint(tmp_path_factory, sp_model):
     """(directory, torch model) of the tiny Llama, with a Transformers-converted tokenizer.json. Do not modify."""
+    from tests import fixtures as fx
+
     model = fx.make_llama(fx.base_config("tiny-llama"), seed=2)
     path = fx.save_llama(model, str(tmp_path_factory.mktemp("ckpt") / "llama"))
     fx.add_llama_tokenizer(path, sp_model)
@@ -60,6 +67,8 @@ def llama_checkpoint(tmp_path_factory, sp_model):
 def orion_bpe_checkpoint(tmp_path_factory):
     """(directory, torch reference model) of the tiny Orion with a byte-level BPE tokenizer.json, as SmolLM ships
     one (tokenizer_config.json naming GPT2Tokenizer, a ChatML template). Do not modify."""
+    from tests import fixtures as fx
+
     model = fx.make_orion_reference(fx.base_config("tiny-orion"), seed=1)
     path = fx.save_orion(model, str(tmp_path_factory.mktemp("ckpt") / "orion-bpe"))
     fx.add_byte_level_tokenizer(path, model.config.vocab_size)
@@ -69,6 +78,8 @@ def orion_bpe_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama_bpe_checkpoint(tmp_path_factory):
     """(directory, torch model) of the tiny Llama with the same byte-level BPE tokenizer. Do not modify."""
+    from tests import fixtures as fx
+
     model = fx.make_llama(fx.base_config("tiny-llama"), seed=2)
     path = fx.save_llama(model, str(tmp_path_factory.mktemp("ckpt") / "llama-bpe"))
     fx.add_byte_level_tokenizer(path, model.config.vocab_size)
