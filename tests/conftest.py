@@ -25,8 +25,8 @@ if os.environ.get("KEPT_JAX_TEST_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_
 # without LLVM's optimizations and with its older loop emitters instead of the fusion emitters (the HLO passes are
 # the product's). Compiling the tiny Orion's loss and gradients then takes 0.4 s instead of 2.4 s and running it 25%
 # longer; results differ from an optimized build by float rounding, 4.8e-7 at most (2e-6 of the largest gradient).
-# The whole suite: 7 min 20 s -> 5 min 32 s on 2 workers (2026-12-02). Subprocesses inherit the flags;
-# KEPT_JAX_TEST_FAST_XLA=0 compiles as the product does.
+# With the convert-I/O test's smaller checkpoint, the suite went 7 min 20 s -> 5 min 32 s on 2 workers (2026-12-02).
+# Subprocesses inherit the flags; KEPT_JAX_TEST_FAST_XLA=0 compiles as the product does.
 if os.environ.get("KEPT_JAX_TEST_FAST_XLA", "1") != "0" and FAST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), FAST_XLA_FLAGS]))
 
