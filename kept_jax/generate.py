@@ -46,6 +46,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                         ".jsonl file taken B at a time (1)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute and parameter dtype (bfloat16 on GPUs)")
+    p.add_argument("--quantize", choices=("int8", "int4"),
+                   help="weight-only quantization of the linear layers: int8 per output channel, int4 in groups")
+    p.add_argument("--group-size", type=int, default=64, help="with --quantize int4: inputs per scale (32, 64, 128)")
+    p.add_argument("--quantize-head", action="store_true",
+                   help="with --quantize: the (untied) output head too; the embedding always stays in --dtype")
     p.add_argument("--tokenizer", metavar="DIR", help="take the tokenizer (and chat template) from DIR, a directory or "
                                                       "a GGUF file (published Llamba checkpoints ship without theirs: "
                                                       "give the Llama teacher's)")
@@ -56,6 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--batch must be at least 1, got {args.batch}")
     if args.system is not None and not args.chat:
         raise KeptError("--system is the system message of a chat: add --chat")
+    if args.quantize:
+        from kept_jax.quantize import check_scheme
+
+        check_scheme(args.quantize, args.group_size)
+    elif args.quantize_head or args.group_size != 64:
+        raise KeptError("--group-size and --quantize-head set how --quantize quantizes: add --quantize int8 or int4")
     return args
 
 
@@ -157,7 +168,7 @@ class Streamer:
         self(tokens[0, :count].tolist())
 
 
-def check_memory(generator, config, batch: int, prompt_length: int, max_new: int) -> None:
+def check_memory(generator, config, batch: int, prompt_length: int, max_new: int, quantize=lambda p: p) -> None:
     """Compiles the prefill and the decode loop on abstract weights (the compilation the run needs anyway) and
     refuses a request whose peak, by XLA's accounting, is more than the device has free: before any weight is
     loaded or any buffer allocated."""
@@ -166,7 +177,7 @@ def check_memory(generator, config, batch: int, prompt_length: int, max_new: int
     from kept_jax.memory import compiled_peak_bytes, free_bytes, gib
     from kept_jax.models import abstract_params
 
-    abstract = jax.eval_shape(generator.prepare, abstract_params(config))
+    abstract = jax.eval_shape(lambda p: generator.prepare(quantize(p)), abstract_params(config))
     start, advance = generator.compile(abstract, batch, prompt_length, max_new)
     state = jax.eval_shape(lambda: config.empty_cache(batch, prompt_length + max_new))
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) + batch * max_new * 4
@@ -178,6 +189,15 @@ def check_memory(generator, config, batch: int, prompt_length: int, max_new: int
                         f"({gib(state_bytes)} of it the {what} and the generated ids, which grow with "
                         f"--max-new-tokens and --batch), and {jax.devices()[0].device_kind} has {gib(free)} free; "
                         "lower --max-new-tokens or --batch")
+
+
+def _quantizer(args, config):
+    """params -> params with the linear kernels quantized as --quantize asks (the identity without it)."""
+    if not args.quantize:
+        return lambda params: params
+    from kept_jax.quantize import quantize_params
+
+    return lambda params: quantize_params(config, params, args.quantize, args.group_size, args.quantize_head)
 
 
 @cli_entry
@@ -237,14 +257,19 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch if len(prompts) > 1 else len(rows)
     batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
     generator = Generator(config, sampling, eos_ids, pad_id)
+    quantize = _quantizer(args, config)
     started = time.perf_counter()
-    check_memory(generator, config, batch, longest, max_new)
+    check_memory(generator, config, batch, longest, max_new, quantize)  # also refuses a group size before loading
     compile_s = time.perf_counter() - started
 
     config, params, report = load_checkpoint(args.model, compute_dtype=args.dtype, param_dtype=args.dtype)
-    params = generator.prepare(params)
-    print(f"{args.model}: {config.describe()}, {report.num_params:,} parameters, {args.dtype} on "
-          f"{jax.devices()[0].device_kind}; compiled in {compile_s:.1f} s", file=sys.stderr)
+    params = generator.prepare(quantize(params))
+    from kept_jax.quantize import weight_bytes
+
+    scheme = {None: "", "int8": "int8 weights, ", "int4": f"int4/{args.group_size} weights, "}[args.quantize]
+    print(f"{args.model}: {config.describe()}, {report.num_params:,} parameters ({scheme}"
+          f"{weight_bytes(params) / 2**20:,.1f} MiB), {args.dtype} on {jax.devices()[0].device_kind}; compiled in "
+          f"{compile_s:.1f} s", file=sys.stderr)
 
     key = jax.random.key(args.seed)
     stream = Streamer(tokenizer, eos_ids) if len(rows) == 1 else None

@@ -8,6 +8,7 @@ equal Transformers' logits processors.
 """
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -253,6 +254,37 @@ def test_cli_batches_a_jsonl_file_of_prompts_in_bfloat16(kept_export, tmp_path, 
     assert [r["prompt"] for r in rows] == [0, 1, 2] and all(1 <= r["new_tokens"] <= 6 for r in rows)
 
 
+@pytest.mark.parametrize("scheme", [["--quantize", "int8", "--quantize-head"], ["--quantize", "int4",
+                                                                               "--group-size", "64"]])
+def test_cli_quantized_equals_a_checkpoint_of_its_dequantized_weights(scheme, kept_export, tmp_path, capsys):
+    """`--quantize` decodes with the weights `kept_jax.quantize` makes: the same completions as the unquantized command
+    on a checkpoint holding those weights dequantized (fp32), and the weights' size in the first line."""
+    import shutil
+
+    from bridge.hf_export import write_params
+    from kept_jax import quantize
+
+    config, params, _ = load_checkpoint(kept_export[0])
+    quantized = quantize.quantize_params(config, params, scheme[1], 64, "--quantize-head" in scheme)
+    dequantized = str(tmp_path / "dequantized")
+    os.makedirs(dequantized)
+    write_params(dequantized, jax.tree.map(quantize.dequantize, quantized, is_leaf=quantize.is_quantized), config,
+                 "float32")
+    for name in os.listdir(kept_export[0]):
+        if name.startswith(("tokenizer", "special_tokens", "generation_config")):
+            shutil.copy(os.path.join(kept_export[0], name), dequantized)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ("Return a new", "The module")) + "\n")
+    completions = []
+    for argv in (["--model", kept_export[0], *scheme], ["--model", dequantized]):
+        assert generate.main([*argv, "--file", str(prompts), "--batch", "2", "--max-new-tokens", "8"]) == 0
+        out, err = capsys.readouterr()
+        completions.append([json.loads(line)["completion"] for line in out.splitlines()])
+        weights = f"{quantize.weight_bytes(quantized if '--quantize' in argv else params) / 2**20:,.1f} MiB"
+        assert weights in err.splitlines()[0], err
+    assert completions[0] == completions[1] and all(completions[0])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "{missing}", "--prompt", "hi"], "does not exist; pass a Hugging Face checkpoint directory or a .gguf"),
     (["--prompt", " \n"], "--prompt is empty"),
@@ -265,6 +297,10 @@ def test_cli_batches_a_jsonl_file_of_prompts_in_bfloat16(kept_export, tmp_path, 
                                    "chat_template.jinja), so it cannot be prompted as a chat; drop --chat"),
     (["--prompt", "hi", "--system", "Be brief."], "--system is the system message of a chat: add --chat"),
     (["--file", "{bad_messages}"], ".jsonl:1: 'messages' must be a non-empty list"),
+    (["--prompt", "hi", "--quantize", "int4", "--group-size", "128"], "int4 group size 128 does not divide the input "
+                                                                      "size 192 of model/layers/"),
+    (["--prompt", "hi", "--quantize", "int4", "--group-size", "48"], "int4 group size 48 is not one of 32, 64, 128"),
+    (["--prompt", "hi", "--group-size", "32"], "--group-size and --quantize-head set how --quantize quantizes"),
 ])
 def test_cli_user_errors_get_one_line(argv, message, kept_export, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
