@@ -21,6 +21,7 @@ import sys
 import time
 
 from kept_jax.errors import KeptError, cli_entry
+from kept_jax.quantize import GROUP_SIZES, SCHEMES, check_scheme
 
 STREAM_STEPS = 1  # decode steps between two prints of a streamed row (one compiled loop, called again each time)
 
@@ -46,9 +47,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                         ".jsonl file taken B at a time (1)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute and parameter dtype (bfloat16 on GPUs)")
-    p.add_argument("--quantize", choices=("int8", "int4"),
+    p.add_argument("--quantize", choices=SCHEMES,
                    help="weight-only quantization of the linear layers: int8 per output channel, int4 in groups")
-    p.add_argument("--group-size", type=int, default=64, help="with --quantize int4: inputs per scale (32, 64, 128)")
+    p.add_argument("--group-size", type=int, default=64,
+                   help=f"with --quantize int4: inputs per scale ({', '.join(map(str, GROUP_SIZES))})")
     p.add_argument("--quantize-head", action="store_true",
                    help="with --quantize: the (untied) output head too; the embedding always stays in --dtype")
     p.add_argument("--tokenizer", metavar="DIR", help="take the tokenizer (and chat template) from DIR, a directory or "
@@ -62,8 +64,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.system is not None and not args.chat:
         raise KeptError("--system is the system message of a chat: add --chat")
     if args.quantize:
-        from kept_jax.quantize import check_scheme
-
         check_scheme(args.quantize, args.group_size)
     elif args.quantize_head or args.group_size != 64:
         raise KeptError("--group-size and --quantize-head set how --quantize quantizes: add --quantize int8 or int4")

@@ -13,11 +13,9 @@ convolution, D and biases stay in floating point, and so does every recurrent an
 
 from __future__ import annotations
 
-import jax
-import numpy as np
-from flax import traverse_util
-
 from kept_jax.errors import KeptError
+
+# Commands read their choices from here before anything heavy loads (jax, flax and qwix load in the functions).
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)  # int4 groups along a kernel's input axis
@@ -40,6 +38,7 @@ def check_scheme(scheme: str, group_size: int) -> None:
 def quantize_params(config, params: dict, scheme: str, group_size: int = 64, head: bool = False) -> dict:
     """`params` with every linear kernel (see `linear_kernel_paths`) replaced by a qwix `QArray`."""
     import qwix
+    from flax import traverse_util
 
     check_scheme(scheme, group_size)
     flat = traverse_util.flatten_dict(params)
@@ -57,7 +56,7 @@ def quantize_params(config, params: dict, scheme: str, group_size: int = 64, hea
 
 
 def is_quantized(x) -> bool:
-    return not isinstance(x, (jax.Array, np.ndarray)) and hasattr(x, "qvalue")
+    return hasattr(x, "qvalue") and hasattr(x, "scale")  # a qwix QArray (not imported for this)
 
 
 def dequantize(kernel):
@@ -71,6 +70,8 @@ def dequantize(kernel):
 
 def weight_bytes(params: dict) -> int:
     """Bytes the parameters hold: int4 values at half a byte, scales and unquantized leaves at their dtype."""
+    import jax
+
     total = 0
     for leaf in jax.tree.leaves(params, is_leaf=is_quantized):
         if is_quantized(leaf):
