@@ -48,9 +48,9 @@ def synthetic_config(size_bytes: int, hidden: int = 2048, vocab: int = 32000) ->
     """An Orion layout with as many layers as make about `size_bytes` of bf16 weights. A narrower `hidden` and
     `vocab` (same proportions) make a quick check of the benchmark itself, not a measurement."""
     def layout(layers: int) -> LlamaConfig:
-        return LlamaConfig(architecture="orion", vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                           num_hidden_layers=layers, num_attention_heads=hidden // 128,
-                           num_key_value_heads=hidden // 128, head_dim=128,
+        return LlamaConfig(architecture="orion", vocab_size=vocab, hidden_size=hidden,
+                           intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                           num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128, head_dim=128,
                            max_position_embeddings=4096, dtype="bfloat16", bos_token_id=1, eos_token_id=2,
                            pad_token_id=0)
 

@@ -21,7 +21,7 @@ import sys
 import time
 
 from kept_jax.errors import KeptError, cli_entry
-from kept_jax.quantize import GROUP_SIZES, SCHEMES, check_scheme
+from kept_jax.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCHEMES, check_scheme, quantize_params, weight_bytes
 
 STREAM_STEPS = 1  # decode steps between two prints of a streamed row (one compiled loop, called again each time)
 
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="compute and parameter dtype (bfloat16 on GPUs)")
     p.add_argument("--quantize", choices=SCHEMES,
                    help="weight-only quantization of the linear layers: int8 per output channel, int4 in groups")
-    p.add_argument("--group-size", type=int, default=64,
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
                    help=f"with --quantize int4: inputs per scale ({', '.join(map(str, GROUP_SIZES))})")
     p.add_argument("--quantize-head", action="store_true",
                    help="with --quantize: the (untied) output head too; the embedding always stays in --dtype")
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise KeptError("--system is the system message of a chat: add --chat")
     if args.quantize:
         check_scheme(args.quantize, args.group_size)
-    elif args.quantize_head or args.group_size != 64:
+    elif args.quantize_head or args.group_size != DEFAULT_GROUP_SIZE:
         raise KeptError("--group-size and --quantize-head set how --quantize quantizes: add --quantize int8 or int4")
     return args
 
@@ -195,8 +195,6 @@ def _quantizer(args, config):
     """params -> params with the linear kernels quantized as --quantize asks (the identity without it)."""
     if not args.quantize:
         return lambda params: params
-    from kept_jax.quantize import quantize_params
-
     return lambda params: quantize_params(config, params, args.quantize, args.group_size, args.quantize_head)
 
 
@@ -264,8 +262,6 @@ def main(argv: list[str] | None = None) -> int:
 
     config, params, report = load_checkpoint(args.model, compute_dtype=args.dtype, param_dtype=args.dtype)
     params = generator.prepare(quantize(params))
-    from kept_jax.quantize import weight_bytes
-
     scheme = {None: "", "int8": "int8 weights, ", "int4": f"int4/{args.group_size} weights, "}[args.quantize]
     print(f"{args.model}: {config.describe()}, {report.num_params:,} parameters ({scheme}"
           f"{weight_bytes(params) / 2**20:,.1f} MiB), {args.dtype} on {jax.devices()[0].device_kind}; compiled in "

@@ -19,6 +19,7 @@ from kept_jax.errors import KeptError
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)  # int4 groups along a kernel's input axis
+DEFAULT_GROUP_SIZE = 64
 
 
 def linear_kernel_paths(config, head: bool) -> list[tuple[str, ...]]:
@@ -35,7 +36,8 @@ def check_scheme(scheme: str, group_size: int) -> None:
         raise KeptError(f"int4 group size {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
 
 
-def quantize_params(config, params: dict, scheme: str, group_size: int = 64, head: bool = False) -> dict:
+def quantize_params(config, params: dict, scheme: str, group_size: int = DEFAULT_GROUP_SIZE,
+                    head: bool = False) -> dict:
     """`params` with every linear kernel (see `linear_kernel_paths`) replaced by a qwix `QArray`."""
     import qwix
     from flax import traverse_util

@@ -259,9 +259,8 @@ def test_cli_batches_a_jsonl_file_of_prompts_in_bfloat16(kept_export, tmp_path, 
 def test_cli_quantized_equals_a_checkpoint_of_its_dequantized_weights(scheme, kept_export, tmp_path, capsys):
     """`--quantize` decodes with the weights `kept_jax.quantize` makes: the same completions as the unquantized command
     on a checkpoint holding those weights dequantized (fp32), and the weights' size in the first line."""
-    import shutil
-
     from bridge.hf_export import write_params
+    from bridge.tokenizer_export import copy_tokenizer
     from kept_jax import quantize
 
     config, params, _ = load_checkpoint(kept_export[0])
@@ -270,9 +269,7 @@ def test_cli_quantized_equals_a_checkpoint_of_its_dequantized_weights(scheme, ke
     os.makedirs(dequantized)
     write_params(dequantized, jax.tree.map(quantize.dequantize, quantized, is_leaf=quantize.is_quantized), config,
                  "float32")
-    for name in os.listdir(kept_export[0]):
-        if name.startswith(("tokenizer", "special_tokens", "generation_config")):
-            shutil.copy(os.path.join(kept_export[0], name), dequantized)
+    copy_tokenizer(kept_export[0], dequantized)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ("Return a new", "The module")) + "\n")
     completions = []

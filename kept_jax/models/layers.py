@@ -51,7 +51,7 @@ class Linear(nn.Module):
         # transposes a [batch, seq, in] contraction costs (benchmarks/xkd_step.py; a bitcast on every backend).
         lead = x.shape[:-1]
         x = x.astype(self.dtype).reshape(-1, x.shape[-1])
-        kernel = dequantize(kernel)  # a weight-only quantized kernel (kept_jax.quantize): this layer's only
+        kernel = dequantize(kernel)  # a kept_jax.quantize kernel: floats for this layer only, inside the layer scan
         y = jnp.dot(x, kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
         if self.has_variable("lora", "a"):  # LoRA adapter: y += scale * (x a) b, with a [in, r] and b [r, out]
             a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
