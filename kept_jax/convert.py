@@ -4,13 +4,15 @@
     python -m kept_jax.convert --to llamba --source LLAMA_DIR --out DIR [--mixer-init mohawk|attention]
                                [--target-config LLAMBA_CONFIG_JSON]
     python -m kept_jax.convert ... --calib-ids IDS.npy --eval-ids IDS.npy   # a source without a tokenizer
+    python -m kept_jax.convert --to mlx --source LLAMBA_DIR --out DIR [--bits 4|8|16] [--group-size 64]
     python -m kept_jax.convert ... --dry-run        # plan from config.json alone: mapping coverage, parameter counts
 
 `--to llama` (default): Orion -> Llama by NPM + OPM, calibrated on the teacher's own activations. `--to llamba`:
 Llama -> Llamba, the MLPs, norms, embedding and head copied and each attention replaced by an initialized mixer.
 Either way the mapping is a checked rule table; the command evaluates KL(teacher || converted) per token on held-out
 text and exports a Hugging Face directory with `conversion_report.json` and `conversion_report.md`. `--opm all` and
-`--mixer-init all` evaluate every choice and write only the report.
+`--mixer-init all` evaluate every choice and write only the report. `--to mlx`: a Llamba for Cartesia's on-device
+runtime (cartesia-mlx), its linear layers quantized to 4 or 8 bits (bridge/mlx_export.py).
 """
 
 from __future__ import annotations
@@ -119,18 +121,30 @@ def held_rows(path: str, ids: bool, tokenizer, source_config, seq_len: int, skip
     return rows
 
 
-TARGETS = {"llama": ("orion", "llama"), "llamba": ("llama",)}  # target architecture -> the sources it is made from
+# target -> the source architectures it is made from
+TARGETS = {"llama": ("orion", "llama"), "llamba": ("llama",), "mlx": ("llamba",)}
 OPM_ONLY = ("opm", "calib", "calib_ids", "calib_tokens", "ridge")  # options of the Orion -> Llama conversion
+# The options that belong to some targets only (the rest, --source --out --dry-run --force, apply to all).
+HF_TARGETS = ("llama", "llamba")  # the conversions that write a Hugging Face directory and evaluate it
+TARGET_OPTIONS = {
+    **{name: ("llama",) for name in OPM_ONLY},
+    **{name: ("llamba",) for name in ("mixer_init", "target_config", "seed")},
+    **{name: HF_TARGETS for name in ("eval_file", "eval_ids", "eval_tokens", "seq_len", "batch", "dtype",
+                                     "max_shard_size", "no_eval")},
+    **{name: ("mlx",) for name in ("bits", "group_size", "quantize_head", "mlx_tokenizer")},
+}
 
 
 def parse_args(argv):
+    from bridge.mlx_export import BITS
     from kept_jax.mapping import STRATEGIES
     from kept_jax.mapping.llamba_init import MIXER_INITS
+    from kept_jax.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES
 
     p = argparse.ArgumentParser(prog="python -m kept_jax.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("--to", default="llama", choices=tuple(TARGETS),
                    help="target architecture: llama (from an Orion source, or a Llama GGUF file or directory, which is "
-                   "copied) or llamba (from a Llama source)")
+                   "copied), llamba (from a Llama source) or mlx (a Llamba for Cartesia's on-device runtime)")
     p.add_argument("--source", default=DEFAULT_SOURCE,
                    help="source: a Hugging Face directory or a GGUF file (default: the embedded tiny Orion); with "
                    "--dry-run also a config.json")
@@ -141,7 +155,7 @@ def parse_args(argv):
                    help="--to llamba: how each mixer starts (default mohawk), or all to compare")
     p.add_argument("--target-config", help="--to llamba: the student's config.json (e.g. "
                    "configs/models/llamba-1b.json); default: derived from the teacher")
-    p.add_argument("--seed", type=int, default=0, help="--to llamba: seed of the mixers' randomly initialized rows")
+    p.add_argument("--seed", type=int, help="--to llamba: seed of the mixers' randomly initialized rows")
     p.add_argument("--calib", help="--to llama: calibration text, .jsonl ('text' field) or plain text (default: "
                    "embedded held-out)")
     p.add_argument("--calib-ids", help="--to llama: calibration token ids instead of text, a .npy array (for a "
@@ -150,24 +164,42 @@ def parse_args(argv):
     p.add_argument("--eval", dest="eval_file", help="held-out text for KL (default: embedded held-out split)")
     p.add_argument("--eval-ids", help="held-out token ids instead of text, a .npy array (for a source without a "
                    "tokenizer)")
-    p.add_argument("--eval-tokens", type=int, default=32768)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--eval-tokens", type=int, help="held-out tokens to evaluate (default 32768)")
+    p.add_argument("--seq-len", type=int, help="tokens per evaluation or calibration row (default 256)")
+    p.add_argument("--batch", type=int, help="rows per evaluation or calibration batch (default 8)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="export and evaluation dtype (default: source's)")
     p.add_argument("--ridge", type=float, help="--to llama: relative ridge of the rank-1 absorb solve (default 1e-6)")
     p.add_argument("--max-shard-size", help="largest safetensors file (default: 5GB; a Llamba is one file, the only "
                    "layout the official Llamba loader reads)")
     p.add_argument("--no-eval", action="store_true", help="skip the KL evaluation: the conversion then streams, "
                    "one layer and one tensor at a time, so peak memory stays a fraction of the checkpoint")
+    p.add_argument("--bits", type=int, choices=BITS,
+                   help="--to mlx: 4 or 8 (linear layers quantized by MLX, group-wise affine) or 16 (bfloat16); "
+                   "default 4")
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES,
+                   help=f"--to mlx: inputs per quantization group (default {DEFAULT_GROUP_SIZE})")
+    p.add_argument("--quantize-head", action="store_true", default=None,
+                   help="--to mlx: quantize the output head too (default: kept in bfloat16, as generate --quantize "
+                   "keeps it)")
+    p.add_argument("--mlx-tokenizer",
+                   help="--to mlx: the tokenizer cartesia-mlx loads, a Hub id or a path (default: the output "
+                   "directory's absolute path, where the source's tokenizer files are copied)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     args = p.parse_args(argv)
     if args.out is None and not args.dry_run:
         p.error("the following arguments are required: --out")
-    other, options = (("llama", OPM_ONLY) if args.to == "llamba" else ("llamba", ("mixer_init", "target_config")))
-    wrong = [f"--{name.replace('_', '-')}" for name in options if getattr(args, name) is not None]
+    wrong = [name for name, targets in TARGET_OPTIONS.items()
+             if args.to not in targets and getattr(args, name) not in (None, False)]
     if wrong:
-        raise KeptError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to --to {args.to}; "
-                        f"{'they are' if len(wrong) > 1 else 'it is'} for --to {other}")
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in wrong)
+        owners = " and ".join(f"--to {t}" for t in TARGET_OPTIONS[wrong[0]])
+        raise KeptError(f"{flags} {'does' if len(wrong) == 1 else 'do'} not apply to --to {args.to}; "
+                        f"{'they are' if len(wrong) > 1 else 'it is'} for {owners}")
+    defaults = {"seed": 0, "eval_tokens": 32768, "seq_len": 256, "batch": 8, "bits": 4,
+                "group_size": DEFAULT_GROUP_SIZE, "quantize_head": False}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     args.opm_flags = [f"--{name.replace('_', '-')}" for name in OPM_ONLY if getattr(args, name) is not None]
     for text, ids in (("calib", "calib_ids"), ("eval_file", "eval_ids")):
         if getattr(args, text) and getattr(args, ids):
@@ -235,8 +267,10 @@ def _target_layout(args):
 def check_source(args, source_config) -> None:
     wanted = TARGETS[args.to]
     if source_config.architecture not in wanted:
-        hint = "; to make a Llamba student from a Llama, pass --to llamba" if args.to == "llama" else ""
-        names = " or ".join(("an Orion" if a == "orion" else "a Llama") for a in wanted)
+        hint = {"llama": "; to make a Llamba student from a Llama, pass --to llamba",
+                "mlx": "; make a Llamba first (--to llamba, then python -m kept_jax.train)"}.get(args.to, "")
+        articles = {"orion": "an Orion", "llama": "a Llama", "llamba": "a Llamba"}
+        names = " or ".join(articles[a] for a in wanted)
         raise KeptError(f"--to {args.to} converts {' and '.join(a.capitalize() for a in wanted)} checkpoints, so "
                         f"--source must be {names} checkpoint; {args.source!r} is {source_config.architecture!r}{hint}")
     if conversion_kind(args, source_config) == "copy" and args.opm_flags:
@@ -456,6 +490,16 @@ def dry_run(args) -> int:
     layout = args.source if os.path.isfile(args.source) else os.path.join(args.source, "config.json")
     source = (config_from_hf(read_config_json(args.source)) if plain_config else load_config(args.source))
     check_source(args, source)
+    if args.to == "mlx":
+        from bridge.mlx_export import check_expressible, check_group_size, planned_bytes, tensor_plan
+
+        check_expressible(source)
+        check_group_size(source, args.bits, args.group_size)
+        size = planned_bytes(source, args.bits, args.group_size, args.quantize_head)
+        print(f"dry run: abstract shapes only, no weights read\nsource   {layout}: {source.describe()}\n"
+              f"target   cartesia-mlx Llamba, {len(tensor_plan(source, args.quantize_head))} tensors, "
+              f"{size / 2 ** 20:.1f} MiB at {args.bits} bits")
+        return 0
     mappings = conversion_mappings(args, source, {})
 
     def count(config) -> str:
@@ -482,6 +526,45 @@ def dry_run(args) -> int:
     return 0
 
 
+def mlx_tokenizer(args, source_config) -> str:
+    """The tokenizer name the runtime's config gives AutoTokenizer: --mlx-tokenizer, or the output directory, which
+    receives the source's tokenizer files."""
+    from bridge.checkpoint import open_checkpoint
+
+    if args.mlx_tokenizer:
+        return args.mlx_tokenizer
+    if not open_checkpoint(args.source).has_tokenizer:
+        raise KeptError(f"the source {args.source!r} has no tokenizer files, and cartesia-mlx loads one by name: pass "
+                        "--mlx-tokenizer with the Hub id or directory of the tokenizer these weights were trained with")
+    return os.path.abspath(args.out)
+
+
+def to_mlx(args, source_config) -> int:
+    """--to mlx: the Llamba re-laid out and quantized for cartesia-mlx, its tokenizer beside it."""
+    from bridge.checkpoint import open_checkpoint
+    from bridge.mlx_export import WEIGHTS_FILE, check_expressible, check_group_size, write_mlx
+    from bridge.tokenizer_export import copy_tokenizer
+    from kept_jax.fileio import atomic_output_dir, check_output_dir
+
+    check_source(args, source_config)
+    check_expressible(source_config)
+    check_group_size(source_config, args.bits, args.group_size)
+    tokenizer = mlx_tokenizer(args, source_config)
+    check_output_dir(args.out, args.force, needed_bytes=source_config.num_params() * 2)
+    with atomic_output_dir(args.out, args.force) as tmp:
+        size = write_mlx(tmp, source_config, source_tensor_reader(args.source), args.bits, args.group_size,
+                         args.quantize_head, tokenizer)
+        checkpoint = open_checkpoint(args.source)
+        if checkpoint.has_tokenizer:
+            copy_tokenizer(checkpoint.files_dir, tmp)
+    precision = "bfloat16" if args.bits == 16 else (
+        f"{args.bits}-bit, groups of {args.group_size}; head {'quantized' if args.quantize_head else 'bfloat16'}")
+    print(f"wrote {args.out}: {WEIGHTS_FILE} for cartesia-mlx ({precision}), {size / 2 ** 20:.1f} MiB\n"
+          f"load it with: cartesia_mlx.from_pretrained({os.path.join(args.out, WEIGHTS_FILE)!r}); tokenizer: "
+          f"{tokenizer}")
+    return 0
+
+
 @cli_entry
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -493,6 +576,8 @@ def main(argv=None) -> int:
     from kept_jax.runlog import phase
 
     source = load_config(args.source)
+    if args.to == "mlx":
+        return to_mlx(args, source)
     itemsize = np.dtype(NUMPY_DTYPES[export_dtype(args, source)]).itemsize
     check_output_dir(args.out, args.force, needed_bytes=source.num_params() * itemsize)
     max_shard_bytes = None if args.max_shard_size is None else parse_size(args.max_shard_size, "--max-shard-size")
