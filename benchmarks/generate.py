@@ -5,6 +5,7 @@ side by side in one run, and Transformers' own `generate` on the same Llama shap
                                   [--batches 1,4,16,64,256] [--batch-context 1024] [--steps 32] [--reps 3]
                                   [--dtype float32] [--hf-max-context 8192] [--fit-memory 80GiB]
                                   [--fit-contexts 8192,32768] [--fit-dtype bfloat16] [--no-save]
+                                  [--precisions fp32,bf16,int8,int4] [--group-size 64]
 
 Shapes (random weights): `1b`, `configs/models/llama-3.2-1b-instruct.json` and `configs/models/llamba-1b.json`
 (d_model 2048, 32 heads x 64, MLP 8192, vocabulary 128,256, tied), cut to `--layers` layers (default 4; the full 16
@@ -25,6 +26,11 @@ aliased), i.e. parameters + state + workspace. Transformers: `model.generate` (g
 cache) after a real prefill of `context` tokens; decode tokens/s from the time between the first and the last
 generated token (a logits processor records each step), up to `--hf-max-context` (a CPU prefill past it takes
 minutes); its memory is parameters + the final KV cache.
+
+Precision (`--precisions`, default fp32 alone): each kept_jax point is measured for each, side by side in one run.
+bf16 casts the parameters and computes in bf16; int8 and int4 are `generate --quantize` (kept_jax/quantize.py: the
+linear kernels quantized, dequantized one layer at a time next to their matmul; the rest at --dtype). Each point
+records the parameters' bytes (`weight_MiB`). Quality against fp32 is benchmarks/quality.py.
 
 Largest batch: the same decode loop compiled (not run) for the full-depth model in `--fit-dtype`: its compiled
 memory is affine in the batch, so two compilations give the slope, the largest batch within `--fit-memory` follows,
@@ -48,8 +54,10 @@ from kept_jax.config import ModelConfig
 from kept_jax.decoding import DecodeState, Generator
 from kept_jax.memory import GIB, compiled_peak_bytes, parse_size
 from kept_jax.models import build_model, config_from_hf
+from kept_jax.quantize import DEFAULT_GROUP_SIZE, SCHEMES, quantize_params, weight_bytes
 
 MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
+PRECISIONS = ("fp32", "bf16", *SCHEMES)
 SHAPES = {"1b": {"llama": "llama-3.2-1b-instruct.json", "llamba": "llamba-1b.json", "layers": 4},
           "smollm2-135m": {"llama": "smollm2-135m-instruct.json", "llamba": "llamba-smollm2-135m.json", "layers": None}}
 
@@ -74,8 +82,26 @@ def parse_args(argv=None):
     p.add_argument("--fit-contexts", type=ints, default=[8192, 32768])
     p.add_argument("--fit-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="bfloat16 on a GPU (XLA:CPU widens bf16 matmuls to fp32, so its bf16 figures overstate)")
+    p.add_argument("--precisions", type=lambda s: s.split(","), default=["fp32"],
+                   help=f"comma-separated, of {', '.join(PRECISIONS)}")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="int4's group size")
     p.add_argument("--no-save", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = [x for x in args.precisions if x not in PRECISIONS]
+    if unknown:
+        p.error(f"unknown precision {unknown[0]!r}; choose from {', '.join(PRECISIONS)}")
+    return args
+
+
+def at_precision(config: ModelConfig, params, precision: str, group_size: int):
+    """The model and its parameters at `precision`: bf16 casts them and computes in bf16; int8 and int4 quantize
+    the linear kernels as `generate --quantize` does; fp32 leaves them as they are."""
+    if precision == "bf16":
+        return (config.replace(compute_dtype="bfloat16", param_dtype="bfloat16"),
+                jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
+    if precision in SCHEMES:
+        return config, quantize_params(config, params, precision, group_size)
+    return config, params
 
 
 def model_config(shapes: str, name: str, layers: int | None, dtype: str) -> ModelConfig:
@@ -89,7 +115,9 @@ def model_config(shapes: str, name: str, layers: int | None, dtype: str) -> Mode
 
 def random_params(config: ModelConfig):
     model = build_model(config)
-    return jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    import flax
+
+    return flax.core.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
 
 
 def decode_state(config: ModelConfig, batch: int, context: int, steps: int, abstract: bool = False) -> DecodeState:
@@ -253,11 +281,17 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _label(row: dict) -> str:
+    """"llama (kept_jax)", with the precision when it is not fp32 ("llamba (kept_jax, int4)")."""
+    precision = row.get("precision", "fp32")
+    return f"{row['model']} ({row['impl']}{'' if precision == 'fp32' else ', ' + precision})"
+
+
 def _series(points, axis, other, fixed, metric) -> dict:
     series = {}
     for r in sorted(points, key=lambda r: r[axis]):
         if r[other] == fixed and r.get("sweep") == axis and metric in r:
-            series.setdefault(f"{r['model']} ({r['impl']})", []).append(r)
+            series.setdefault(_label(r), []).append(r)
     return series
 
 
@@ -266,21 +300,26 @@ def run(args) -> dict:
     limit = parse_size(args.memory_limit, "--memory-limit")
     layers = args.layers or SHAPES[args.shapes]["layers"]
     for name in ("llama", "llamba"):
-        config = model_config(args.shapes, name, layers, args.dtype)
-        params = Generator.prepare(random_params(config))
-        for sweep, sizes in (("context", args.contexts), ("batch", args.batches)):
-            for size in sizes:
-                batch, context = (1, size) if sweep == "context" else (size, args.batch_context)
-                steps = max(4, min(args.steps, 512 // batch))
-                compiled = compiled_loop(Generator(config), params,
-                                         decode_state(config, batch, context, steps, abstract=True))
-                rows = [measure_jax(name, config, params, batch, context, steps, args.reps, limit, compiled)]
-                if sweep == "context" and rows[0]["fits"]:
-                    rows.append(measure_streamed(name, config, params, context, steps, args.reps, compiled))
-                for row in rows:
-                    points.append({**row, "sweep": sweep})
-                    print(json.dumps({k: v for k, v in row.items() if k != "times_s"}), flush=True)
-        del params
+        base = model_config(args.shapes, name, layers, args.dtype)
+        base_params = random_params(base)
+        for precision in args.precisions:
+            config, params = at_precision(base, base_params, precision, args.group_size)
+            params = Generator.prepare(params)
+            tag = {"precision": precision, "weight_MiB": weight_bytes(params) / 2**20}
+            for sweep, sizes in (("context", args.contexts), ("batch", args.batches)):
+                for size in sizes:
+                    batch, context = (1, size) if sweep == "context" else (size, args.batch_context)
+                    steps = max(4, min(args.steps, 512 // batch))
+                    compiled = compiled_loop(Generator(config), params,
+                                             decode_state(config, batch, context, steps, abstract=True))
+                    rows = [measure_jax(name, config, params, batch, context, steps, args.reps, limit, compiled)]
+                    if sweep == "context" and rows[0]["fits"] and precision == args.precisions[0]:
+                        rows.append(measure_streamed(name, config, params, context, steps, args.reps, compiled))
+                    for row in rows:
+                        points.append({**row, **tag, "sweep": sweep})
+                        print(json.dumps({k: v for k, v in points[-1].items() if k != "times_s"}), flush=True)
+            del params
+        del base_params
     config = model_config(args.shapes, "llama", layers, args.dtype)
     for context in [c for c in args.contexts if c <= args.hf_max_context]:
         row = measure_transformers(config, 1, context, args.steps)
@@ -302,7 +341,8 @@ def run(args) -> dict:
         "shapes": args.shapes, "layers": config.num_hidden_layers, "dtype": args.dtype, "steps": args.steps,
         "reps": args.reps,
         "batch_context": args.batch_context, "hf_max_context": args.hf_max_context,
-        "hf_max_batch": args.hf_max_batch, "memory_limit": args.memory_limit},
+        "hf_max_batch": args.hf_max_batch, "memory_limit": args.memory_limit, "precisions": args.precisions,
+        "group_size": args.group_size},
         "points": points, "largest_batch": fits}
     result["summary"] = summarize(points)
     if not args.no_save:
@@ -319,7 +359,7 @@ def summarize(points) -> dict:
     by = {}
     for r in points:
         if r["sweep"] == "context" and "tokens_per_s" in r:
-            by.setdefault(f"{r['model']} ({r['impl']})", {})[r["context"]] = r["tokens_per_s"]
+            by.setdefault(_label(r), {})[r["context"]] = r["tokens_per_s"]
     llama, llamba = by.get("llama (kept_jax)", {}), by.get("llamba (kept_jax)", {})
     out = {"tokens_per_s": by,
            "llamba_over_llama": {c: llamba[c] / llama[c] for c in sorted(llama) if c in llamba}}

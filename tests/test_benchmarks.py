@@ -112,3 +112,23 @@ def test_generate_benchmark_runs_and_its_memory_follows_the_state(shapes):
     assert all(r["tokens_per_s"] > 0 for r in result["points"])
     for fit in result["largest_batch"]:
         assert fit["largest_batch"] > 0 and fit["compiled_GiB_at_largest"] <= fit["budget_GiB"]
+
+
+@pytest.mark.slow
+def test_generate_benchmark_measures_each_precision_side_by_side():
+    """SmolLM2's shape, one layer: bf16 holds half of fp32's weight bytes, int8 fewer than fp32 and int4 fewer than
+    int8 (with one layer the fp32 tied embedding, which is not quantized, dominates all three), and every precision's
+    decode loop is compiled, sized and timed."""
+    from benchmarks import generate
+
+    result = generate.run(generate.parse_args(
+        ["--shapes", "smollm2-135m", "--layers", "1", "--contexts", "256", "--batches", "1", "--batch-context",
+         "256", "--steps", "4", "--reps", "1", "--hf-max-context", "0", "--hf-max-batch", "0", "--fit-memory", "",
+         "--precisions", "fp32,bf16,int8,int4", "--no-save"]))
+    for model in ("llama", "llamba"):
+        rows = {r["precision"]: r for r in result["points"]
+                if r["model"] == model and r["impl"] == "kept_jax" and r["sweep"] == "context"}
+        weights = {p: rows[p]["weight_MiB"] for p in generate.PRECISIONS}
+        assert weights["bf16"] == pytest.approx(weights["fp32"] / 2, rel=1e-6)
+        assert weights["int4"] < weights["int8"] < weights["fp32"]
+        assert all(rows[p]["peak_GiB"] > 0 and rows[p]["tokens_per_s"] > 0 for p in rows)
