@@ -132,3 +132,31 @@ def test_generate_benchmark_measures_each_precision_side_by_side():
         assert weights["bf16"] == pytest.approx(weights["fp32"] / 2, rel=1e-6)
         assert weights["int4"] < weights["int8"] < weights["fp32"]
         assert all(rows[p]["peak_GiB"] > 0 and rows[p]["tokens_per_s"] > 0 for p in rows)
+
+
+def test_on_device_projection_keeps_llambas_state_and_grows_llamas_cache():
+    """Llamba's state does not depend on the context and Llama's KV cache doubles with it; every published size is
+    exportable and quantizing the head makes its weights smaller."""
+    from benchmarks import on_device
+
+    short, long = (on_device.run(on_device.parse_args(["--context", str(c), "--no-save"]))["rows"]
+                   for c in (16384, 32768))
+    for a, b in zip(short, long):
+        assert a["llamba_state_GB"] == b["llamba_state_GB"] > 0
+        assert b["llama_kv_bf16_GB"] == pytest.approx(2 * a["llama_kv_bf16_GB"])
+        assert b["llamba_weights_head_quantized_GB"] < b["llamba_weights_GB"] < b["llama_weights_bf16_GB"]
+
+
+def test_quality_benchmark_scores_each_precision_against_fp32(tmp_path):
+    """A tiny Llama with a tokenizer: fp32 against itself costs nothing; bf16, int8 and int4 cost something, int4
+    the most."""
+    from benchmarks import quality
+    from tests import fixtures as fx
+
+    model = fx.make_llama(fx.base_config("tiny-llama"), seed=2)
+    path = fx.save_llama(model, str(tmp_path / "llama"))
+    fx.add_byte_level_tokenizer(path, model.config.vocab_size)
+    result = quality.run(quality.parse_args(["--model", path, "--tokens", "1024", "--seq-len", "128", "--group-size", "32", "--no-save"]))
+    kl = {r["precision"]: r["kl"] for r in result[path]["points"]}
+    assert abs(kl["fp32"]) < 1e-6
+    assert 0 < kl["bf16"] and 0 < kl["int8"] < kl["int4"]
