@@ -12,7 +12,7 @@ differ), scored the same way against kept_jax's fp32 logits. cartesia-mlx on Lin
 replaced: tests/cartesia_metal_substitute.py is used when `cartesia_metal` does not import.
 
 The held-out text is the embedded corpus's held-out split (Python documentation). Writes
-`benchmarks/results/quality-<model>-<device>-<date>.json`.
+`benchmarks/results/quality-<model>[-g<group size>]-<device>-<date>.json`.
 """
 
 from __future__ import annotations
@@ -131,6 +131,8 @@ def run(args) -> dict:
         if config.architecture == "llamba" and args.mlx_bits:
             points += mlx_rows(path, config, params, rows, args.mlx_bits, args.group_size, args.batch)
         name = os.path.basename(os.path.normpath(path)).removesuffix(".gguf")
+        if args.group_size != DEFAULT_GROUP_SIZE:
+            name += f"-g{args.group_size}"
         result = {"benchmark": "quality", "environment": environment(), "settings": {
             "model": path, "architecture": config.architecture, "tokens": int(rows.size), "seq_len": args.seq_len,
             "group_size": args.group_size, "heldout": "embedded corpus, held-out split"}, "points": points}

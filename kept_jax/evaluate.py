@@ -1,8 +1,18 @@
-"""Teacher vs converted model on the same tokens: the scores of `kept_jax.metrics` (KL(teacher || converted),
-top-1 agreement, both NLLs, by position), from both models' full logits, batch by batch.
+"""Teacher vs student, two ways.
 
-Optionally, the predicted cost of dropping a constant logit vector c (the final norm's beta through the head):
-about 1/2 E_x[Var_{p(.|x)}(c)] nats/token to second order, over the same scored positions.
+`compare`: on the same tokens, the scores of `kept_jax.metrics` (KL(teacher || converted), top-1 agreement, both
+NLLs, by position), from both models' full logits, batch by batch; optionally the predicted cost of dropping a
+constant logit vector c (the final norm's beta through the head): about 1/2 E_x[Var_{p(.|x)}(c)] nats/token to second
+order, over the same scored positions.
+
+`python -m kept_jax.evaluate`: the same lm-evaluation-harness tasks on both (kept_jax.harness), one table side by side:
+
+    python -m kept_jax.evaluate --teacher DIR|FILE.gguf --student DIR [--tasks kept_heldout,kept_next_line]
+                                [--dtype float32] [--batch-size 8] [--limit N] [--out DIR [--force]]
+
+The default tasks are the offline ones that ship with kept_jax (kept_jax/assets/lm_eval_tasks); on a machine with a
+dataset hub any lm-eval task name works (arc_easy, hellaswag, piqa, winogrande, mmlu, ...). `--out` receives
+`evaluation.json` and `evaluation.md`.
 """
 
 from __future__ import annotations
@@ -56,3 +66,132 @@ def compare(
 
 def batches_of(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+# ---- python -m kept_jax.evaluate -----------------------------------------------------------------
+
+DEFAULT_TASKS = "kept_heldout,kept_next_line"
+
+
+def parse_args(argv):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m kept_jax.evaluate",
+                                description="lm-evaluation-harness tasks on a teacher and its student, side by side")
+    p.add_argument("--teacher", required=True, help="a checkpoint directory or GGUF file")
+    p.add_argument("--student", required=True, help="a checkpoint directory or GGUF file")
+    p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated lm-eval tasks (default {DEFAULT_TASKS})")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, help="at most this many documents per task")
+    p.add_argument("--out", help="directory for evaluation.json and evaluation.md")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        p.error("--batch-size and --limit must be positive")
+    return args
+
+
+def run_tasks(checkpoint: str, tasks: list[str], dtype: str, batch_size: int, limit: int | None) -> dict:
+    """lm-eval's results dict for one checkpoint (kept_jax.harness's model, the offline tasks findable)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from kept_jax.harness import TASKS_DIR, KeptJaxLM
+
+    if KeptJaxLM is None:
+        from kept_jax.errors import KeptError
+
+        raise KeptError("python -m kept_jax.evaluate needs lm-eval: pip install 'kept_jax[eval]'")
+    model = KeptJaxLM(pretrained=checkpoint, dtype=dtype, batch_size=batch_size)
+    return lm_eval.simple_evaluate(model=model, tasks=tasks, limit=limit,
+                                   task_manager=TaskManager(include_path=TASKS_DIR))
+
+
+def check_tasks(tasks: list[str]) -> None:
+    """Unknown task names, before any model is loaded."""
+    from lm_eval.tasks import TaskManager
+
+    from kept_jax.errors import KeptError
+    from kept_jax.harness import TASKS_DIR
+
+    known = set(TaskManager(include_path=TASKS_DIR).all_tasks)
+    missing = [t for t in tasks if t not in known]
+    if missing or not tasks:
+        raise KeptError(f"Tasks not found: {', '.join(missing) or '(none given)'}; `lm_eval ls tasks` lists lm-eval's, "
+                        f"and the offline ones are {DEFAULT_TASKS}")
+
+
+def side_by_side(teacher: dict, student: dict) -> list[dict]:
+    """One row per task and metric: both values, both standard errors, student / teacher."""
+    rows = []
+    for task, metrics in teacher["results"].items():
+        for key, value in metrics.items():
+            name, _, filt = key.partition(",")
+            if name.endswith("_stderr") or not isinstance(value, (int, float)) or name in ("alias", "sample_len"):
+                continue
+            other = student["results"].get(task, {}).get(key)
+            stderr = f"{name}_stderr,{filt}"
+            rows.append({"task": task, "metric": name, "teacher": value, "student": other,
+                         "teacher_stderr": _number(metrics.get(stderr)),
+                         "student_stderr": _number(student["results"].get(task, {}).get(stderr)),
+                         "ratio": other / value if other is not None and value else None})
+    return rows
+
+
+def _number(x):
+    return x if isinstance(x, (int, float)) else None
+
+
+def format_rows(rows: list[dict]) -> str:
+    def cell(value, stderr=None):
+        if value is None:
+            return "-"
+        return f"{value:.4g}" + (f" ± {stderr:.2g}" if stderr is not None else "")
+
+    lines = ["| task | metric | teacher | student | student / teacher |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['metric']} | {cell(r['teacher'], r['teacher_stderr'])} | "
+                     f"{cell(r['student'], r['student_stderr'])} | {cell(r['ratio'])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import json
+    import os
+
+    from kept_jax.errors import KeptError, cli_entry
+    from kept_jax.fileio import atomic_output_dir, check_output_dir
+
+    @cli_entry
+    def _main(argv) -> int:
+        args = parse_args(argv)
+        for path in (args.teacher, args.student):
+            if not os.path.exists(path):
+                raise KeptError(f"{path!r} does not exist; give a checkpoint directory or a GGUF file")
+        if args.out:
+            check_output_dir(args.out, args.force)
+        tasks = [t for t in args.tasks.split(",") if t]
+        check_tasks(tasks)
+        results = {role: run_tasks(path, tasks, args.dtype, args.batch_size, args.limit)
+                   for role, path in (("teacher", args.teacher), ("student", args.student))}
+        rows = side_by_side(results["teacher"], results["student"])
+        table = format_rows(rows)
+        print(f"teacher {args.teacher}\nstudent {args.student}\n\n{table}")
+        if args.out:
+            with atomic_output_dir(args.out, args.force) as tmp:
+                with open(os.path.join(tmp, "evaluation.json"), "w", encoding="utf-8") as f:
+                    json.dump({"teacher": args.teacher, "student": args.student, "tasks": tasks, "rows": rows,
+                               "limit": args.limit, "dtype": args.dtype}, f, indent=1)
+                with open(os.path.join(tmp, "evaluation.md"), "w", encoding="utf-8") as f:
+                    f.write(f"teacher `{args.teacher}`, student `{args.student}`\n\n{table}\n")
+            print(f"\nwrote {args.out}/evaluation.{{json,md}}")
+        return 0
+
+    return _main(argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -10,14 +10,18 @@ from kept_jax.fileio import read_optional_json
 
 
 class Tokenizer:
-    def __init__(self, encode: Callable[[str], list[int]], source: str,
+    """`encode(text, special)`: the ids, with the tokenizer's own BOS/EOS template when `special`."""
+
+    def __init__(self, encode: Callable[[str, bool], list[int]], source: str,
                  decode: Callable[[list[int]], str] | None = None):
         self._encode = encode
         self._decode = decode
         self.source = source
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._encode(text))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The ids of `text`; without `add_special_tokens`, the text's own tokens only (no BOS/EOS added), as
+        lm-eval scores a context and its continuation."""
+        return list(self._encode(text, add_special_tokens))
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`, special tokens (BOS, EOS, ...) left out."""
@@ -46,7 +50,7 @@ def load_tokenizer(model_dir: str, architecture: str,
             tok = HFTokenizer.from_file(json_path)
         except Exception as e:
             raise KeptError(f"cannot read {json_path}: {e}; the tokenizer file is corrupt") from None
-        return Tokenizer(lambda text: tok.encode(text).ids, json_path,
+        return Tokenizer(lambda text, special: tok.encode(text, add_special_tokens=special).ids, json_path,
                          lambda ids: tok.decode(ids, skip_special_tokens=True))
     if os.path.isfile(sp_path):
         import sentencepiece as spm
@@ -57,7 +61,8 @@ def load_tokenizer(model_dir: str, architecture: str,
         except (OSError, RuntimeError) as e:
             raise KeptError(f"cannot read {sp_path}: {e}; the tokenizer file is corrupt") from None
         add_bos, add_eos = special_token_flags(model_dir, architecture)
-        return Tokenizer(lambda text: sp.Encode(text, add_bos=add_bos, add_eos=add_eos), sp_path, sp.Decode)
+        return Tokenizer(lambda text, special: sp.Encode(text, add_bos=add_bos and special, add_eos=add_eos and special),
+                         sp_path, sp.Decode)
     raise KeptError(f"{model_dir!r} has no tokenizer (tokenizer.json or tokenizer.model); {missing_fix}")
 
 

@@ -1,0 +1,135 @@
+"""kept_jax as an lm-evaluation-harness model (kept_jax/harness.py) and `python -m kept_jax.evaluate`.
+
+Independent implementations: lm-eval's own Transformers model (`hf`, PyTorch) on a Llama; the float64 Llamba oracle
+(bridge/llamba_oracle.py, written from the math) on a Llamba, which Transformers cannot load.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install -e '.[test]'")
+
+from lm_eval.api.instance import Instance
+
+from kept_jax import evaluate
+from kept_jax.errors import KeptError
+from kept_jax.harness import KeptJaxLM, bucket
+from tests import fixtures as fx
+
+# Contexts and continuations of many lengths (an empty context among them), from the held-out documentation.
+LINES = ["NAME", "    chunk - Simple class to read IFF chunks.", "DESCRIPTION",
+         "    An IFF chunk (used in formats such as AIFF, TIFF, RMFF (RealMedia File", "Format)) has the following"]
+PAIRS = [("", "Python Library Documentation"), ("NAME\n", "    chunk"), ("\n".join(LINES[:3]), "\n" + LINES[3]),
+         ("\n".join(LINES), " structure:"), (" ".join(LINES) * 3, " The ID is a 4-byte string."),
+         ("x = ", "1 + 2")]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> str:
+    """A tiny Llama with a context long enough for every request, and a byte-level BPE tokenizer."""
+    model = fx.make_llama({**fx.base_config("tiny-llama"), "max_position_embeddings": 1024}, seed=2)
+    path = fx.save_llama(model, str(tmp_path_factory.mktemp("harness") / "llama"))
+    fx.add_byte_level_tokenizer(path, model.config.vocab_size)
+    return path
+
+
+def _requests(kind: str, args_list) -> list:
+    return [Instance(request_type=kind, doc={}, arguments=args, idx=i) for i, args in enumerate(args_list)]
+
+
+def test_buckets_are_powers_of_two_within_the_window():
+    assert [bucket(n, 1024) for n in (1, 32, 33, 100, 1000, 1024)] == [32, 32, 64, 128, 1024, 1024]
+    assert bucket(700, 512) == 512
+
+
+def test_loglikelihoods_equal_transformers(llama):
+    """The same requests through lm-eval's own `hf` model and through kept_jax: every log-likelihood to 1e-4, the
+    same greedy flags; and rolling log-likelihoods over windows of 64 tokens."""
+    from lm_eval.models.huggingface import HFLM
+
+    ours = KeptJaxLM(pretrained=llama, batch_size=4, max_length=64)
+    theirs = HFLM(pretrained=llama, dtype="float32", batch_size=4, max_length=64, device="cpu")
+    got, want = ours.loglikelihood(_requests("loglikelihood", PAIRS)), theirs.loglikelihood(
+        _requests("loglikelihood", PAIRS))
+    assert np.allclose([g[0] for g in got], [w[0] for w in want], atol=1e-4, rtol=0), (got, want)
+    assert [g[1] for g in got] == [w[1] for w in want]
+    documents = [("\n".join(LINES * k),) for k in (1, 4)]  # one window, then several
+    got, want = (lm.loglikelihood_rolling(_requests("loglikelihood_rolling", documents)) for lm in (ours, theirs))
+    assert np.allclose(got, want, atol=1e-4 * max(abs(w) for w in want), rtol=0), (got, want)
+
+
+def test_requests_of_many_lengths_compile_a_bounded_number_of_programs(llama):
+    ours = KeptJaxLM(pretrained=llama, batch_size=3, max_length=256)
+    lengths = list(range(1, 240, 7))
+    ours.score_windows([(list(range(3, 3 + n)), list(range(4, 4 + n)), 1) for n in lengths])
+    assert ours._score._cache_size() == len({bucket(n, 256) for n in lengths}) == 4
+
+
+def test_generation_stops_at_the_stop_sequence_and_equals_the_decode_engine(llama):
+    from kept_jax.decoding import Generator
+
+    ours = KeptJaxLM(pretrained=llama, batch_size=2, max_gen_toks=12)
+    requests = _requests("generate_until", [("def main():", {"until": ["\n\n"], "max_gen_toks": 12}),
+                                            ("import os", {"until": [], "max_gen_toks": 12})])
+    texts = ours.generate_until(requests)
+    generator = Generator(ours.config, eos_ids=ours._eos_ids)
+    for (prompt, kwargs), text in zip([r.args for r in requests], texts):
+        ids = ours.tok_encode(prompt)
+        tokens = generator.generate(Generator.prepare(ours.params), [ids], 12).tokens[0]
+        full = ours.tok_decode([t for t in tokens if t not in ours._eos_ids])
+        stops = [full.find(s) for s in kwargs["until"] if s in full]
+        assert text == full[:min(stops)] if stops else text == full
+
+
+def test_a_llamba_scores_as_the_float64_oracle(tmp_path):
+    """Transformers has no Llamba: each log-likelihood against the oracle's, token by token, in float64."""
+    from bridge.llamba_oracle import oracle_logits
+    from tests.test_llamba import _hf_config, random_tensors, write_checkpoint
+
+    hf = {**_hf_config("tied-grouped-expand2"), "vocab_size": 600}
+    tensors = random_tensors(hf)
+    path = write_checkpoint(tmp_path / "llamba", hf, tensors)
+    fx.add_byte_level_tokenizer(path, 600)
+    ours = KeptJaxLM(pretrained=path, batch_size=4, max_length=128)
+    got = ours.loglikelihood(_requests("loglikelihood", PAIRS[1:4]))
+    for (context, continuation), (logp, _) in zip(PAIRS[1:4], got):
+        context_ids, continuation_ids = ours._encode_pair(context, continuation)
+        tokens = np.asarray(context_ids + continuation_ids)
+        logits = np.asarray(oracle_logits(hf, tensors, tokens[None, :-1]), np.float64)[0][:, :600]
+        logits = logits - logits.max(-1, keepdims=True)
+        logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        n = len(continuation_ids)
+        want = logprobs[np.arange(len(tokens) - 1), tokens[1:]][-n:].sum()
+        assert logp == pytest.approx(want, abs=1e-4)
+
+
+def test_the_evaluate_command_prints_and_writes_the_side_by_side_table(llama, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert evaluate.main(["--teacher", llama, "--student", llama, "--limit", "6", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| kept_next_line | acc |" in printed and "| kept_heldout | bits_per_byte |" in printed
+    rows = json.loads((out / "evaluation.json").read_text())["rows"]
+    assert {(r["task"], r["metric"]) for r in rows} >= {("kept_next_line", "acc"), ("kept_heldout", "bits_per_byte")}
+    assert all(r["ratio"] == pytest.approx(1.0) for r in rows)  # the same model on both sides
+    assert os.path.isfile(out / "evaluation.md")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "no_such_task"], "Tasks not found: no_such_task"),
+    (["--teacher", "/nonexistent/model"], "does not exist"),
+])
+def test_evaluate_refuses_what_it_cannot_run(llama, capsys, argv, message):
+    base = {"--teacher": llama, "--student": llama}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        base[flag] = value
+    assert evaluate.main([x for kv in base.items() for x in kv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_a_window_beyond_the_models_context_is_refused(llama):
+    with pytest.raises(KeptError, match="max_length=2048 is beyond the model's context of 1024"):
+        KeptJaxLM(pretrained=llama, max_length=2048)
