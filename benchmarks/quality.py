@@ -55,7 +55,7 @@ def held_out(path: str, config, tokens: int, seq_len: int) -> np.ndarray:
 
 
 def precision_rows(config, params, rows: np.ndarray, precisions, group_size: int, batch: int) -> list[dict]:
-    from kept_jax.evaluate import batches_of, compare
+    from kept_jax.metrics import batches_of, compare
     from kept_jax.models import build_model
 
     teacher = build_model(config)
@@ -131,6 +131,8 @@ def run(args) -> dict:
         if config.architecture == "llamba" and args.mlx_bits:
             points += mlx_rows(path, config, params, rows, args.mlx_bits, args.group_size, args.batch)
         name = os.path.basename(os.path.normpath(path)).removesuffix(".gguf")
+        if name == "export":  # a training run's export: the run's name says more
+            name = os.path.basename(os.path.dirname(os.path.normpath(path)))
         if args.group_size != DEFAULT_GROUP_SIZE:
             name += f"-g{args.group_size}"
         result = {"benchmark": "quality", "environment": environment(), "settings": {

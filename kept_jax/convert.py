@@ -303,7 +303,7 @@ def convert_all(args, source_config) -> tuple[Any, list[ConversionResult], dict]
     from bridge.checkpoint import load_checkpoint_tokenizer, open_checkpoint
     from bridge.hf_import import ArrayReader, params_from_reader, streamed_layers
     from kept_jax import corpus
-    from kept_jax.evaluate import batches_of
+    from kept_jax.metrics import batches_of
     from kept_jax.runlog import counted, phase
 
     check_source(args, source_config)
@@ -363,7 +363,7 @@ def convert_all(args, source_config) -> tuple[Any, list[ConversionResult], dict]
                                                  {}, {})], info
 
     from bridge.checkpoint import load_checkpoint
-    from kept_jax.evaluate import compare
+    from kept_jax.metrics import compare
     from kept_jax.models import build_model
 
     teacher_config, teacher_params, _ = load_checkpoint(args.source, compute_dtype=dtype, param_dtype=dtype)

@@ -12,17 +12,24 @@ The conversion report, the training job's held-out evaluation and `bridge.verify
   error).
 
 Everything is summed per batch (the caller's dtype: fp32 on a device, float64 in `bridge.verify`) and divided once
-at the end by `summarize`, so batches, chunks and devices add up exactly.
+at the end by `summarize`, so batches, chunks and devices add up exactly. `compare` runs two models on the same
+batches and returns the summary; optionally with the predicted cost of dropping a constant logit vector c (the final
+norm's beta through the head): about 1/2 E_x[Var_{p(.|x)}(c)] nats/token to second order, over the same positions.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
+if TYPE_CHECKING:
+    import flax.linen as nn
 POSITION_BUCKETS = ((0, 8), (8, 32), (32, 128), (128, None))  # [lo, hi) positions; None: to the row's end
 BUCKET_NAMES = tuple(f"{lo}-{hi}" if hi else f"{lo}+" for lo, hi in POSITION_BUCKETS)
 TOKEN_METRICS = ("kl", "agree", "student_nll", "teacher_nll")
@@ -97,3 +104,44 @@ def format_by_position(by_position: dict) -> str:
     """One line: KL (and agreement) per position bucket."""
     return "KL by position: " + ", ".join(f"{name}: {m['kl']:.3e} ({m['agreement']:.1%})"
                                           for name, m in by_position.items())
+
+
+def compare(
+    teacher: nn.Module,
+    teacher_params: dict,
+    student: nn.Module,
+    student_params: dict,
+    batches: Iterable[np.ndarray],
+    logit_shift: np.ndarray | None = None,
+) -> dict:
+    """`kept_jax.metrics.summarize` of both models on `batches` of [batch, seq] tokens.
+
+    `logit_shift` ([vocab]): also report `predicted_shift_kl` = 1/2 E[Var_p(shift)], the second-order KL of
+    removing that constant from the teacher's logits.
+    """
+    shift = None if logit_shift is None else jnp.asarray(logit_shift, jnp.float32)
+
+    @jax.jit
+    def step(tp, sp, tokens):
+        teacher_logits = teacher.apply({"params": tp}, tokens)
+        sums = score(teacher_logits, student.apply({"params": sp}, tokens), tokens)
+        if shift is not None:
+            p = jax.nn.softmax(teacher_logits, -1)
+            mean = jnp.sum(p * shift, -1)
+            sums["shift_var"] = jnp.sum((jnp.sum(p * shift**2, -1) - mean**2) * labels_and_mask(tokens)[1])
+        return sums
+
+    totals: dict[str, float] = {}
+    for tokens in batches:
+        for key, value in jax.device_get(step(teacher_params, student_params, jnp.asarray(tokens))).items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    if not totals:
+        raise ValueError("compare needs at least one batch")
+    result = summarize(totals)
+    if shift is not None:
+        result["predicted_shift_kl"] = 0.5 * totals["shift_var"] / totals["tokens"]
+    return result
+
+
+def batches_of(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]

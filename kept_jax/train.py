@@ -111,7 +111,7 @@ class Job:
 
         from bridge.checkpoint import load_checkpoint, load_checkpoint_tokenizer, tokenizer_dir
         from kept_jax import data, runlog, sharding
-        from kept_jax.evaluate import batches_of
+        from kept_jax.metrics import batches_of
         from kept_jax.models import build_model
         from kept_jax.recipes import RECIPES
         from kept_jax.tokenizer import chat_template
@@ -200,7 +200,7 @@ class Job:
         import numpy as np
 
         from kept_jax import runlog, sharding
-        from kept_jax.evaluate import batches_of
+        from kept_jax.metrics import batches_of
         from kept_jax.metrics import summarize
         from kept_jax.xkd.objectives import HiddenAlignment, LogitKL
         from kept_jax.xkd.step import make_eval_step

@@ -63,11 +63,13 @@ def test_the_readme_is_short_and_shows_every_main_command():
     assert len(text.splitlines()) <= 250, "the README is the front page; move details to docs/"
     blocks = "\n".join(re.findall(r"^```(?:bash)?\n(.*?)^```", text, flags=re.M | re.S))
     for command in ("kept_jax.train", "kept_jax.train --config configs/tiny-llamba.yaml", "kept_jax.convert",
-                    "kept_jax.convert --to llamba", "kept_jax.generate", "kept_jax.score"):
+                    "kept_jax.convert --to llamba", "kept_jax.convert --to mlx", "kept_jax.generate", "kept_jax.score",
+                    "kept_jax.evaluate", "kept_jax.harness run"):
         assert f"python -m {command}" in blocks, f"the README shows no example of python -m {command}"
 
 
-PROGRAMS = ("kept_jax.train", "kept_jax.convert", "kept_jax.generate", "kept_jax.score", "bridge.verify")
+PROGRAMS = ("kept_jax.train", "kept_jax.convert", "kept_jax.generate", "kept_jax.score", "kept_jax.evaluate",
+            "bridge.verify")
 
 
 def shown_commands() -> list[tuple[str, list[str]]]:

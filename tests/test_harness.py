@@ -133,3 +133,26 @@ def test_evaluate_refuses_what_it_cannot_run(llama, capsys, argv, message):
 def test_a_window_beyond_the_models_context_is_refused(llama):
     with pytest.raises(KeptError, match="max_length=2048 is beyond the model's context of 1024"):
         KeptJaxLM(pretrained=llama, max_length=2048)
+
+
+def test_an_orion_scores_as_kept_jaxs_own_score_command(orion_checkpoint, tmp_path, capsys):
+    """Transformers has no Orion class: each log-likelihood against the logits `python -m kept_jax.score` saves for
+    the same token ids (context then continuation)."""
+    from kept_jax import score
+
+    ours = KeptJaxLM(pretrained=orion_checkpoint[0], batch_size=4)
+    for (context, continuation), (logp, greedy) in zip(PAIRS[1:4], ours.loglikelihood(
+            _requests("loglikelihood", PAIRS[1:4]))):
+        context_ids, continuation_ids = ours._encode_pair(context, continuation)
+        ids = context_ids + continuation_ids
+        logits_file = tmp_path / f"{len(ids)}.npy"
+        assert score.main(["--model", orion_checkpoint[0], "--tokens", ",".join(map(str, ids)),
+                           "--save-logits", str(logits_file)]) == 0
+        logits = np.load(logits_file).astype(np.float64)[:-1]
+        logprobs = logits - logits.max(-1, keepdims=True)
+        logprobs -= np.log(np.exp(logprobs).sum(-1, keepdims=True))
+        targets = np.asarray(ids[1:])
+        n = len(continuation_ids)
+        assert logp == pytest.approx(logprobs[np.arange(len(targets)), targets][-n:].sum(), abs=1e-4)
+        assert greedy == bool((logits.argmax(-1)[-n:] == targets[-n:]).all())
+    capsys.readouterr()

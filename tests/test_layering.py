@@ -10,7 +10,7 @@ import pathlib
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # Programs that read and write Hugging Face directories: they may use both packages.
 PROGRAMS = {"kept_jax.convert", "kept_jax.train", "kept_jax.score", "kept_jax.pretrain", "kept_jax.recipes",
-            "kept_jax.generate"}
+            "kept_jax.generate", "kept_jax.harness", "kept_jax.evaluate"}
 
 
 def _module(path: pathlib.Path) -> str:

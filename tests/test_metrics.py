@@ -1,5 +1,5 @@
 """One definition of KL and agreement (`kept_jax.metrics`): checked against float64 NumPy from the definition, and
-the conversion report (`evaluate.compare`), the job's held-out evaluation (the chunked `LogitKL` sums) and
+the conversion report (`metrics.compare`), the job's held-out evaluation (the chunked `LogitKL` sums) and
 `bridge.verify` give the same numbers on the same models and tokens."""
 
 import jax
@@ -9,7 +9,7 @@ import pytest
 
 from bridge import verify
 from bridge.checkpoint import load_checkpoint
-from kept_jax.evaluate import compare
+from kept_jax.metrics import compare
 from kept_jax.metrics import BUCKET_NAMES, POSITION_BUCKETS, score, summarize
 from kept_jax.models import build_model
 from kept_jax.xkd.losses import LossConfig
