@@ -120,6 +120,27 @@ def _make_class():
         def tok_decode(self, tokens) -> str:
             return self.tokenizer_.decode(list(tokens))
 
+        @property
+        def tokenizer_name(self) -> str:  # lm-eval's cache key for chat-templated requests
+            return os.path.abspath(self.pretrained).replace("/", "__")
+
+        def chat_template(self, chat_template: bool | str = False) -> str | None:
+            from bridge.checkpoint import tokenizer_dir
+            from kept_jax.tokenizer import chat_template as template_of
+
+            if not chat_template:
+                return None
+            template = template_of(tokenizer_dir(self.pretrained))
+            if template is None:
+                raise KeptError(f"--apply_chat_template: {self.pretrained} has no chat template in its tokenizer files")
+            return template
+
+        def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+            from bridge.checkpoint import tokenizer_dir
+            from kept_jax.tokenizer import chat_text
+
+            return chat_text(tokenizer_dir(self.pretrained), chat_history, add_generation_prompt)
+
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
             """Each (context tokens, continuation tokens) scored in one padded window of the last max_length + 1
             tokens; windows of one bucket length go out in batches of batch_size."""

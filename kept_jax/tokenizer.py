@@ -85,12 +85,25 @@ def chat_ids(files_dir: str, conversations: list[list[dict[str, str]]]) -> tuple
     """Each conversation's token ids with the assistant's turn opened, as Transformers' `apply_chat_template` makes
     them from this directory's tokenizer files (the template's Jinja, its special tokens, nothing added beyond what
     the template writes), and the id of the tokenizer's end-of-sequence token (where the template ends a turn)."""
+    tokenizer = _chat_tokenizer(files_dir)
+    ids = [_render(tokenizer, files_dir, c, True, tokenize=True, return_dict=True)["input_ids"] for c in conversations]
+    return ids, tokenizer.eos_token_id
+
+
+def chat_text(files_dir: str, conversation: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """The conversation as the template writes it, as text (what lm-eval's `--apply_chat_template` scores)."""
+    return _render(_chat_tokenizer(files_dir), files_dir, conversation, add_generation_prompt, tokenize=False)
+
+
+def _chat_tokenizer(files_dir: str):
     from transformers import AutoTokenizer, PretrainedConfig
 
-    try:  # an empty config: the tokenizer files alone decide, whatever model config.json describes
-        tokenizer = AutoTokenizer.from_pretrained(files_dir, config=PretrainedConfig(), trust_remote_code=False)
-        ids = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-               for c in conversations]
+    # An empty config: the tokenizer files alone decide, whatever model config.json describes.
+    return AutoTokenizer.from_pretrained(files_dir, config=PretrainedConfig(), trust_remote_code=False)
+
+
+def _render(tokenizer, files_dir: str, conversation, add_generation_prompt: bool, **kwargs):
+    try:
+        return tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, **kwargs)
     except Exception as e:  # jinja2's errors and a template's own raise_exception
         raise KeptError(f"the chat template in {files_dir} fails on this conversation: {type(e).__name__}: {e}") from None
-    return ids, tokenizer.eos_token_id

@@ -156,3 +156,15 @@ def test_an_orion_scores_as_kept_jaxs_own_score_command(orion_checkpoint, tmp_pa
         assert logp == pytest.approx(logprobs[np.arange(len(targets)), targets][-n:].sum(), abs=1e-4)
         assert greedy == bool((logits.argmax(-1)[-n:] == targets[-n:]).all())
     capsys.readouterr()
+
+
+def test_chat_templated_requests_use_the_checkpoints_template(llama):
+    """lm-eval's --apply_chat_template: the conversation written as the tokenizer files' template writes it (the
+    fixture's ChatML), then generated from like any prompt."""
+    ours = KeptJaxLM(pretrained=llama, batch_size=1, max_gen_toks=4)
+    assert "<|im_start|>" in ours.chat_template(True)
+    text = ours.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert text.startswith("<|im_start|>system\n")  # the template's default system turn
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    (completion,) = ours.generate_until(_requests("generate_until", [(text, {"until": [], "max_gen_toks": 4})]))
+    assert isinstance(completion, str)
