@@ -4,10 +4,11 @@ the Llama each is distilled from, from the configs alone (nothing is run).
     python -m benchmarks.on_device [--context 32768] [--bits 4] [--group-size 64] [--no-save]
 
 Llamba weights: the exact tensor bytes of `convert --to mlx` (bridge/mlx_export.planned_bytes), head in bf16 and
-quantized. Llama weights at the same bits: every linear kernel (an untied head among them, so compare with the
-head-quantized Llamba figure) at `bits` plus a bf16 scale and bias per group (MLX's affine layout), the rest bf16. State at `context`, batch 1: Llamba's recurrent state (fp32 state-space state, bf16
-convolution window; independent of the context) against Llama's bf16 KV cache. Beside them, the figures Cartesia
-published for Llamba-8B at 4 bits (cartesia-mlx, M3 Pro, 32K context) and Llama-3.1-8B on the same machine.
+quantized. Llama weights at the same bits: every linear kernel (an untied head among them, so compare with the head-
+quantized Llamba figure) at `bits` plus a bf16 scale and bias per group (MLX's affine layout), the rest bf16. State
+at `context`, batch 1: Llamba's recurrent state (fp32 state-space state, bf16 convolution window; independent of the
+context) against Llama's bf16 KV cache. Beside them, the figures Cartesia published for Llamba-8B at 4 bits
+(cartesia-mlx, M3 Pro, 32K context) and Llama-3.1-8B on the same machine.
 """
 
 from __future__ import annotations

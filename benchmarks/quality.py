@@ -2,17 +2,18 @@
 text, and for a Llamba also its cartesia-mlx exports as that runtime computes them.
 
     python -m benchmarks.quality --model DIR_OR_GGUF [--model ...] [--precisions fp32,bf16,int8,int4]
-                                 [--group-size 64] [--tokens 16384] [--seq-len 512] [--mlx-bits 4,8,16] [--no-save]
+                                 [--group-size 64] [--tokens 16384] [--seq-len 512] [--mlx-bits 4,8,16]
+                                 [--tag T] [--no-save]
 
 Per model and precision (benchmarks/generate.py's `at_precision`: bf16 casts and computes in bf16, int8/int4 are
-`generate --quantize`): KL(fp32 || precision) per token, top-1 agreement with fp32, both perplexities (kept_jax.evaluate,
-the one definition of each), and the parameters' bytes. For a Llamba, `--mlx-bits`: `convert --to mlx` at each bit
-width (groups of `--group-size`), loaded by cartesia-mlx and run there in fp32 (so that only the stored weights
-differ), scored the same way against kept_jax's fp32 logits. cartesia-mlx on Linux needs its three Metal kernels
-replaced: tests/cartesia_metal_substitute.py is used when `cartesia_metal` does not import.
+`generate --quantize`): KL(fp32 || precision) per token, top-1 agreement with fp32, both perplexities
+(kept_jax.metrics, the one definition of each), and the parameters' bytes. For a Llamba, `--mlx-bits`: `convert --to
+mlx` at each bit width (groups of `--group-size`), loaded by cartesia-mlx and run there in fp32 (so that only the
+stored weights differ), scored the same way against kept_jax's fp32 logits. cartesia-mlx on Linux needs its three
+Metal kernels replaced: tests/cartesia_metal_substitute.py is used when `cartesia_metal` does not import.
 
 The held-out text is the embedded corpus's held-out split (Python documentation). Writes
-`benchmarks/results/quality-<model>[-g<group size>]-<device>-<date>.json`.
+`benchmarks/results/quality-<model>[-g<group size>][-<tag>]-<device>-<date>.json`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--mlx-bits", type=lambda s: [int(x) for x in s.split(",") if x], default=[4, 8, 16],
                    help="a Llamba's cartesia-mlx exports to score ('' for none)")
+    p.add_argument("--tag", help="appended to the result's file name, to keep runs of one model apart")
     p.add_argument("--no-save", action="store_true")
     return p.parse_args(argv)
 
@@ -112,7 +114,8 @@ def mlx_rows(path: str, config, params, rows: np.ndarray, bits_list, group_size:
             hidden, _ = student.model(student.embedding.encode(mx.array(tokens)))
             theirs = np.array(student.head(hidden))[..., :config.vocab_size]
             ours = np.asarray(forward(params, jnp.asarray(tokens)))[..., :config.vocab_size]
-            for key, value in jax.device_get(score(jnp.asarray(ours), jnp.asarray(theirs), jnp.asarray(tokens))).items():
+            sums = score(jnp.asarray(ours), jnp.asarray(theirs), jnp.asarray(tokens))
+            for key, value in jax.device_get(sums).items():
                 totals[key] = totals.get(key, 0.0) + float(value)
         label = "bf16" if bits == 16 else f"{bits}-bit/{group_size}"
         out.append({"impl": "cartesia-mlx", "precision": label, "file_MiB": size / 2**20, **_scores(summarize(totals))})
@@ -135,6 +138,8 @@ def run(args) -> dict:
             name = os.path.basename(os.path.dirname(os.path.normpath(path)))
         if args.group_size != DEFAULT_GROUP_SIZE:
             name += f"-g{args.group_size}"
+        if args.tag:
+            name += f"-{args.tag}"
         result = {"benchmark": "quality", "environment": environment(), "settings": {
             "model": path, "architecture": config.architecture, "tokens": int(rows.size), "seq_len": args.seq_len,
             "group_size": args.group_size, "heldout": "embedded corpus, held-out split"}, "points": points}
