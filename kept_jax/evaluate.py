@@ -99,6 +99,8 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    import datetime
+    import importlib.metadata
     import json
     import os
 
@@ -124,7 +126,8 @@ def main(argv=None) -> int:
             with atomic_output_dir(args.out, args.force) as tmp:
                 with open(os.path.join(tmp, "evaluation.json"), "w", encoding="utf-8") as f:
                     json.dump({"teacher": args.teacher, "student": args.student, "tasks": tasks, "rows": rows,
-                               "limit": args.limit, "dtype": args.dtype}, f, indent=1)
+                               "limit": args.limit, "dtype": args.dtype, "date": datetime.date.today().isoformat(),
+                               "lm_eval": importlib.metadata.version("lm_eval")}, f, indent=1)
                 with open(os.path.join(tmp, "evaluation.md"), "w", encoding="utf-8") as f:
                     f.write(f"teacher `{args.teacher}`, student `{args.student}`\n\n{table}\n")
             print(f"\nwrote {args.out}/evaluation.{{json,md}}")
