@@ -142,7 +142,7 @@ def planned_bytes(config, bits: int, group_size: int, quantize_head: bool) -> in
 def export_tensors(config, read: Callable[[str], np.ndarray], bits: int, group_size: int,
                    quantize_head: bool) -> dict:
     """The runtime's tensors (mlx arrays), read one at a time from `read(hf_name)`."""
-    mx = _mlx()
+    mx = require_mlx()
     tensors = {}
     for name, hf_name, quantized in tensor_plan(config, quantize_head):
         if hf_name is None:  # a conv without bias: the runtime's always has one
@@ -171,7 +171,7 @@ def write_mlx(out_dir: str, config, read: Callable[[str], np.ndarray], bits: int
     """Writes `out_dir/model.safetensors` for the runtime; returns its size in bytes."""
     from mlx.utils import tree_flatten
 
-    mx = _mlx()
+    mx = require_mlx()
     tensors = export_tensors(config, read, bits, group_size, quantize_head)
     metadata = {key: json.dumps(value) for key, value in
                 tree_flatten(config_tree(config, bits, group_size, quantize_head, tokenizer))}
@@ -180,7 +180,7 @@ def write_mlx(out_dir: str, config, read: Callable[[str], np.ndarray], bits: int
     return os.path.getsize(path)
 
 
-def _mlx():
+def require_mlx():
     try:
         import mlx.core as mx
     except ImportError:

@@ -526,7 +526,7 @@ def dry_run(args) -> int:
     return 0
 
 
-def mlx_tokenizer(args, source_config) -> str:
+def mlx_tokenizer(args) -> str:
     """The tokenizer name the runtime's config gives AutoTokenizer: --mlx-tokenizer, or the output directory, which
     receives the source's tokenizer files."""
     from bridge.checkpoint import open_checkpoint
@@ -542,14 +542,15 @@ def mlx_tokenizer(args, source_config) -> str:
 def to_mlx(args, source_config) -> int:
     """--to mlx: the Llamba re-laid out and quantized for cartesia-mlx, its tokenizer beside it."""
     from bridge.checkpoint import open_checkpoint
-    from bridge.mlx_export import WEIGHTS_FILE, check_expressible, check_group_size, write_mlx
+    from bridge.mlx_export import WEIGHTS_FILE, check_expressible, check_group_size, require_mlx, write_mlx
     from bridge.tokenizer_export import copy_tokenizer
     from kept_jax.fileio import atomic_output_dir, check_output_dir
 
     check_source(args, source_config)
     check_expressible(source_config)
     check_group_size(source_config, args.bits, args.group_size)
-    tokenizer = mlx_tokenizer(args, source_config)
+    require_mlx()  # before any output: MLX writes the file
+    tokenizer = mlx_tokenizer(args)
     check_output_dir(args.out, args.force, needed_bytes=source_config.num_params() * 2)
     with atomic_output_dir(args.out, args.force) as tmp:
         size = write_mlx(tmp, source_config, source_tensor_reader(args.source), args.bits, args.group_size,
