@@ -24,6 +24,9 @@ from kept_jax.errors import KeptError, cli_entry
 from kept_jax.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCHEMES, check_scheme, quantize_params, weight_bytes
 
 STREAM_STEPS = 1  # decode steps between two prints of a streamed row (one compiled loop, called again each time)
+# With quantized weights each call of the loop costs far more (SmolLM2: 140 ms int8, 460 ms int4, against 40 ms fp32,
+# docs/generation.md), so a quantized stream prints every few tokens instead of every token.
+QUANTIZED_STREAM_STEPS = 8
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -275,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         real = len(chunk)
         key, batch_key = jax.random.split(key)
         result = generator.generate(params, chunk + [chunk[0]] * (batch - real), max_new, batch_key,
-                                    prompt_length=longest, steps_per_call=STREAM_STEPS if stream else None,
+                                    prompt_length=longest,
+                                    steps_per_call=(QUANTIZED_STREAM_STEPS if args.quantize else STREAM_STEPS)
+                                    if stream else None,
                                     on_step=stream.on_step if stream else None)
         prefill_s += result.prefill_s
         decode_s += result.decode_s
