@@ -31,6 +31,7 @@ from collections.abc import Callable
 import numpy as np
 
 from kept_jax.errors import KeptError
+from kept_jax.quantize import GROUP_SIZES
 
 BITS = (4, 8, 16)  # 16: bfloat16, nothing quantized
 WEIGHTS_FILE = "model.safetensors"
@@ -60,7 +61,7 @@ def check_group_size(config, bits: int, group_size: int) -> None:
     for layer, size in inputs.items():
         if size % group_size:
             raise KeptError(f"--group-size {group_size} does not divide the input size {size} of {layer}; choose one "
-                            "that does (32, 64 or 128)")
+                            f"that does ({', '.join(map(str, GROUP_SIZES))})")
 
 
 def _mlp_expand(config) -> float:
