@@ -168,3 +168,20 @@ def test_chat_templated_requests_use_the_checkpoints_template(llama):
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     (completion,) = ours.generate_until(_requests("generate_until", [(text, {"until": [], "max_gen_toks": 4})]))
     assert isinstance(completion, str)
+
+
+def test_task_scores_equal_transformers_on_the_offline_tasks(llama):
+    """Through lm-eval's own evaluator: the same accuracies on kept_next_line and bits per byte on kept_heldout."""
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from kept_jax.harness import TASKS_DIR
+
+    def results(model):
+        out = lm_eval.simple_evaluate(model=model, tasks=["kept_next_line", "kept_heldout"], limit=12,
+                                      task_manager=TaskManager(include_path=TASKS_DIR))["results"]
+        return out["kept_next_line"]["acc,none"], out["kept_heldout"]["bits_per_byte,none"]
+
+    ours = results(KeptJaxLM(pretrained=llama, batch_size=4, max_length=256))
+    theirs = results(HFLM(pretrained=llama, dtype="float32", batch_size=4, max_length=256, device="cpu"))
+    assert ours[0] == theirs[0] and ours[1] == pytest.approx(theirs[1], rel=1e-5)
