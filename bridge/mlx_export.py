@@ -155,15 +155,15 @@ def export_tensors(config, read: Callable[[str], np.ndarray], bits: int, group_s
         if name.endswith("conv_weight"):
             value = value[:, 0, :]  # [C, 1, K] -> [C, K], tap K-1 on the current token as before
         array = mx.array(value).astype(mx.bfloat16)
-        if name.endswith(("in_proj", "out_proj", "gate_proj", "head.linear")):
-            if quantized and bits != 16:
-                weight, scales, biases = mx.quantize(array, group_size=group_size, bits=bits)
-                tensors.update({f"{name}.weight": weight, f"{name}.scales": scales, f"{name}.biases": biases})
-            else:
-                tensors[f"{name}.weight"] = array
+        if not name.endswith(("in_proj", "out_proj", "gate_proj", "head.linear")):
+            made = {name: array}
+        elif quantized and bits != 16:
+            weight, scales, biases = mx.quantize(array, group_size=group_size, bits=bits)
+            made = {f"{name}.weight": weight, f"{name}.scales": scales, f"{name}.biases": biases}
         else:
-            tensors[name] = array
-        mx.eval(*tensors.values())  # computed now (MLX is lazy), so the source tensor can go
+            made = {f"{name}.weight": array}
+        mx.eval(*made.values())  # computed now (MLX is lazy), so the source tensor can go
+        tensors.update(made)
     return tensors
 
 

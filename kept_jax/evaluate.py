@@ -41,21 +41,19 @@ def run_tasks(checkpoint: str, tasks: list[str], dtype: str, batch_size: int, li
 
     from kept_jax.harness import TASKS_DIR, KeptJaxLM
 
-    if KeptJaxLM is None:
-        from kept_jax.errors import KeptError
-
-        raise KeptError("python -m kept_jax.evaluate needs lm-eval: pip install 'kept_jax[eval]'")
     model = KeptJaxLM(pretrained=checkpoint, dtype=dtype, batch_size=batch_size)
     return lm_eval.simple_evaluate(model=model, tasks=tasks, limit=limit,
                                    task_manager=TaskManager(include_path=TASKS_DIR))
 
 
 def check_tasks(tasks: list[str]) -> None:
-    """Unknown task names, before any model is loaded."""
-    from lm_eval.tasks import TaskManager
-
+    """lm-eval missing, or unknown task names: before any model is loaded."""
     from kept_jax.errors import KeptError
-    from kept_jax.harness import TASKS_DIR
+    from kept_jax.harness import TASKS_DIR, KeptJaxLM
+
+    if KeptJaxLM is None:  # kept_jax.harness registers it only when lm-eval imports
+        raise KeptError("python -m kept_jax.evaluate needs lm-eval: pip install 'kept_jax[eval]'")
+    from lm_eval.tasks import TaskManager
 
     known = set(TaskManager(include_path=TASKS_DIR).all_tasks)
     missing = [t for t in tasks if t not in known]

@@ -39,20 +39,21 @@ def bucket(length: int, max_length: int) -> int:
     return min(size, max_length)
 
 
-def _lm_base():
-    from lm_eval.api.model import TemplateLM
-
-    return TemplateLM
+def window(tokens: list[int], scored: int, max_length: int) -> tuple[list[int], list[int], int]:
+    """(inputs, targets, how many of the last targets are scored) of the last max_length + 1 tokens."""
+    tokens = tokens[-(max_length + 1):]
+    return tokens[:-1], tokens[1:], scored
 
 
 def _make_class():
     import jax
     import jax.numpy as jnp
     import lm_eval.models  # noqa: F401  lm-eval's own models first: it imports them only into an empty registry
+    from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
 
     @register_model("kept_jax")
-    class KeptJaxLM(_lm_base()):
+    class KeptJaxLM(TemplateLM):
         """`pretrained`: a checkpoint kept_jax reads; `dtype`: float32 or bfloat16; `batch_size`: rows per call;
         `max_length`: tokens per scored window (default: the model's context, 2048 for a Llamba, which has none)."""
 
@@ -146,8 +147,7 @@ def _make_class():
             tokens; windows of one bucket length go out in batches of batch_size."""
             windows = []
             for _, context, continuation in requests:
-                tokens = (list(context) + list(continuation))[-(self.max_length + 1):]
-                windows.append((tokens[:-1], tokens[1:], len(continuation)))
+                windows.append(window(list(context) + list(continuation), len(continuation), self.max_length))
             return self.score_windows(windows)
 
         def score_windows(self, windows: list[tuple[list[int], list[int], int]]) -> list[tuple[float, bool]]:
@@ -181,8 +181,7 @@ def _make_class():
                 for context, continuation in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
                         token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
                         max_seq_len=self.max_length, context_len=1)):
-                    tokens = list(context) + list(continuation)
-                    windows.append((tokens[:-1], tokens[1:], len(continuation)))
+                    windows.append(window(list(context) + list(continuation), len(continuation), self.max_length))
                     owners.append(index)
             totals = [0.0] * len(requests)
             for owner, (logp, _) in zip(owners, self.score_windows(windows)):
