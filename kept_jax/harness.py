@@ -14,6 +14,11 @@ position do not depend on what follows it, so the padding changes nothing that i
 cuts a document into `max_length` windows as lm-eval's own models do; `generate_until` runs kept_jax's decode engine
 (greedy, or sampled with the request's temperature) on prompts padded the same way and cuts each completion at the
 first stop sequence.
+
+A Llamba has no context limit, only a state: with `carry_state=True` a sequence longer than `max_length` runs in
+windows of `max_length` tokens that carry each layer's recurrent state (convolution window and SSM state) from one to
+the next, so every token is scored on everything before it (lm-eval's rolling windows restart from nothing instead,
+as a Transformer's must). The default keeps lm-eval's windows, so a Llamba and its Llama teacher are scored alike.
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ def bucket(length: int, max_length: int) -> int:
     return min(size, max_length)
 
 
-def window(tokens: list[int], scored: int, max_length: int) -> tuple[list[int], list[int], int]:
-    """(inputs, targets, how many of the last targets are scored) of the last max_length + 1 tokens."""
-    tokens = tokens[-(max_length + 1):]
+def window(tokens: list[int], scored: int, max_length: int | None) -> tuple[list[int], list[int], int]:
+    """(inputs, targets, how many of the last targets are scored) of the last max_length + 1 tokens (all of them
+    when max_length is None)."""
+    tokens = tokens if max_length is None else tokens[-(max_length + 1):]
     return tokens[:-1], tokens[1:], scored
 
 
@@ -55,20 +61,22 @@ def _make_class():
     @register_model("kept_jax")
     class KeptJaxLM(TemplateLM):
         """`pretrained`: a checkpoint kept_jax reads; `dtype`: float32 or bfloat16; `batch_size`: rows per call;
-        `max_length`: tokens per scored window (default: the model's context, 2048 for a Llamba, which has none)."""
+        `max_length`: tokens per scored window (default: the model's context, 2048 for a Llamba, which has none);
+        `carry_state` (Llamba only): score longer sequences whole, window after window, carrying the state."""
 
         def __init__(self, pretrained: str, dtype: str = "float32", batch_size: int | str = 8,
-                     max_length: int | None = None, max_gen_toks: int = 256, max_batch_size: int | None = None,
-                     device: str | None = None, **unused):
+                     max_length: int | None = None, max_gen_toks: int = 256, carry_state: bool = False,
+                     max_batch_size: int | None = None, device: str | None = None, **unused):
             # lm-eval passes its --batch_size, --max_batch_size and --device to every model; JAX places the
             # model on its default backend, so `device` and `max_batch_size` have nothing to choose.
             super().__init__()
             from bridge.checkpoint import load_checkpoint, load_checkpoint_tokenizer
+            from kept_jax.decoding import logits_at, run_layers
             from kept_jax.models import build_model
 
             if unused:
                 raise KeptError(f"kept_jax's lm-eval model does not take {', '.join(sorted(unused))}; its arguments "
-                                "are pretrained, dtype, batch_size, max_length, max_gen_toks")
+                                "are pretrained, dtype, batch_size, max_length, max_gen_toks, carry_state")
             if dtype not in DTYPES:
                 raise KeptError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
             if str(batch_size) == "auto" or int(batch_size) < 1:
@@ -79,6 +87,10 @@ def _make_class():
             if self.config.max_position_embeddings and self._max_length > self.config.max_position_embeddings:
                 raise KeptError(f"max_length={self._max_length} is beyond the model's context of "
                                 f"{self.config.max_position_embeddings} tokens; give at most that")
+            if carry_state and self.config.architecture != "llamba":
+                raise KeptError(f"carry_state=True: a {self.config.architecture} has no recurrent state to carry "
+                                "(only a Llamba does); leave carry_state out")
+            self.carry_state = bool(carry_state)
             self.batch_size_per_gpu = int(batch_size)
             self.max_gen_toks = int(max_gen_toks)
             self.params = params
@@ -99,7 +111,19 @@ def _make_class():
                 greedy = jnp.argmax(logits, -1) == targets
                 return jnp.sum(picked * mask, -1), jnp.all(greedy | (mask == 0), -1)
 
+            @jax.jit
+            def score_carried(prepared, cache, inputs, targets, mask, lengths):
+                # One window of a longer sequence, following `cache`: its sums and the state after its real tokens.
+                positions = jnp.zeros(inputs.shape, jnp.int32)  # a Llamba's state carries the position
+                x, cache = run_layers(self.config, prepared, inputs, cache, positions, lengths)
+                logits = logits_at(self.config, prepared, x).astype(jnp.float32)
+                picked = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+                greedy = jnp.argmax(logits, -1) == targets
+                return jnp.sum(picked * mask, -1), jnp.all(greedy | (mask == 0), -1), cache
+
             self._score = score
+            self._score_carried = score_carried
+            self._prepared = None
 
         # ---- lm-eval's interface ----------------------------------------------------------------
 
@@ -147,15 +171,34 @@ def _make_class():
             tokens; windows of one bucket length go out in batches of batch_size."""
             windows = []
             for _, context, continuation in requests:
-                windows.append(window(list(context) + list(continuation), len(continuation), self.max_length))
+                windows.append(window(list(context) + list(continuation), len(continuation), self._window_cap))
             return self.score_windows(windows)
 
+        @property
+        def _window_cap(self) -> int | None:
+            """How many tokens a scored sequence keeps: max_length, or all of them when the state is carried."""
+            return None if self.carry_state else self.max_length
+
+        @property
+        def prepared(self):
+            """The parameters as the decode engine takes them (one buffer per layer), made once when first needed."""
+            from kept_jax.decoding import Generator
+
+            if self._prepared is None:
+                self._prepared = Generator.prepare(self.params)
+            return self._prepared
+
         def score_windows(self, windows: list[tuple[list[int], list[int], int]]) -> list[tuple[float, bool]]:
-            """(inputs, targets, n) -> (sum of log p over the last n targets, whether each of them is the argmax)."""
+            """(inputs, targets, n) -> (sum of log p over the last n targets, whether each of them is the argmax).
+            Sequences longer than max_length (only with carry_state) go to `score_carried`."""
             results: list[tuple[float, bool] | None] = [None] * len(windows)
+            long = [i for i, (inputs, _, _) in enumerate(windows) if len(inputs) > self.max_length]
+            for i, result in zip(long, self.score_carried([windows[i] for i in long])):
+                results[i] = result
             by_bucket: dict[int, list[int]] = {}
             for i, (inputs, _, _) in enumerate(windows):
-                by_bucket.setdefault(bucket(len(inputs), self.max_length), []).append(i)
+                if len(inputs) <= self.max_length:
+                    by_bucket.setdefault(bucket(len(inputs), self.max_length), []).append(i)
             rows = self.batch_size_per_gpu
             for width, members in sorted(by_bucket.items()):
                 for start in range(0, len(members), rows):
@@ -172,14 +215,51 @@ def _make_class():
                         results[i] = (float(logp[row]), bool(greedy[row]))
             return results
 
+        def score_carried(self, windows: list[tuple[list[int], list[int], int]]) -> list[tuple[float, bool]]:
+            """Like `score_windows` for a Llamba's sequences of any length: batch_size rows at a time, each run in
+            windows of max_length tokens (the last one bucketed) that carry the recurrent state; longest first, so
+            that a batch's rows have similar lengths."""
+            results: list[tuple[float, bool] | None] = [None] * len(windows)
+            order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
+            rows, width = self.batch_size_per_gpu, self.max_length
+            for start in range(0, len(order), rows):
+                chunk = order[start:start + rows]
+                total = len(windows[chunk[0]][0])
+                inputs = np.full((rows, total), self._eot, np.int32)
+                targets = np.zeros((rows, total), np.int32)
+                mask = np.zeros((rows, total), np.float32)
+                lengths = np.zeros(rows, np.int32)
+                for row, i in enumerate(chunk):
+                    x, y, n = windows[i]
+                    inputs[row, :len(x)], targets[row, :len(y)], lengths[row] = x, y, len(x)
+                    mask[row, len(y) - n:len(y)] = 1.0
+                cache = self.config.empty_cache(rows, width)
+                logp, greedy = np.zeros(rows), np.ones(rows, bool)
+                for begin in range(0, total, width):
+                    size = bucket(total - begin, width)
+                    part = (slice(None), slice(begin, begin + size))
+                    padded = [np.pad(a[part], ((0, 0), (0, size - a[part].shape[1]))) for a in (inputs, targets, mask)]
+                    real = np.clip(lengths - begin, 0, size).astype(np.int32)
+                    part_logp, part_greedy, cache = self._score_carried(self.prepared, cache, *padded, real)
+                    part_logp, part_greedy = jax.device_get((part_logp, part_greedy))
+                    logp, greedy = logp + part_logp, greedy & part_greedy
+                for row, i in enumerate(chunk):
+                    results[i] = (float(logp[row]), bool(greedy[row]))
+            return results
+
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
             from lm_eval import utils
 
             windows, owners = [], []
             for index, request in enumerate(requests):
                 (text,) = request.args
+                tokens = self.tok_encode(text)
+                if self.carry_state:  # the whole document, scored after the prefix token
+                    windows.append(window([self.prefix_token_id, *tokens], len(tokens), None))
+                    owners.append(index)
+                    continue
                 for context, continuation in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
-                        token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                        token_list=tokens, prefix_token=self.prefix_token_id,
                         max_seq_len=self.max_length, context_len=1)):
                     windows.append(window(list(context) + list(continuation), len(continuation), self.max_length))
                     owners.append(index)
@@ -197,7 +277,7 @@ def _make_class():
                 _, kwargs = request.args
                 until, max_new, temperature = self._generation_kwargs(kwargs)
                 groups.setdefault((tuple(until), max_new, temperature), []).append(i)
-            prepared = Generator.prepare(self.params)
+            prepared = self.prepared
             for (until, max_new, temperature), members in groups.items():
                 generator = Generator(self.config, Sampling(temperature=temperature), eos_ids=self._eos_ids)
                 for start in range(0, len(members), self.batch_size_per_gpu):

@@ -84,26 +84,58 @@ def test_generation_stops_at_the_stop_sequence_and_equals_the_decode_engine(llam
         assert text == full[:min(stops)] if stops else text == full
 
 
-def test_a_llamba_scores_as_the_float64_oracle(tmp_path):
-    """Transformers has no Llamba: each log-likelihood against the oracle's, token by token, in float64."""
-    from bridge.llamba_oracle import oracle_logits
+@pytest.fixture(scope="module")
+def llamba(tmp_path_factory):
+    """A random Llamba checkpoint with a byte-level tokenizer: (path, HF config, tensors)."""
     from tests.test_llamba import _hf_config, random_tensors, write_checkpoint
 
     hf = {**_hf_config("tied-grouped-expand2"), "vocab_size": 600}
     tensors = random_tensors(hf)
-    path = write_checkpoint(tmp_path / "llamba", hf, tensors)
+    path = write_checkpoint(tmp_path_factory.mktemp("harness") / "llamba", hf, tensors)
     fx.add_byte_level_tokenizer(path, 600)
+    return path, hf, tensors
+
+
+def _oracle_logprobs(hf, tensors, tokens) -> np.ndarray:
+    """log p(tokens[t + 1] | tokens[:t + 1]) for every t, from the float64 oracle run over the whole sequence."""
+    from bridge.llamba_oracle import oracle_logits
+
+    tokens = np.asarray(tokens)
+    logits = np.asarray(oracle_logits(hf, tensors, tokens[None, :-1]), np.float64)[0][:, :hf["vocab_size"]]
+    logits = logits - logits.max(-1, keepdims=True)
+    logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return logprobs[np.arange(len(tokens) - 1), tokens[1:]]
+
+
+def test_a_llamba_scores_as_the_float64_oracle(llamba):
+    """Transformers has no Llamba: each log-likelihood against the oracle's, token by token, in float64."""
+    path, hf, tensors = llamba
     ours = KeptJaxLM(pretrained=path, batch_size=4, max_length=128)
     got = ours.loglikelihood(_requests("loglikelihood", PAIRS[1:4]))
     for (context, continuation), (logp, _) in zip(PAIRS[1:4], got):
         context_ids, continuation_ids = ours._encode_pair(context, continuation)
-        tokens = np.asarray(context_ids + continuation_ids)
-        logits = np.asarray(oracle_logits(hf, tensors, tokens[None, :-1]), np.float64)[0][:, :600]
-        logits = logits - logits.max(-1, keepdims=True)
-        logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        n = len(continuation_ids)
-        want = logprobs[np.arange(len(tokens) - 1), tokens[1:]][-n:].sum()
+        want = _oracle_logprobs(hf, tensors, context_ids + continuation_ids)[-len(continuation_ids):].sum()
         assert logp == pytest.approx(want, abs=1e-4)
+
+
+def test_a_llamba_carries_its_state_across_windows(llamba):
+    """carry_state=True: documents of up to four 32-token windows (and a request longer than one) score as the oracle
+    scores them whole; lm-eval's restarting windows score them differently, and carry_state is a Llamba's alone."""
+    path, hf, tensors = llamba
+    ours = KeptJaxLM(pretrained=path, batch_size=2, max_length=32, carry_state=True)
+    documents = ["\n".join(LINES[:k]) for k in (1, 2, 3, 5)]
+    got = ours.loglikelihood_rolling(_requests("loglikelihood_rolling", [(d,) for d in documents]))
+    windowed = KeptJaxLM(pretrained=path, batch_size=2, max_length=32).loglikelihood_rolling(
+        _requests("loglikelihood_rolling", [(documents[-1],)]))
+    for document, logp in zip(documents, got):
+        tokens = ours.tok_encode(document)
+        assert logp == pytest.approx(_oracle_logprobs(hf, tensors, [ours.prefix_token_id, *tokens]).sum(), abs=2e-4)
+    assert len(ours.tok_encode(documents[-1])) > 3 * 32 and abs(windowed[0] - got[-1]) > 1.0
+    context, continuation = "\n".join(LINES), " structure:"
+    (logp, _), = ours.loglikelihood(_requests("loglikelihood", [(context, continuation)]))
+    context_ids, continuation_ids = ours._encode_pair(context, continuation)
+    want = _oracle_logprobs(hf, tensors, context_ids + continuation_ids)[-len(continuation_ids):].sum()
+    assert len(context_ids) > 32 and logp == pytest.approx(want, abs=1e-4)
 
 
 def test_the_evaluate_command_prints_and_writes_the_side_by_side_table(llama, tmp_path, capsys):
@@ -133,6 +165,8 @@ def test_evaluate_refuses_what_it_cannot_run(llama, capsys, argv, message):
 def test_a_window_beyond_the_models_context_is_refused(llama):
     with pytest.raises(KeptError, match="max_length=2048 is beyond the model's context of 1024"):
         KeptJaxLM(pretrained=llama, max_length=2048)
+    with pytest.raises(KeptError, match="a llama has no recurrent state to carry"):
+        KeptJaxLM(pretrained=llama, carry_state=True)
 
 
 def test_an_orion_scores_as_kept_jaxs_own_score_command(orion_checkpoint, tmp_path, capsys):
