@@ -31,6 +31,7 @@ import numpy as np
 from kept_jax.config import ModelConfig
 from kept_jax.errors import KeptError
 from kept_jax.models import build_model, layer_list, unstack_layers
+from kept_jax.sharding import to_host
 
 Array = jax.Array
 
@@ -180,12 +181,15 @@ class Generator:
         if shapes not in self._compiled:
             if max_new < 1:
                 raise KeptError(f"max_new_tokens must be at least 1, got {max_new}")
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(
+                x, "sharding", None)), params)  # placed parameters (a mesh) compile for their placement
             prompts = jax.ShapeDtypeStruct((batch, prompt_length), jnp.int32)
             lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
             key = jax.eval_shape(lambda: jax.random.key(0))
             start = jax.jit(self.start, static_argnums=4).lower(abstract, prompts, lengths, key, max_new).compile()
             state = jax.eval_shape(functools.partial(self.start, max_new=max_new), abstract, prompts, lengths, key)
+            state = jax.tree.map(lambda s, placed: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=placed), state,
+                                 start.output_shardings)  # the loop takes the state where the prefill leaves it
             advance = jax.jit(self.advance, donate_argnums=1).lower(abstract, state, jnp.int32(0)).compile()
             self._compiled[shapes] = (start, advance)
         return self._compiled[shapes]
@@ -214,18 +218,18 @@ class Generator:
         steps = np.int32(steps_per_call or max_new_tokens)
         first_token_at = None
         while True:
-            count = int(state.count)  # waits for the step
+            count = int(to_host(state.count))  # waits for the step
             if on_step is not None:
-                on_step(np.asarray(state.tokens), count)
+                on_step(to_host(state.tokens), count)
             first_token_at = first_token_at or time.perf_counter()
-            if count >= max_new_tokens or bool(np.all(np.asarray(state.done))):
+            if count >= max_new_tokens or bool(np.all(to_host(state.done))):
                 break
             state = advance(params, state, steps)
         return self.finish(state, first_token_at - began, time.perf_counter() - first_token_at)
 
     def finish(self, state: DecodeState, prefill_s: float = 0.0, decode_s: float = 0.0) -> Generation:
         """Each row's ids up to its end-of-sequence token (included) or the tokens generated so far."""
-        tokens = np.asarray(state.tokens)[:, : int(state.count)]
+        tokens = to_host(state.tokens)[:, : int(to_host(state.count))]
         rows, stopped = [], []
         for row in tokens.tolist():
             end = next((i for i, t in enumerate(row) if t in self.eos_ids), None)

@@ -145,12 +145,19 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     return NamedSharding(mesh, nn.logical_to_mesh_axes((None, "batch", None), rules))
 
 
-def per_device_batch(batch_size: int, mesh_sizes: Mapping[str, int]) -> int:
+def rows_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+    """Arrays whose first dimension is the batch ([batch, seq] tokens, [batch, ...] decode state): rows over the
+    rule for `batch`, the other dimensions whole."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), rules))
+
+
+def per_device_batch(batch_size: int, mesh_sizes: Mapping[str, int], name: str = "data.batch_size",
+                     fix: str = "mesh.data / mesh.fsdp") -> int:
     """Sequences per device of a [batch, seq] array split over the data and fsdp axes."""
     ways = mesh_sizes["data"] * mesh_sizes["fsdp"]
     if batch_size % ways:
-        raise KeptError(f"data.batch_size {batch_size} does not split over data x fsdp = {ways} devices; "
-                        f"change the batch size or mesh.data / mesh.fsdp")
+        raise KeptError(f"{name} {batch_size} does not split over data x fsdp = {ways} devices; "
+                        f"change the batch size or {fix}")
     return batch_size // ways
 
 
@@ -168,6 +175,15 @@ def global_rows(rows: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(rows.shape, sharding, lambda index: rows[index])
 
 
+def to_host(x) -> np.ndarray:
+    """A (possibly sharded, possibly multi-host) array as one numpy array on this host."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 def launched_distributed(environ: Mapping[str, str] = os.environ) -> bool:
     """True when a launcher started several processes: an explicit coordinator, SLURM, or Open MPI."""
     if environ.get("JAX_COORDINATOR_ADDRESS"):
@@ -176,7 +192,21 @@ def launched_distributed(environ: Mapping[str, str] = os.environ) -> bool:
     return any(count.isdigit() and int(count) > 1 for count in counts)
 
 
-def initialize_distributed() -> None:
+def distributed_arguments(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
+    """What `jax.distributed.initialize` cannot read itself: a hand launch's JAX_NUM_PROCESSES and JAX_PROCESS_ID
+    (SLURM and Open MPI launches it detects; JAX_COORDINATOR_ADDRESS it reads)."""
+    names = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+    arguments = {}
+    for argument, name in names.items():
+        value = environ.get(name)
+        if value is not None:
+            if not value.isdigit():
+                raise KeptError(f"{name}={value!r}: give a whole number")
+            arguments[argument] = int(value)
+    return arguments
+
+
+def initialize_distributed(environ: Mapping[str, str] = os.environ) -> None:
     """`jax.distributed.initialize()` (it reads the launcher's environment) when launched as several processes."""
-    if launched_distributed():
-        jax.distributed.initialize()
+    if launched_distributed(environ):
+        jax.distributed.initialize(**distributed_arguments(environ))

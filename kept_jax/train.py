@@ -46,18 +46,6 @@ def _sums_to_metrics(sums: dict, count: str = "tokens") -> dict:
     return out
 
 
-def _host_array(x):
-    """A (possibly sharded, possibly multi-host) array as one numpy array on this host."""
-    import jax
-    import numpy as np
-
-    if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def _read_layout(key: str, path: str, fix: str):
     """The ModelConfig of the config.json that config key `key` names (a file, or a directory holding one)."""
     from kept_jax.config import read_config_json
@@ -410,6 +398,7 @@ class Job:
         import jax
 
         from bridge.hf_export import hf_tensor
+        from kept_jax import sharding
         from kept_jax.convert import export_model
         from kept_jax.xkd.trainable import merge_lora
 
@@ -421,7 +410,7 @@ class Job:
         specs = {s.hf_name: s for s in config.tensor_table()}
         dtype = self.cfg.precision.export
         if jax.process_count() > 1:  # every host takes part in the gather; only the first one writes
-            params = jax.tree.map(_host_array, params)
+            params = jax.tree.map(sharding.to_host, params)
         if export_dir is None:
             return
         export_model(export_dir, self.cfg.source, config, lambda n: hf_tensor(params, config, specs[n], dtype), dtype)

@@ -77,6 +77,15 @@ def test_mesh_and_rule_errors():
     assert dict(sharding.rules_from({"mlp": ["fsdp", "tensor"], "vocab": None}))["mlp"] == ("fsdp", "tensor")
 
 
+def test_a_hand_launch_passes_its_process_count_and_index():
+    """jax.distributed.initialize reads JAX_COORDINATOR_ADDRESS but not these two; kept_jax hands them over."""
+    assert sharding.distributed_arguments({}) == {}
+    assert sharding.distributed_arguments({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}) == {
+        "num_processes": 2, "process_id": 1}
+    with pytest.raises(KeptError, match="JAX_PROCESS_ID='first': give a whole number"):
+        sharding.distributed_arguments({"JAX_PROCESS_ID": "first"})
+
+
 def test_distributed_launch_is_detected_from_the_launcher():
     assert not sharding.launched_distributed({})
     assert not sharding.launched_distributed({"SLURM_NTASKS": "1"})
