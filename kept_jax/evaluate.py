@@ -2,12 +2,14 @@
 kept_jax.harness), one table side by side:
 
     python -m kept_jax.evaluate --teacher DIR|FILE.gguf --student DIR [--tasks kept_heldout,kept_next_line]
-                                [--dtype float32] [--batch-size 8] [--limit N] [--out DIR [--force]]
+                                [--dtype float32] [--batch-size 8] [--fsdp 1] [--tensor 1] [--limit N]
+                                [--out DIR [--force]]
 
 The default tasks are the offline ones that ship with kept_jax (kept_jax/assets/lm_eval_tasks); on a machine with a
 dataset hub any lm-eval task name works (arc_easy, hellaswag, piqa, winogrande, mmlu, ...). `--out` receives
 `evaluation.json` and `evaluation.md`. (Teacher vs student on the same tokens, KL and agreement, is
-`kept_jax.metrics.compare`.)
+`kept_jax.metrics.compare`.) Every device takes part (`--fsdp`/`--tensor` shard the weights, the rest split the
+rows); launched as several processes, the first one runs lm-eval and writes, the others follow (kept_jax.harness).
 """
 
 from __future__ import annotations
@@ -24,26 +26,30 @@ def parse_args(argv):
     p.add_argument("--student", required=True, help="a checkpoint directory or GGUF file")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated lm-eval tasks (default {DEFAULT_TASKS})")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="rows per call, over all devices")
+    p.add_argument("--fsdp", type=int, default=1, help="mesh ways that shard the weights' hidden dimension")
+    p.add_argument("--tensor", type=int, default=1, help="mesh ways that split heads and the MLP (Megatron-style)")
     p.add_argument("--limit", type=int, help="at most this many documents per task")
     p.add_argument("--out", help="directory for evaluation.json and evaluation.md")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        p.error("--batch-size and --limit must be positive")
+    if min(args.batch_size, args.fsdp, args.tensor) < 1 or (args.limit is not None and args.limit < 1):
+        p.error("--batch-size, --fsdp, --tensor and --limit must be positive")
     return args
 
 
-def run_tasks(checkpoint: str, tasks: list[str], dtype: str, batch_size: int, limit: int | None) -> dict:
-    """lm-eval's results dict for one checkpoint (kept_jax.harness's model, the offline tasks findable)."""
+def run_tasks(checkpoint: str, tasks: list[str], args) -> dict | None:
+    """lm-eval's results dict for one checkpoint (kept_jax.harness's model, the offline tasks findable); None on a
+    process that follows the first one."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from kept_jax.harness import TASKS_DIR, KeptJaxLM
+    from kept_jax.harness import TASKS_DIR, KeptJaxLM, on_every_host
 
-    model = KeptJaxLM(pretrained=checkpoint, dtype=dtype, batch_size=batch_size)
-    return lm_eval.simple_evaluate(model=model, tasks=tasks, limit=limit,
-                                   task_manager=TaskManager(include_path=TASKS_DIR))
+    model = KeptJaxLM(pretrained=checkpoint, dtype=args.dtype, batch_size=args.batch_size, fsdp=args.fsdp,
+                      tensor=args.tensor)
+    return on_every_host(lm_eval.simple_evaluate)(model, tasks=tasks, limit=args.limit,
+                                                  task_manager=TaskManager(include_path=TASKS_DIR))
 
 
 def check_tasks(tasks: list[str]) -> None:
@@ -102,6 +108,7 @@ def main(argv=None) -> int:
     import json
     import os
 
+    from kept_jax import lockstep, sharding
     from kept_jax.errors import KeptError, cli_entry
     from kept_jax.fileio import atomic_output_dir, check_output_dir
 
@@ -111,12 +118,15 @@ def main(argv=None) -> int:
         for path in (args.teacher, args.student):
             if not os.path.exists(path):
                 raise KeptError(f"{path!r} does not exist; give a checkpoint directory or a GGUF file")
-        if args.out:
+        sharding.initialize_distributed()
+        if args.out and lockstep.is_leader():
             check_output_dir(args.out, args.force)
         tasks = [t for t in args.tasks.split(",") if t]
         check_tasks(tasks)
-        results = {role: run_tasks(path, tasks, args.dtype, args.batch_size, args.limit)
+        results = {role: run_tasks(path, tasks, args)
                    for role, path in (("teacher", args.teacher), ("student", args.student))}
+        if not lockstep.is_leader():
+            return 0
         rows = side_by_side(results["teacher"], results["student"])
         table = format_rows(rows)
         print(f"teacher {args.teacher}\nstudent {args.student}\n\n{table}")

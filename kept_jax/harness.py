@@ -19,13 +19,19 @@ A Llamba has no context limit, only a state: with `carry_state=True` a sequence 
 windows of `max_length` tokens that carry each layer's recurrent state (convolution window and SSM state) from one to
 the next, so every token is scored on everything before it (lm-eval's rolling windows restart from nothing instead,
 as a Transformer's must). The default keeps lm-eval's windows, so a Llamba and its Llama teacher are scored alike.
+
+Devices and hosts as in training: the model is placed on a mesh of every device (`fsdp` and `tensor` ways of
+sharding the weights, the rest `data`), each batch's rows split over data x fsdp. Launched as several processes (SLURM,
+Open MPI, or JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and JAX_PROCESS_ID), the first process runs lm-eval and
+the others follow it (`kept_jax.lockstep`): each batch it computes is broadcast to them, and every process runs it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -55,28 +61,33 @@ def _make_class():
     import jax
     import jax.numpy as jnp
     import lm_eval.models  # noqa: F401  lm-eval's own models first: it imports them only into an empty registry
+    from jax.sharding import NamedSharding, PartitionSpec
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
 
     @register_model("kept_jax")
     class KeptJaxLM(TemplateLM):
-        """`pretrained`: a checkpoint kept_jax reads; `dtype`: float32 or bfloat16; `batch_size`: rows per call;
+        """`pretrained`: a checkpoint kept_jax reads; `dtype`: float32 or bfloat16; `batch_size`: rows per call (over
+        all devices);
         `max_length`: tokens per scored window (default: the model's context, 2048 for a Llamba, which has none);
-        `carry_state` (Llamba only): score longer sequences whole, window after window, carrying the state."""
+        `carry_state` (Llamba only): score longer sequences whole, window after window, carrying the state;
+        `fsdp`, `tensor`: mesh ways that shard the weights (the remaining devices are `data`)."""
 
         def __init__(self, pretrained: str, dtype: str = "float32", batch_size: int | str = 8,
                      max_length: int | None = None, max_gen_toks: int = 256, carry_state: bool = False,
-                     max_batch_size: int | None = None, device: str | None = None, **unused):
-            # lm-eval passes its --batch_size, --max_batch_size and --device to every model; JAX places the
-            # model on its default backend, so `device` and `max_batch_size` have nothing to choose.
+                     fsdp: int = 1, tensor: int = 1, max_batch_size: int | None = None, device: str | None = None,
+                     **unused):
+            # lm-eval passes its --batch_size, --max_batch_size and --device to every model; the model goes on a
+            # mesh of every device, so `device` and `max_batch_size` have nothing to choose.
             super().__init__()
             from bridge.checkpoint import load_checkpoint, load_checkpoint_tokenizer
+            from kept_jax import sharding
             from kept_jax.decoding import logits_at, run_layers
             from kept_jax.models import build_model
 
             if unused:
                 raise KeptError(f"kept_jax's lm-eval model does not take {', '.join(sorted(unused))}; its arguments "
-                                "are pretrained, dtype, batch_size, max_length, max_gen_toks, carry_state")
+                                "are pretrained, dtype, batch_size, max_length, max_gen_toks, carry_state, fsdp, tensor")
             if dtype not in DTYPES:
                 raise KeptError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
             if str(batch_size) == "auto" or int(batch_size) < 1:
@@ -93,7 +104,14 @@ def _make_class():
             self.carry_state = bool(carry_state)
             self.batch_size_per_gpu = int(batch_size)
             self.max_gen_toks = int(max_gen_toks)
-            self.params = params
+            self.mesh = sharding.make_mesh(-1, int(fsdp), int(tensor))
+            sharding.per_device_batch(self.batch_size_per_gpu, dict(self.mesh.shape), "batch_size",
+                                      f"fsdp / tensor (the other devices of {jax.device_count()} are data)")
+            rules = sharding.rules_from(None)
+            self.params = jax.device_put(params, sharding.tree_shardings(
+                params, sharding.logical_axes(self.config), self.mesh, rules))
+            self._rows = sharding.rows_sharding(self.mesh, rules)
+            replicated = NamedSharding(self.mesh, PartitionSpec())
             self.tokenizer_ = load_checkpoint_tokenizer(pretrained, self.config.architecture,
                                                         "lm-eval scores text: give a checkpoint with tokenizer files")
             self.pretrained = pretrained
@@ -103,7 +121,7 @@ def _make_class():
             vocab = self.config.vocab_size
             model = build_model(self.config)
 
-            @jax.jit
+            @functools.partial(jax.jit, out_shardings=replicated)  # every host reads the results
             def score(params, inputs, targets, mask):
                 logits = model.apply({"params": params}, inputs)[..., :vocab].astype(jnp.float32)
                 logp = jax.nn.log_softmax(logits, -1)
@@ -111,7 +129,7 @@ def _make_class():
                 greedy = jnp.argmax(logits, -1) == targets
                 return jnp.sum(picked * mask, -1), jnp.all(greedy | (mask == 0), -1)
 
-            @jax.jit
+            @functools.partial(jax.jit, out_shardings=(replicated, replicated, self._rows))
             def score_carried(prepared, cache, inputs, targets, mask, lengths):
                 # One window of a longer sequence, following `cache`: its sums and the state after its real tokens.
                 positions = jnp.zeros(inputs.shape, jnp.int32)  # a Llamba's state carries the position
@@ -123,7 +141,10 @@ def _make_class():
 
             self._score = score
             self._score_carried = score_carried
+            self._empty_cache = jax.jit(functools.partial(self.config.empty_cache, self.batch_size_per_gpu,
+                                                          self._max_length), out_shardings=self._rows)
             self._prepared = None
+            self._generators: dict[float, object] = {}
 
         # ---- lm-eval's interface ----------------------------------------------------------------
 
@@ -203,17 +224,24 @@ def _make_class():
             for width, members in sorted(by_bucket.items()):
                 for start in range(0, len(members), rows):
                     chunk = members[start:start + rows]
-                    inputs = np.full((rows, width), self._eot, np.int32)
-                    targets = np.zeros((rows, width), np.int32)
-                    mask = np.zeros((rows, width), np.float32)
-                    for row, i in enumerate(chunk):
-                        x, y, n = windows[i]
-                        inputs[row, :len(x)], targets[row, :len(y)] = x, y
-                        mask[row, len(y) - n:len(y)] = 1.0
-                    logp, greedy = jax.device_get(self._score(self.params, inputs, targets, mask))
+                    inputs, targets, mask, _ = self._pack([windows[i] for i in chunk], width)
+                    logp, greedy = self._step("score_rows", inputs, targets, mask)
                     for row, i in enumerate(chunk):
                         results[i] = (float(logp[row]), bool(greedy[row]))
             return results
+
+        def _pack(self, windows: list[tuple[list[int], list[int], int]], width: int):
+            """batch_size rows of `width` tokens (inputs, targets, mask of the scored targets, lengths), right-padded;
+            rows beyond the windows are padding too."""
+            rows = self.batch_size_per_gpu
+            inputs = np.full((rows, width), self._eot, np.int32)
+            targets = np.zeros((rows, width), np.int32)
+            mask = np.zeros((rows, width), np.float32)
+            lengths = np.zeros(rows, np.int32)
+            for row, (x, y, n) in enumerate(windows):
+                inputs[row, :len(x)], targets[row, :len(y)], lengths[row] = x, y, len(x)
+                mask[row, len(y) - n:len(y)] = 1.0
+            return inputs, targets, mask, lengths
 
         def score_carried(self, windows: list[tuple[list[int], list[int], int]]) -> list[tuple[float, bool]]:
             """Like `score_windows` for a Llamba's sequences of any length: batch_size rows at a time, each run in
@@ -221,28 +249,11 @@ def _make_class():
             that a batch's rows have similar lengths."""
             results: list[tuple[float, bool] | None] = [None] * len(windows)
             order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
-            rows, width = self.batch_size_per_gpu, self.max_length
+            rows = self.batch_size_per_gpu
             for start in range(0, len(order), rows):
                 chunk = order[start:start + rows]
-                total = len(windows[chunk[0]][0])
-                inputs = np.full((rows, total), self._eot, np.int32)
-                targets = np.zeros((rows, total), np.int32)
-                mask = np.zeros((rows, total), np.float32)
-                lengths = np.zeros(rows, np.int32)
-                for row, i in enumerate(chunk):
-                    x, y, n = windows[i]
-                    inputs[row, :len(x)], targets[row, :len(y)], lengths[row] = x, y, len(x)
-                    mask[row, len(y) - n:len(y)] = 1.0
-                cache = self.config.empty_cache(rows, width)
-                logp, greedy = np.zeros(rows), np.ones(rows, bool)
-                for begin in range(0, total, width):
-                    size = bucket(total - begin, width)
-                    part = (slice(None), slice(begin, begin + size))
-                    padded = [np.pad(a[part], ((0, 0), (0, size - a[part].shape[1]))) for a in (inputs, targets, mask)]
-                    real = np.clip(lengths - begin, 0, size).astype(np.int32)
-                    part_logp, part_greedy, cache = self._score_carried(self.prepared, cache, *padded, real)
-                    part_logp, part_greedy = jax.device_get((part_logp, part_greedy))
-                    logp, greedy = logp + part_logp, greedy & part_greedy
+                packed = self._pack([windows[i] for i in chunk], len(windows[chunk[0]][0]))
+                logp, greedy = self._step("score_carried_rows", *packed)
                 for row, i in enumerate(chunk):
                     results[i] = (float(logp[row]), bool(greedy[row]))
             return results
@@ -269,28 +280,82 @@ def _make_class():
             return totals
 
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-            from kept_jax.decoding import Generator, Sampling
-
             out: list[str | None] = [None] * len(requests)
             groups: dict[tuple, list[int]] = {}
             for i, request in enumerate(requests):
                 _, kwargs = request.args
                 until, max_new, temperature = self._generation_kwargs(kwargs)
                 groups.setdefault((tuple(until), max_new, temperature), []).append(i)
-            prepared = self.prepared
             for (until, max_new, temperature), members in groups.items():
-                generator = Generator(self.config, Sampling(temperature=temperature), eos_ids=self._eos_ids)
                 for start in range(0, len(members), self.batch_size_per_gpu):
                     chunk = members[start:start + self.batch_size_per_gpu]
                     budget = self.max_length - max_new
                     prompts = [self.tok_encode(requests[i].args[0])[-budget:] for i in chunk]
-                    width = bucket(max(len(p) for p in prompts), budget)
                     rows = prompts + [prompts[0]] * (self.batch_size_per_gpu - len(prompts))  # a fixed batch
-                    generation = generator.generate(prepared, rows, max_new, prompt_length=width)
-                    for i, tokens in zip(chunk, generation.tokens):
+                    padded = np.full((len(rows), bucket(max(map(len, rows)), budget)), self._eot, np.int32)
+                    for row, prompt in zip(padded, rows):
+                        row[:len(prompt)] = prompt
+                    generated = self._step("generate_rows", padded, np.asarray(list(map(len, rows)), np.int32),
+                                        np.asarray(max_new, np.int32), np.asarray(temperature, np.float32))
+                    for i, tokens in zip(chunk, generated):
                         text = self.tok_decode([t for t in tokens if t not in self._eos_ids])
                         out[i] = cut_at_stops(text, until)
             return out
+
+        # ---- the steps every process runs (kept_jax.lockstep): numpy arrays in, numpy out -------------------
+
+        STEPS = ("score_rows", "score_carried_rows", "generate_rows")
+
+        def _step(self, name: str, *arrays: np.ndarray):
+            """Runs step `name` here, and on every other process when there are several (this one leads)."""
+            from kept_jax import lockstep
+
+            lockstep.lead(name, *arrays)
+            return getattr(self, name)(*arrays)
+
+        def serve(self) -> None:
+            """On a following process: run the leader's steps until it releases the followers."""
+            from kept_jax import lockstep
+
+            lockstep.follow({name: getattr(self, name) for name in self.STEPS})
+
+        def _place(self, *arrays: np.ndarray):
+            from kept_jax import sharding
+
+            return [sharding.global_rows(a, self._rows) for a in arrays]
+
+        def score_rows(self, inputs, targets, mask) -> tuple[np.ndarray, np.ndarray]:
+            """[rows, T] right-padded windows -> each row's sum of log p over the masked targets, and whether each
+            masked target is the argmax."""
+            return jax.device_get(self._score(self.params, *self._place(inputs, targets, mask)))
+
+        def score_carried_rows(self, inputs, targets, mask, lengths) -> tuple[np.ndarray, np.ndarray]:
+            """`score_rows` for rows of any length (`lengths` real tokens each): windows of max_length tokens (the
+            last one bucketed), each following the recurrent state the previous one left."""
+            total, width = inputs.shape[1], self.max_length
+            cache = self._empty_cache()
+            logp, greedy = np.zeros(len(inputs)), np.ones(len(inputs), bool)
+            for begin in range(0, total, width):
+                size = bucket(total - begin, width)
+                part = (slice(None), slice(begin, begin + size))
+                padded = [np.pad(a[part], ((0, 0), (0, size - a[part].shape[1]))) for a in (inputs, targets, mask)]
+                real = np.clip(lengths - begin, 0, size).astype(np.int32)
+                part_logp, part_greedy, cache = self._score_carried(self.prepared, cache, *self._place(*padded, real))
+                part_logp, part_greedy = jax.device_get((part_logp, part_greedy))
+                logp, greedy = logp + part_logp, greedy & part_greedy
+            return logp, greedy
+
+        def generate_rows(self, prompts, lengths, max_new, temperature) -> list[list[int]]:
+            """Right-padded prompts [rows, T] with `lengths` -> each row's generated ids (the decode engine)."""
+            from kept_jax.decoding import Generator, Sampling
+
+            temperature = float(temperature)
+            if temperature not in self._generators:
+                self._generators[temperature] = Generator(self.config, Sampling(temperature=temperature),
+                                                          eos_ids=self._eos_ids)
+            rows = [list(row[:n]) for row, n in zip(prompts.tolist(), lengths.tolist())]
+            return self._generators[temperature].generate(self.prepared, rows, int(max_new),
+                                                          prompt_length=prompts.shape[1]).tokens
 
         def _generation_kwargs(self, kwargs: dict) -> tuple[list[str], int, float]:
             kwargs = dict(kwargs or {})
@@ -322,13 +387,49 @@ except ImportError:
     pass
 
 
+def on_every_host(simple_evaluate: Callable) -> Callable:
+    """lm-eval's `simple_evaluate` for a run of several processes: the first process evaluates, then releases the
+    others; they build the same model (the same arguments) and run the steps it sends meanwhile, then return None,
+    as lm-eval's own other ranks do. With one process, `simple_evaluate` itself."""
+    import jax
+
+    if jax.process_count() == 1:
+        return simple_evaluate
+
+    @functools.wraps(simple_evaluate)
+    def run(model, model_args=None, *args, batch_size=None, max_batch_size=None, device=None, **kwargs):
+        from kept_jax import lockstep
+
+        if lockstep.is_leader():
+            try:
+                return simple_evaluate(model, model_args, *args, batch_size=batch_size, max_batch_size=max_batch_size,
+                                       device=device, **kwargs)
+            finally:
+                lockstep.release()
+        if model != "kept_jax" and not isinstance(model, KeptJaxLM):
+            raise KeptError(f"--model {model}: runs of several processes evaluate only --model kept_jax")
+        if not isinstance(model, KeptJaxLM):
+            make = KeptJaxLM.create_from_arg_obj if isinstance(model_args, dict) else KeptJaxLM.create_from_arg_string
+            model = make(model_args or {}, {"batch_size": batch_size, "max_batch_size": max_batch_size,
+                                            "device": device})
+        model.serve()
+        return None
+
+    return run
+
+
 @cli_entry
 def main(argv=None) -> int:
     """lm-eval's command line with kept_jax registered (and, for `run`, the offline tasks on the include path)."""
     if KeptJaxLM is None:
         raise KeptError("lm-eval is not installed: pip install 'kept_jax[eval]'")
+    import lm_eval
     from lm_eval.__main__ import cli_evaluate
 
+    from kept_jax import sharding
+
+    sharding.initialize_distributed()  # several processes: the first runs lm-eval, the others follow it
+    lm_eval.simple_evaluate = on_every_host(lm_eval.simple_evaluate)
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["run"] and "--include_path" not in args:
         args += ["--include_path", TASKS_DIR]

@@ -6,6 +6,9 @@ Independent implementations: lm-eval's own Transformers model (`hf`, PyTorch) on
 
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,7 +19,7 @@ from lm_eval.api.instance import Instance
 
 from kept_jax import evaluate
 from kept_jax.errors import KeptError
-from kept_jax.harness import KeptJaxLM, bucket
+from kept_jax.harness import TASKS_DIR, KeptJaxLM, bucket
 from tests import fixtures as fx
 
 # Contexts and continuations of many lengths (an empty context among them), from the held-out documentation.
@@ -219,3 +222,77 @@ def test_task_scores_equal_transformers_on_the_offline_tasks(llama):
     ours = results(KeptJaxLM(pretrained=llama, batch_size=4, max_length=256))
     theirs = results(HFLM(pretrained=llama, dtype="float32", batch_size=4, max_length=256, device="cpu"))
     assert ours[0] == theirs[0] and ours[1] == pytest.approx(theirs[1], rel=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _on_hosts(command: list[str], processes: int = 2, devices: int = 2) -> list[tuple[str, str]]:
+    """`python COMMAND` as `processes` processes of one distributed JAX run, each seeing `devices` simulated CPU
+    devices: each one's (stdout, stderr), after checking that every one succeeded."""
+    port = _free_port()
+    running = [subprocess.Popen([sys.executable, *command(i)], cwd=fx.REPO, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={
+                                    **os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+                                    "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                                    "JAX_NUM_PROCESSES": str(processes), "JAX_PROCESS_ID": str(i)})
+               for i in range(processes)]
+    outputs = [p.communicate(timeout=600) for p in running]
+    assert [p.returncode for p in running] == [0] * processes, "\n".join(err[-3000:] for _, err in outputs)
+    return outputs
+
+
+def test_two_hosts_of_two_devices_give_the_one_device_answers(llama, llamba, tmp_path):
+    """Two processes of two devices each, the first driving and the second following (kept_jax.lockstep): a Llama's
+    weights sharded fsdp x tensor = 2 x 2 over both, and a Llamba's rows over data = 4 while it carries its state,
+    give the same log-likelihoods, rolling log-likelihoods and generations as this process's one device."""
+    from tests.harness_mesh_probe import answers
+
+    documents = [["\n".join(LINES * k)] for k in (1, 3)]
+    generate = [["def main():", {"until": ["\n\n"], "max_gen_toks": 12}], ["import os", {"max_gen_toks": 12}]]
+    runs = [({"pretrained": llama, "batch_size": 2, "max_length": 64, "max_gen_toks": 12}, {"fsdp": 2, "tensor": 2},
+             {"loglikelihood": PAIRS, "loglikelihood_rolling": documents, "generate_until": generate}),
+            ({"pretrained": llamba[0], "batch_size": 4, "max_length": 32, "carry_state": True}, {},
+             {"loglikelihood": PAIRS[1:4], "loglikelihood_rolling": documents, "generate_until": generate})]
+    spec = tmp_path / "requests.json"
+    spec.write_text(json.dumps([{"model_args": {**args, **mesh}, "requests": requests}
+                                for args, mesh, requests in runs]))
+    (out, _), (followed, _) = _on_hosts(lambda i: ["-m", "tests.harness_mesh_probe", str(spec)])
+    assert "loglikelihood" not in followed  # only the leader reports
+    for got, (args, _, requests) in zip(json.loads(out.strip().splitlines()[-1]), runs):
+        want = json.loads(json.dumps(answers(args, requests)))  # tuples as lists, as the probe's JSON has them
+        assert [g[1] for g in got["loglikelihood"]] == [w[1] for w in want["loglikelihood"]]
+        assert np.allclose([g[0] for g in got["loglikelihood"]], [w[0] for w in want["loglikelihood"]], atol=1e-4)
+        assert np.allclose(got["loglikelihood_rolling"], want["loglikelihood_rolling"], rtol=1e-5)
+        assert got["generate_until"] == want["generate_until"]
+
+
+def _numbers(responses) -> list[float]:
+    """The numbers in lm-eval's logged responses (log-likelihoods, as numbers or strings), without the flags."""
+    if isinstance(responses, (list, tuple)):
+        return [x for r in responses for x in _numbers(r)]
+    return [] if isinstance(responses, bool) or responses in ("True", "False") else [float(responses)]
+
+
+@pytest.mark.slow
+def test_the_command_runs_as_two_processes(llama, tmp_path):
+    """`python -m kept_jax.harness run` launched as two processes (about 50 s here): the first runs lm-eval and writes,
+    the second follows; every logged response equals a one-process run's. Run with `pytest -m slow -k two_processes`."""
+    from lm_eval.tasks import TaskManager
+
+    args = ["-m", "kept_jax.harness", "run", "--model", "kept_jax", "--model_args", f"pretrained={llama},fsdp=2",
+            "--batch_size", "4", "--tasks", "kept_next_line", "kept_heldout", "--limit", "6", "--log_samples"]
+    _on_hosts(lambda i: [*args, "--output_path", str(tmp_path / f"host{i}")])
+    assert not (tmp_path / "host1").exists()  # only the first process writes
+    one = lm_eval.simple_evaluate(model=KeptJaxLM(pretrained=llama, batch_size=4), limit=6, log_samples=True,
+                                  tasks=["kept_next_line", "kept_heldout"],
+                                  task_manager=TaskManager(include_path=TASKS_DIR))
+    for task in ("kept_next_line", "kept_heldout"):
+        (path,) = (tmp_path / "host0").rglob(f"samples_{task}_*.jsonl")
+        got = [json.loads(line)["resps"] for line in path.read_text().splitlines()]
+        want = [sample["resps"] for sample in one["samples"][task]]
+        assert len(got) == len(want) == 6 and len(_numbers(got)) == len(_numbers(want)) >= 6
+        assert np.allclose(_numbers(got), _numbers(want), rtol=1e-5)
