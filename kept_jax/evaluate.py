@@ -38,34 +38,31 @@ def parse_args(argv):
     return args
 
 
-def run_tasks(checkpoint: str, tasks: list[str], args) -> dict | None:
-    """lm-eval's results dict for one checkpoint (kept_jax.harness's model, the offline tasks findable); None on a
+def run_tasks(checkpoint: str, tasks: list[str], manager, args) -> dict | None:
+    """lm-eval's results dict for one checkpoint (kept_jax.harness's model, `manager` finding the tasks); None on a
     process that follows the first one."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    from kept_jax.harness import TASKS_DIR, KeptJaxLM, on_every_host
+    from kept_jax.harness import KeptJaxLM, on_every_host
 
     model = KeptJaxLM(pretrained=checkpoint, dtype=args.dtype, batch_size=args.batch_size, fsdp=args.fsdp,
                       tensor=args.tensor)
-    return on_every_host(lm_eval.simple_evaluate)(model, tasks=tasks, limit=args.limit,
-                                                  task_manager=TaskManager(include_path=TASKS_DIR))
+    return on_every_host(lm_eval.simple_evaluate)(model, tasks=tasks, limit=args.limit, task_manager=manager)
 
 
-def check_tasks(tasks: list[str]) -> None:
-    """lm-eval missing, or unknown task names: before any model is loaded."""
+def check_tasks(tasks: list[str]):
+    """lm-eval missing, or unknown task names, before any model is loaded; else the task manager that finds them."""
     from kept_jax.errors import KeptError
-    from kept_jax.harness import TASKS_DIR, KeptJaxLM
+    from kept_jax.harness import KeptJaxLM, task_manager
 
     if KeptJaxLM is None:  # kept_jax.harness registers it only when lm-eval imports
         raise KeptError("python -m kept_jax.evaluate needs lm-eval: pip install 'kept_jax[eval]'")
-    from lm_eval.tasks import TaskManager
-
-    known = set(TaskManager(include_path=TASKS_DIR).all_tasks)
-    missing = [t for t in tasks if t not in known]
+    manager = task_manager(tasks)
+    missing = [t for t in tasks if t not in set(manager.all_tasks)]
     if missing or not tasks:
         raise KeptError(f"Tasks not found: {', '.join(missing) or '(none given)'}; `lm_eval ls tasks` lists lm-eval's, "
                         f"and the offline ones are {DEFAULT_TASKS}")
+    return manager
 
 
 def side_by_side(teacher: dict, student: dict) -> list[dict]:
@@ -122,8 +119,8 @@ def main(argv=None) -> int:
         if args.out and lockstep.is_leader():
             check_output_dir(args.out, args.force)
         tasks = [t for t in args.tasks.split(",") if t]
-        check_tasks(tasks)
-        results = {role: run_tasks(path, tasks, args)
+        manager = check_tasks(tasks)
+        results = {role: run_tasks(path, tasks, manager, args)
                    for role, path in (("teacher", args.teacher), ("student", args.student))}
         if not lockstep.is_leader():
             return 0

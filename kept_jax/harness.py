@@ -371,6 +371,17 @@ def _make_class():
     return KeptJaxLM
 
 
+def task_manager(tasks: Iterable[str]):
+    """lm-eval's task index for these tasks: kept_jax's offline tasks alone when they are all that is asked (indexing
+    lm-eval's own thousands of task files takes 10-20 s here), else lm-eval's and kept_jax's."""
+    from lm_eval.tasks import TaskManager
+
+    offline = TaskManager(include_path=TASKS_DIR, include_defaults=False)
+    if set(tasks) <= set(offline.all_tasks):
+        return offline
+    return TaskManager(include_path=TASKS_DIR)
+
+
 def cut_at_stops(text: str, stops: Iterable[str]) -> str:
     """`text` up to the first occurrence of any stop sequence."""
     cut = len(text)

@@ -19,7 +19,7 @@ from lm_eval.api.instance import Instance
 
 from kept_jax import evaluate
 from kept_jax.errors import KeptError
-from kept_jax.harness import TASKS_DIR, KeptJaxLM, bucket
+from kept_jax.harness import KeptJaxLM, bucket
 from tests import fixtures as fx
 
 # Contexts and continuations of many lengths (an empty context among them), from the held-out documentation.
@@ -46,6 +46,12 @@ def _requests(kind: str, args_list) -> list:
 def test_buckets_are_powers_of_two_within_the_window():
     assert [bucket(n, 1024) for n in (1, 32, 33, 100, 1000, 1024)] == [32, 32, 64, 128, 1024, 1024]
     assert bucket(700, 512) == 512
+
+
+def test_the_offline_tasks_alone_are_indexed_when_they_are_all_that_is_asked():
+    from kept_jax.harness import task_manager
+
+    assert sorted(task_manager(["kept_heldout", "kept_next_line"]).all_tasks) == ["kept_heldout", "kept_next_line"]
 
 
 def test_loglikelihoods_equal_transformers(llama):
@@ -210,13 +216,14 @@ def test_chat_templated_requests_use_the_checkpoints_template(llama):
 def test_task_scores_equal_transformers_on_the_offline_tasks(llama):
     """Through lm-eval's own evaluator: the same accuracies on kept_next_line and bits per byte on kept_heldout."""
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    from kept_jax.harness import TASKS_DIR
+    from kept_jax.harness import task_manager
+
+    manager = task_manager(["kept_next_line", "kept_heldout"])
 
     def results(model):
         out = lm_eval.simple_evaluate(model=model, tasks=["kept_next_line", "kept_heldout"], limit=12,
-                                      task_manager=TaskManager(include_path=TASKS_DIR))["results"]
+                                      task_manager=manager)["results"]
         return out["kept_next_line"]["acc,none"], out["kept_heldout"]["bits_per_byte,none"]
 
     ours = results(KeptJaxLM(pretrained=llama, batch_size=4, max_length=256))
@@ -234,10 +241,10 @@ def _on_hosts(command: list[str], processes: int = 2, devices: int = 2) -> list[
     """`python COMMAND` as `processes` processes of one distributed JAX run, each seeing `devices` simulated CPU
     devices: each one's (stdout, stderr), after checking that every one succeeded."""
     port = _free_port()
+    flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), f"--xla_force_host_platform_device_count={devices}"]))
     running = [subprocess.Popen([sys.executable, *command(i)], cwd=fx.REPO, text=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env={
-                                    **os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-                                    "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                                    **os.environ, "XLA_FLAGS": flags, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
                                     "JAX_NUM_PROCESSES": str(processes), "JAX_PROCESS_ID": str(i)})
                for i in range(processes)]
     outputs = [p.communicate(timeout=600) for p in running]
@@ -281,7 +288,7 @@ def _numbers(responses) -> list[float]:
 def test_the_command_runs_as_two_processes(llama, tmp_path):
     """`python -m kept_jax.harness run` launched as two processes (about 50 s here): the first runs lm-eval and writes,
     the second follows; every logged response equals a one-process run's. Run with `pytest -m slow -k two_processes`."""
-    from lm_eval.tasks import TaskManager
+    from kept_jax.harness import task_manager
 
     args = ["-m", "kept_jax.harness", "run", "--model", "kept_jax", "--model_args", f"pretrained={llama},fsdp=2",
             "--batch_size", "4", "--tasks", "kept_next_line", "kept_heldout", "--limit", "6", "--log_samples"]
@@ -289,7 +296,7 @@ def test_the_command_runs_as_two_processes(llama, tmp_path):
     assert not (tmp_path / "host1").exists()  # only the first process writes
     one = lm_eval.simple_evaluate(model=KeptJaxLM(pretrained=llama, batch_size=4), limit=6, log_samples=True,
                                   tasks=["kept_next_line", "kept_heldout"],
-                                  task_manager=TaskManager(include_path=TASKS_DIR))
+                                  task_manager=task_manager(["kept_next_line", "kept_heldout"]))
     for task in ("kept_next_line", "kept_heldout"):
         (path,) = (tmp_path / "host0").rglob(f"samples_{task}_*.jsonl")
         got = [json.loads(line)["resps"] for line in path.read_text().splitlines()]
