@@ -156,7 +156,7 @@ class Job:
         self.split = self.stage_split(0)
         self.num_trainable = self.split.num_trainable()  # the first stage's
         self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
-        self.eval_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*self.batch_sharding.spec[1:]))
+        self.eval_sharding = sharding.rows_sharding(self.mesh, self.rules)
 
     def stage_split(self, k: int):
         """Stage k's split of the student: its trainable leaves (from the store, or the teacher's values for a
