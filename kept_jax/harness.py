@@ -42,12 +42,12 @@ MIN_BUCKET = 32
 DTYPES = ("float32", "bfloat16")
 
 
-def bucket(length: int, max_length: int) -> int:
-    """The padded length of a sequence: the next power of two, at least MIN_BUCKET, at most max_length."""
+def bucket(length: int, max_length: int | None) -> int:
+    """The padded length of a sequence: the next power of two, at least MIN_BUCKET, at most max_length (if any)."""
     size = MIN_BUCKET
     while size < length:
         size *= 2
-    return min(size, max_length)
+    return size if max_length is None else min(size, max_length)
 
 
 def window(tokens: list[int], scored: int, max_length: int | None) -> tuple[list[int], list[int], int]:
@@ -70,7 +70,8 @@ def _make_class():
         """`pretrained`: a checkpoint kept_jax reads; `dtype`: float32 or bfloat16; `batch_size`: rows per call (over
         all devices);
         `max_length`: tokens per scored window (default: the model's context, 2048 for a Llamba, which has none);
-        `carry_state` (Llamba only): score longer sequences whole, window after window, carrying the state;
+        `carry_state` (Llamba only): score longer sequences whole, window after window, carrying the state, and
+        generate after whole prompts;
         `fsdp`, `tensor`: mesh ways that shard the weights (the remaining devices are `data`)."""
 
         def __init__(self, pretrained: str, dtype: str = "float32", batch_size: int | str = 8,
@@ -289,8 +290,11 @@ def _make_class():
             for (until, max_new, temperature), members in groups.items():
                 for start in range(0, len(members), self.batch_size_per_gpu):
                     chunk = members[start:start + self.batch_size_per_gpu]
-                    budget = self.max_length - max_new
-                    prompts = [self.tok_encode(requests[i].args[0])[-budget:] for i in chunk]
+                    # A Llamba carrying its state prefills the whole prompt; otherwise prompt and completion fit
+                    # in max_length.
+                    budget = None if self.carry_state else self.max_length - max_new
+                    prompts = [self.tok_encode(requests[i].args[0]) for i in chunk]
+                    prompts = prompts if budget is None else [p[-budget:] for p in prompts]
                     rows = prompts + [prompts[0]] * (self.batch_size_per_gpu - len(prompts))  # a fixed batch
                     padded = np.full((len(rows), bucket(max(map(len, rows)), budget)), self._eot, np.int32)
                     for row, prompt in zip(padded, rows):
@@ -364,7 +368,7 @@ def _make_class():
             max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             do_sample = bool(kwargs.pop("do_sample", False))
             temperature = float(kwargs.pop("temperature", 0.0)) if do_sample else 0.0
-            if max_new >= self.max_length:
+            if max_new >= self.max_length and not self.carry_state:
                 raise KeptError(f"max_gen_toks={max_new} leaves no room for a prompt in max_length={self.max_length}")
             return until, max_new, temperature
 

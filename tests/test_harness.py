@@ -129,7 +129,8 @@ def test_a_llamba_scores_as_the_float64_oracle(llamba):
 
 def test_a_llamba_carries_its_state_across_windows(llamba):
     """carry_state=True: documents of up to four 32-token windows (and a request longer than one) score as the oracle
-    scores them whole; lm-eval's restarting windows score them differently, and carry_state is a Llamba's alone."""
+    scores them whole; lm-eval's restarting windows score them differently; generation follows a prompt longer than
+    a window whole (40 new tokens, more than the window too); and carry_state is a Llamba's alone."""
     path, hf, tensors = llamba
     ours = KeptJaxLM(pretrained=path, batch_size=2, max_length=32, carry_state=True)
     documents = ["\n".join(LINES[:k]) for k in (1, 2, 3, 5)]
@@ -140,6 +141,14 @@ def test_a_llamba_carries_its_state_across_windows(llamba):
         tokens = ours.tok_encode(document)
         assert logp == pytest.approx(_oracle_logprobs(hf, tensors, [ours.prefix_token_id, *tokens]).sum(), abs=2e-4)
     assert len(ours.tok_encode(documents[-1])) > 3 * 32 and abs(windowed[0] - got[-1]) > 1.0
+    from kept_jax.decoding import Generator
+
+    prompt = "\n".join(LINES)  # longer than a window: generation follows all of it
+    (text,) = ours.generate_until(_requests("generate_until", [(prompt, {"until": [], "max_gen_toks": 40})]))
+    tokens = Generator(ours.config, eos_ids=ours._eos_ids).generate(ours.prepared, [ours.tok_encode(prompt)], 40)
+    assert text == ours.tok_decode([t for t in tokens.tokens[0] if t not in ours._eos_ids])
+    (batch, width, _), = ours._generators[0.0]._compiled  # the prefill took the whole prompt, not its last window
+    assert width >= len(ours.tok_encode(prompt)) > 32
     context, continuation = "\n".join(LINES), " structure:"
     (logp, _), = ours.loglikelihood(_requests("loglikelihood", [(context, continuation)]))
     context_ids, continuation_ids = ours._encode_pair(context, continuation)
