@@ -9,8 +9,9 @@ hands the rest of the command line to lm-eval's CLI unchanged (`import kept_jax.
 API, `lm_eval.simple_evaluate(model="kept_jax", ...)`).
 
 Static shapes, so that XLA compiles a bounded number of programs: every scored sequence is right-padded to the next
-power of two (at least 32, at most `max_length`) and every batch to `batch_size` rows; a causal model's outputs at a
-position do not depend on what follows it, so the padding changes nothing that is read. `loglikelihood_rolling`
+bucket length (32, 48, 64, 96, 128, ... at most `max_length`) and every call holds `batch_size` rows, or for the
+last windows of a length a halving of it that holds them; a causal model's outputs at a position do not depend on
+what follows it, so the padding changes nothing that is read. `loglikelihood_rolling`
 cuts a document into `max_length` windows as lm-eval's own models do; `generate_until` runs kept_jax's decode engine
 (greedy, or sampled with the request's temperature) on prompts padded the same way and cuts each completion at the
 first stop sequence.
@@ -43,10 +44,11 @@ DTYPES = ("float32", "bfloat16")
 
 
 def bucket(length: int, max_length: int | None) -> int:
-    """The padded length of a sequence: the next power of two, at least MIN_BUCKET, at most max_length (if any)."""
+    """The padded length of a sequence: the next of 32, 48, 64, 96, 128, 192, ... (powers of two and one and a half
+    times them, so padding adds at most half), at least MIN_BUCKET, at most max_length (if any)."""
     size = MIN_BUCKET
     while size < length:
-        size *= 2
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
     return size if max_length is None else min(size, max_length)
 
 
@@ -142,8 +144,8 @@ def _make_class():
 
             self._score = score
             self._score_carried = score_carried
-            self._empty_cache = jax.jit(functools.partial(self.config.empty_cache, self.batch_size_per_gpu,
-                                                          self._max_length), out_shardings=self._rows)
+            self._row_ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+            self._empty_cache = jax.jit(self.config.empty_cache, static_argnums=(0, 1), out_shardings=self._rows)
             self._prepared = None
             self._generators: dict[float, object] = {}
 
@@ -221,20 +223,27 @@ def _make_class():
             for i, (inputs, _, _) in enumerate(windows):
                 if len(inputs) <= self.max_length:
                     by_bucket.setdefault(bucket(len(inputs), self.max_length), []).append(i)
-            rows = self.batch_size_per_gpu
             for width, members in sorted(by_bucket.items()):
-                for start in range(0, len(members), rows):
-                    chunk = members[start:start + rows]
+                for start in range(0, len(members), self.batch_size_per_gpu):
+                    chunk = members[start:start + self.batch_size_per_gpu]
                     inputs, targets, mask, _ = self._pack([windows[i] for i in chunk], width)
                     logp, greedy = self._step("score_rows", inputs, targets, mask)
                     for row, i in enumerate(chunk):
                         results[i] = (float(logp[row]), bool(greedy[row]))
             return results
 
-        def _pack(self, windows: list[tuple[list[int], list[int], int]], width: int):
-            """batch_size rows of `width` tokens (inputs, targets, mask of the scored targets, lengths), right-padded;
-            rows beyond the windows are padding too."""
+        def _rows_for(self, n: int) -> int:
+            """Rows of a call that holds n windows: batch_size, halved while the half still holds them and still
+            splits over data x fsdp, so the last, smaller call of a length is cheaper and the shapes stay few."""
             rows = self.batch_size_per_gpu
+            while rows % 2 == 0 and rows // 2 >= n and (rows // 2) % self._row_ways == 0:
+                rows //= 2
+            return rows
+
+        def _pack(self, windows: list[tuple[list[int], list[int], int]], width: int):
+            """`_rows_for` rows of `width` tokens (inputs, targets, mask of the scored targets, lengths),
+            right-padded; rows beyond the windows are padding too."""
+            rows = self._rows_for(len(windows))
             inputs = np.full((rows, width), self._eot, np.int32)
             targets = np.zeros((rows, width), np.int32)
             mask = np.zeros((rows, width), np.float32)
@@ -250,9 +259,8 @@ def _make_class():
             that a batch's rows have similar lengths."""
             results: list[tuple[float, bool] | None] = [None] * len(windows)
             order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
-            rows = self.batch_size_per_gpu
-            for start in range(0, len(order), rows):
-                chunk = order[start:start + rows]
+            for start in range(0, len(order), self.batch_size_per_gpu):
+                chunk = order[start:start + self.batch_size_per_gpu]
                 packed = self._pack([windows[i] for i in chunk], len(windows[chunk[0]][0]))
                 logp, greedy = self._step("score_carried_rows", *packed)
                 for row, i in enumerate(chunk):
@@ -295,7 +303,7 @@ def _make_class():
                     budget = None if self.carry_state else self.max_length - max_new
                     prompts = [self.tok_encode(requests[i].args[0]) for i in chunk]
                     prompts = prompts if budget is None else [p[-budget:] for p in prompts]
-                    rows = prompts + [prompts[0]] * (self.batch_size_per_gpu - len(prompts))  # a fixed batch
+                    rows = prompts + [prompts[0]] * (self._rows_for(len(prompts)) - len(prompts))  # few shapes
                     padded = np.full((len(rows), bucket(max(map(len, rows)), budget)), self._eot, np.int32)
                     for row, prompt in zip(padded, rows):
                         row[:len(prompt)] = prompt
@@ -337,7 +345,7 @@ def _make_class():
             """`score_rows` for rows of any length (`lengths` real tokens each): windows of max_length tokens (the
             last one bucketed), each following the recurrent state the previous one left."""
             total, width = inputs.shape[1], self.max_length
-            cache = self._empty_cache()
+            cache = self._empty_cache(len(inputs), width)
             logp, greedy = np.zeros(len(inputs)), np.ones(len(inputs), bool)
             for begin in range(0, total, width):
                 size = bucket(total - begin, width)

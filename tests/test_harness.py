@@ -43,9 +43,10 @@ def _requests(kind: str, args_list) -> list:
     return [Instance(request_type=kind, doc={}, arguments=args, idx=i) for i, args in enumerate(args_list)]
 
 
-def test_buckets_are_powers_of_two_within_the_window():
-    assert [bucket(n, 1024) for n in (1, 32, 33, 100, 1000, 1024)] == [32, 32, 64, 128, 1024, 1024]
-    assert bucket(700, 512) == 512
+def test_buckets_grow_by_half_or_a_third_within_the_window():
+    assert [bucket(n, 1024) for n in (1, 32, 33, 49, 65, 100, 600, 1000, 1024)] == [32, 32, 48, 64, 96, 128, 768,
+                                                                                    1024, 1024]
+    assert bucket(700, 512) == 512 and bucket(3000, None) == 3072
 
 
 def test_the_offline_tasks_alone_are_indexed_when_they_are_all_that_is_asked():
@@ -71,10 +72,16 @@ def test_loglikelihoods_equal_transformers(llama):
 
 
 def test_requests_of_many_lengths_compile_a_bounded_number_of_programs(llama):
-    ours = KeptJaxLM(pretrained=llama, batch_size=3, max_length=256)
+    """35 lengths in 7 buckets: 7 programs with batches of 3 rows; with 4, a bucket's last windows go out in 1, 2 or 4
+    rows, which adds programs (at most 3 per bucket) but changes no score."""
     lengths = list(range(1, 240, 7))
-    ours.score_windows([(list(range(3, 3 + n)), list(range(4, 4 + n)), 1) for n in lengths])
-    assert ours._score._cache_size() == len({bucket(n, 256) for n in lengths}) == 4
+    windows = [(list(range(3, 3 + n)), list(range(4, 4 + n)), 1) for n in lengths]
+    three = KeptJaxLM(pretrained=llama, batch_size=3, max_length=256)
+    scores = three.score_windows(windows)
+    assert three._score._cache_size() == len({bucket(n, 256) for n in lengths}) == 7
+    four = KeptJaxLM(pretrained=llama, batch_size=4, max_length=256)
+    assert np.allclose(four.score_windows(windows), scores, atol=1e-5)
+    assert 7 < four._score._cache_size() <= 3 * 7
 
 
 def test_generation_stops_at_the_stop_sequence_and_equals_the_decode_engine(llama):
