@@ -95,6 +95,10 @@ def _make_class():
                 raise KeptError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
             if str(batch_size) == "auto" or int(batch_size) < 1:
                 raise KeptError(f"batch_size={batch_size!r}: give a positive number of rows (no 'auto')")
+            self.batch_size_per_gpu = int(batch_size)
+            self.mesh = sharding.make_mesh(-1, int(fsdp), int(tensor))  # checked before the weights are read
+            sharding.per_device_batch(self.batch_size_per_gpu, dict(self.mesh.shape), "batch_size",
+                                      f"fsdp / tensor (the other devices of {jax.device_count()} are data)")
             self.config, params, _ = load_checkpoint(pretrained, compute_dtype=dtype, param_dtype=dtype)
             context = self.config.max_position_embeddings or 2048
             self._max_length = int(max_length or context)
@@ -105,11 +109,7 @@ def _make_class():
                 raise KeptError(f"carry_state=True: a {self.config.architecture} has no recurrent state to carry "
                                 "(only a Llamba does); leave carry_state out")
             self.carry_state = bool(carry_state)
-            self.batch_size_per_gpu = int(batch_size)
             self.max_gen_toks = int(max_gen_toks)
-            self.mesh = sharding.make_mesh(-1, int(fsdp), int(tensor))
-            sharding.per_device_batch(self.batch_size_per_gpu, dict(self.mesh.shape), "batch_size",
-                                      f"fsdp / tensor (the other devices of {jax.device_count()} are data)")
             rules = sharding.rules_from(None)
             self.params = jax.device_put(params, sharding.tree_shardings(
                 params, sharding.logical_axes(self.config), self.mesh, rules))
@@ -124,23 +124,23 @@ def _make_class():
             vocab = self.config.vocab_size
             model = build_model(self.config)
 
-            @functools.partial(jax.jit, out_shardings=replicated)  # every host reads the results
-            def score(params, inputs, targets, mask):
-                logits = model.apply({"params": params}, inputs)[..., :vocab].astype(jnp.float32)
-                logp = jax.nn.log_softmax(logits, -1)
-                picked = jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+            def sums(logits, targets, mask):
+                """Each row's sum of log p(target) over the mask, and whether every masked target is the argmax."""
+                logits = logits.astype(jnp.float32)
+                picked = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
                 greedy = jnp.argmax(logits, -1) == targets
                 return jnp.sum(picked * mask, -1), jnp.all(greedy | (mask == 0), -1)
+
+            @functools.partial(jax.jit, out_shardings=replicated)  # every host reads the results
+            def score(params, inputs, targets, mask):
+                return sums(model.apply({"params": params}, inputs)[..., :vocab], targets, mask)
 
             @functools.partial(jax.jit, out_shardings=(replicated, replicated, self._rows))
             def score_carried(prepared, cache, inputs, targets, mask, lengths):
                 # One window of a longer sequence, following `cache`: its sums and the state after its real tokens.
                 positions = jnp.zeros(inputs.shape, jnp.int32)  # a Llamba's state carries the position
                 x, cache = run_layers(self.config, prepared, inputs, cache, positions, lengths)
-                logits = logits_at(self.config, prepared, x).astype(jnp.float32)
-                picked = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
-                greedy = jnp.argmax(logits, -1) == targets
-                return jnp.sum(picked * mask, -1), jnp.all(greedy | (mask == 0), -1), cache
+                return (*sums(logits_at(self.config, prepared, x), targets, mask), cache)
 
             self._score = score
             self._score_carried = score_carried

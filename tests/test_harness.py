@@ -187,11 +187,13 @@ def test_evaluate_refuses_what_it_cannot_run(llama, capsys, argv, message):
     assert err.startswith("error: ") and message in err
 
 
-def test_a_window_beyond_the_models_context_is_refused(llama):
+def test_impossible_model_arguments_are_refused(llama):
     with pytest.raises(KeptError, match="max_length=2048 is beyond the model's context of 1024"):
         KeptJaxLM(pretrained=llama, max_length=2048)
     with pytest.raises(KeptError, match="a llama has no recurrent state to carry"):
         KeptJaxLM(pretrained=llama, carry_state=True)
+    with pytest.raises(KeptError, match="1 devices do not divide by fsdp x tensor x data = 2"):
+        KeptJaxLM(pretrained="no/such/checkpoint", fsdp=2)  # the mesh is checked before anything is read
 
 
 def test_an_orion_scores_as_kept_jaxs_own_score_command(orion_checkpoint, tmp_path, capsys):
