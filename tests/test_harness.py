@@ -137,7 +137,9 @@ def test_a_llamba_scores_as_the_float64_oracle(llamba):
 def test_a_llamba_carries_its_state_across_windows(llamba):
     """carry_state=True: documents of up to four 32-token windows (and a request longer than one) score as the oracle
     scores them whole; lm-eval's restarting windows score them differently; generation follows a prompt longer than
-    a window whole (40 new tokens, more than the window too); and carry_state is a Llamba's alone."""
+    a window whole (40 new tokens, more than the window too)."""
+    from kept_jax.decoding import Generator
+
     path, hf, tensors = llamba
     ours = KeptJaxLM(pretrained=path, batch_size=2, max_length=32, carry_state=True)
     documents = ["\n".join(LINES[:k]) for k in (1, 2, 3, 5)]
@@ -148,8 +150,6 @@ def test_a_llamba_carries_its_state_across_windows(llamba):
         tokens = ours.tok_encode(document)
         assert logp == pytest.approx(_oracle_logprobs(hf, tensors, [ours.prefix_token_id, *tokens]).sum(), abs=2e-4)
     assert len(ours.tok_encode(documents[-1])) > 3 * 32 and abs(windowed[0] - got[-1]) > 1.0
-    from kept_jax.decoding import Generator
-
     prompt = "\n".join(LINES)  # longer than a window: generation follows all of it
     (text,) = ours.generate_until(_requests("generate_until", [(prompt, {"until": [], "max_gen_toks": 40})]))
     tokens = Generator(ours.config, eos_ids=ours._eos_ids).generate(ours.prepared, [ours.tok_encode(prompt)], 40)
