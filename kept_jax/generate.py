@@ -272,15 +272,14 @@ def main(argv: list[str] | None = None) -> int:
 
     key = jax.random.key(args.seed)
     stream = Streamer(tokenizer, eos_ids) if len(rows) == 1 else None
+    steps_per_call = (QUANTIZED_STREAM_STEPS if args.quantize else STREAM_STEPS) if stream else None
     prefill_s = decode_s = 0.0
     prompt_tokens = decode_tokens = 0
     for number, chunk in enumerate(batches):
         real = len(chunk)
         key, batch_key = jax.random.split(key)
         result = generator.generate(params, chunk + [chunk[0]] * (batch - real), max_new, batch_key,
-                                    prompt_length=longest,
-                                    steps_per_call=(QUANTIZED_STREAM_STEPS if args.quantize else STREAM_STEPS)
-                                    if stream else None,
+                                    prompt_length=longest, steps_per_call=steps_per_call,
                                     on_step=stream.on_step if stream else None)
         prefill_s += result.prefill_s
         decode_s += result.decode_s

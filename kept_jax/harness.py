@@ -423,14 +423,14 @@ def on_every_host(simple_evaluate: Callable) -> Callable:
     def run(model, model_args=None, *args, batch_size=None, max_batch_size=None, device=None, **kwargs):
         from kept_jax import lockstep
 
+        if model != "kept_jax" and not isinstance(model, KeptJaxLM):  # every process refuses, the first one too
+            raise KeptError(f"--model {model}: runs of several processes evaluate only --model kept_jax")
         if lockstep.is_leader():
             try:
                 return simple_evaluate(model, model_args, *args, batch_size=batch_size, max_batch_size=max_batch_size,
                                        device=device, **kwargs)
             finally:
                 lockstep.release()
-        if model != "kept_jax" and not isinstance(model, KeptJaxLM):
-            raise KeptError(f"--model {model}: runs of several processes evaluate only --model kept_jax")
         if not isinstance(model, KeptJaxLM):
             make = KeptJaxLM.create_from_arg_obj if isinstance(model_args, dict) else KeptJaxLM.create_from_arg_string
             model = make(model_args or {}, {"batch_size": batch_size, "max_batch_size": max_batch_size,
