@@ -1,7 +1,8 @@
 """Checkpoints of a training run with orbax's CheckpointManager, and the run directory's life cycle.
 
 A checkpoint holds the train state (trainable leaves, optimizer state, step), the grain iterator's position, the
-stage it was taken in, and the leaves an earlier stage trained that this one keeps frozen (MOHAWK's stage 2 keeps
+stage it was taken in, the sums of the train metrics since the last logged record (a run stopped between two records
+logs the next one over the same steps as a run never stopped), and the leaves an earlier stage trained that this one keeps frozen (MOHAWK's stage 2 keeps
 nothing frozen that stage 1 trained, but a config may). The student's other frozen weights and the teacher are
 not saved: they are rebuilt, bit for bit, from the source checkpoint by the same deterministic conversion. There is
 no other randomness to save: the data order lives in the iterator state and the LoRA initialisation is in the
@@ -44,26 +45,28 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_iterator, force: bool = False, carried: dict | None = None,
-             stage: str | None = None) -> bool:
-        """Saves when `step` is due (a multiple of `every`) or when forced; returns whether it saved."""
+             stage: str | None = None, log_window: dict | None = None) -> bool:
+        """Saves when `step` is due (a multiple of `every`) or when forced; returns whether it saved. `log_window`:
+        the train metrics summed since the last logged record (JSON floats round-trip exactly)."""
         if step % self.every and not force:
             return False
         items = dict(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator))
         if carried:
             items["carried"] = ocp.args.StandardSave(_by_path(carried))
         if stage is not None:
-            items["stage"] = ocp.args.JsonSave({"stage": stage})
+            items["stage"] = ocp.args.JsonSave({"stage": stage, "log_window": log_window or {}})
         return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, abstract_state, data_iterator, carried: dict | None = None):
-        """(the state, the carried leaves) at `step`, with the shardings of `abstract_state` and `carried`; the
-        iterator is moved to its position."""
+        """(the state, the carried leaves, the log window) at `step`, with the shardings of `abstract_state` and
+        `carried`; the iterator is moved to its position."""
         items = dict(state=ocp.args.StandardRestore(abstract_state),
-                     data=grain.checkpoint.CheckpointRestore(data_iterator))
+                     data=grain.checkpoint.CheckpointRestore(data_iterator), stage=ocp.args.JsonRestore())
         if carried:
             items["carried"] = ocp.args.StandardRestore(_by_path(carried))
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored.state, ({key: restored.carried["/".join(key)] for key in carried} if carried else {})
+        carried = {key: restored.carried["/".join(key)] for key in carried} if carried else {}
+        return restored.state, carried, restored.stage.get("log_window", {})
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

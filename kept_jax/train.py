@@ -318,12 +318,14 @@ class Job:
         shapes = abstract_state(split, stage.optimizer)
         trainable_sh = sharding.flat_shardings(split.trainable, self.student_axes, self.mesh, self.rules)
         state_sh = sharding.state_shardings(shapes, trainable_sh, self.mesh)
+        window = {}  # train metrics summed since the last logged record
         if resume is None:
             state = init_state(split, stage.optimizer, state_sh)
         else:
             carried_shapes = {key: jax.ShapeDtypeStruct(split.frozen[key].shape, jax.numpy.float32,
                                                         sharding=split.frozen[key].sharding) for key in carried}
-            state, restored = checkpoints.restore(resume, abstract_like(shapes, state_sh), iterator, carried_shapes)
+            state, restored, window = checkpoints.restore(resume, abstract_like(shapes, state_sh), iterator,
+                                                          carried_shapes)
             self.store.update(restored)
             split = self.stage_split(k)
             print(f"resuming from the checkpoint at step {resume} (stage {stage.name})", file=sys.stderr)
@@ -335,7 +337,7 @@ class Job:
         objective = make_objective(stage.objective, self.teacher, self.student, cfg.loss)
         step_fn = make_train_step(objective, self.split, stage.optimizer, state_sh)
         tokens_per_step = d.tokens_per_step
-        window, timed_steps, t0, eval_seconds = {}, 0, None, 0.0
+        timed_steps, t0, eval_seconds = 0, None, 0.0
         first = stage.start if resume is None else resume
         with runlog.progress(stage.steps, stage.name, "step", initial=first - stage.start) as bar:
             for i in range(first + 1, stage.end + 1):
@@ -372,7 +374,8 @@ class Job:
                     self.log_eval(log, i, self.evaluate(state.trainable), stage.name)
                     eval_seconds += time.perf_counter() - t_eval
                 bar.update(1)
-                extra = {"carried": {key: self.split.frozen[key] for key in carried}, "stage": stage.name}
+                extra = {"carried": {key: self.split.frozen[key] for key in carried}, "stage": stage.name,
+                         "log_window": dict(window)}  # a copy: an async save writes it later
                 saved = checkpoints.save(i, state, iterator, force=i == stage.end, **extra) if checkpoints else False
                 if stop is not None and stop.requested():
                     if checkpoints:

@@ -1,8 +1,10 @@
 """Preemption: SIGTERM saves and stops, kill -9 loses only the steps after the last complete checkpoint, and the
-resumed run is bit-identical to one that was never interrupted (metrics, trained state and export)."""
+resumed run is bit-identical to one that was never interrupted (metrics, trained state and export), also when it
+resumes between two logged records (every 2 steps; checkpoints every 3)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,11 +18,12 @@ from kept_jax import train
 from kept_jax.runlog import read_metrics
 
 STEPS = 36
+LOG_EVERY = 2
 
 
 def job_args(source, out):
-    return ["--out", out, f"source={source}", f"train.steps={STEPS}", "train.log_every=3", "train.eval_every=18",
-            "checkpoint.every=3", "checkpoint.keep=2", "verify=false", "trainable=lora", "data.seq_len=32",
+    return ["--out", out, f"source={source}", f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}",
+            "train.eval_every=18", "checkpoint.every=3", "checkpoint.keep=2", "verify=false", "trainable=lora", "data.seq_len=32",
             "data.batch_size=4", "data.calib_tokens=256", "data.eval_tokens=256"]
 
 
@@ -79,6 +82,13 @@ def test_interrupted_run_resumes_bit_identically(orion_checkpoint, tmp_path, cap
     assert proc.returncode == -signal.SIGKILL
     killed_after = steps_saved(out)[-1]
     assert stopped_at < killed_after < STEPS
+    # Resume from a checkpoint between two logged records: its next record sums steps from before and after the
+    # kill. Of the last two checkpoints (consecutive multiples of 3) one is off the grid; a newer one is dropped,
+    # as if the kill had come before it was written.
+    off_grid = [s for s in steps_saved(out) if s % LOG_EVERY][-1]
+    for step in steps_saved(out):
+        if step > off_grid:
+            shutil.rmtree(os.path.join(out, "checkpoints", str(step)))
     # A checkpoint directory left mid-write (orbax's temporary name) must never be used.
     partial = os.path.join(out, "checkpoints", f"{STEPS - 1}.orbax-checkpoint-tmp-1234567890")
     os.makedirs(os.path.join(partial, "state"))
@@ -88,13 +98,13 @@ def test_interrupted_run_resumes_bit_identically(orion_checkpoint, tmp_path, cap
     assert train.main(job_args(source, out)) == 0  # the last run in this process: it need not be killed
     err = capsys.readouterr().err
     resumed_from = int(err.split("resuming from the checkpoint at step ")[1].split()[0])
-    assert stopped_at < resumed_from <= killed_after
+    assert resumed_from == off_grid > stopped_at
 
     # The reproducible record is byte-identical (what `sha256sum metrics.jsonl` checks); measured speed is not in it.
     assert file_bytes(out, "metrics.jsonl") == file_bytes(reference, "metrics.jsonl")
     assert all("tokens_per_s" in r for r in read_metrics(out, "timings.jsonl"))
     steps = [r["step"] for r in read_metrics(out) if r["split"] == "train"]
-    assert steps == list(range(3, STEPS + 1, 3))  # nothing lost, nothing repeated
+    assert steps == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))  # nothing lost, nothing repeated
     assert_same_weights(reference, out, STEPS)
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["resumed_from_step"] == resumed_from
