@@ -2,9 +2,10 @@
 
     python -m benchmarks.mixer [--lengths 512,1024,2048,4096,8192] [--batch 1] [--reps 3] [--dtype float32]
                                [--memory-budget 12GiB] [--forms chunked,matrix,recurrent]
+                               [--config configs/models/llamba-1b.json]
 
-One Discrete-Mamba-2 mixer (in_proj, convolution, state-space mixing, gate, out_proj) of
-`configs/models/llamba-1b.json` (d_model 2048, 32 heads x 64, 32 B/C groups, d_state 64, chunk 128), on random
+One Discrete-Mamba-2 mixer (in_proj, convolution, state-space mixing, gate, out_proj) of `--config` (by default
+`configs/models/llamba-1b.json`: d_model 2048, 32 heads x 64, 32 B/C groups, d_state 64, chunk 128), on random
 weights: the forward pass and the forward + backward pass (the gradient of a sum of the output with respect to the
 weights and the input), each jitted, median of `--reps` runs after compilation and one warm-up. Memory is XLA's own
 `memory_analysis()` of the compiled function (temporaries; arguments and outputs listed apart). A form whose
@@ -31,8 +32,8 @@ LLAMBA_1B = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 MIB = 2**20
 
 
-def mixer_config(dtype: str, form: str):
-    with open(LLAMBA_1B, encoding="utf-8") as f:
+def mixer_config(path: str, dtype: str, form: str):
+    with open(path, encoding="utf-8") as f:
         return config_from_hf(json.load(f), compute_dtype=dtype, param_dtype=dtype, mixer_form=form)
 
 
@@ -78,13 +79,14 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--memory-budget", default="12GiB", help="compiled temporaries above this are not run")
+    parser.add_argument("--config", default=LLAMBA_1B, help="a Llamba config.json whose mixer is measured")
     parser.add_argument("--no-save", action="store_true", help="print only; write no result file")
     args = parser.parse_args(argv)
     lengths = [int(n) for n in args.lengths.split(",")]
     forms = args.forms.split(",")
     budget = parse_size(args.memory_budget, "--memory-budget")
-    config = mixer_config(args.dtype, "chunked")
-    print(f"mixer of {os.path.basename(LLAMBA_1B)}: d_model {config.hidden_size}, {config.n_v_heads} heads x "
+    config = mixer_config(args.config, args.dtype, "chunked")
+    print(f"mixer of {os.path.basename(args.config)}: d_model {config.hidden_size}, {config.n_v_heads} heads x "
           f"{config.head_dim}, {config.n_qk_heads} groups, d_state {config.d_state}, chunk {config.chunk_size}; "
           f"batch {args.batch}, {args.dtype}, {jax.devices()[0].device_kind}", flush=True)
     print(f"{'form':<10} {'length':>7} {'fwd ms':>10} {'fwd+bwd ms':>11} {'fwd temp MiB':>13} {'fwd+bwd temp MiB':>17}")
@@ -102,7 +104,7 @@ def main(argv=None) -> None:
                   f"{show('forward temp MiB'):>13} {show('forward+backward temp MiB'):>17}", flush=True)
     if args.no_save:
         return
-    result = {"benchmark": "mixer", "environment": environment(), "config": LLAMBA_1B, "dtype": args.dtype,
+    result = {"benchmark": "mixer", "environment": environment(), "config": args.config, "dtype": args.dtype,
               "batch": args.batch, "reps": args.reps, "memory_budget_bytes": budget,
               "mixing_flops_per_token_per_layer": {n: config.mixing_flops_per_token(n) / config.num_hidden_layers
                                                    for n in lengths},
