@@ -44,6 +44,7 @@ def reference(orion_bpe_checkpoint, tmp_path_factory):
     return out
 
 
+@pytest.mark.xdist_group("mohawk-reference")  # one worker runs the reference job once
 def test_three_stages_export_a_llamba_the_oracle_agrees_with(reference, orion_bpe_checkpoint):
     summary = json.load(open(os.path.join(reference, "summary.json")))
     assert summary["recipe"] == "mohawk" and summary["steps"] == TOTAL
@@ -75,6 +76,7 @@ def test_three_stages_export_a_llamba_the_oracle_agrees_with(reference, orion_bp
     assert os.path.isfile(os.path.join(reference, "report.png"))
 
 
+@pytest.mark.xdist_group("mohawk-reference")  # one worker runs the reference job once
 def test_killed_in_every_stage_the_rerun_is_bit_identical(orion_bpe_checkpoint, reference, tmp_path, capsys):
     """The same command, killed (kill -9) once in each stage and rerun, ends with the uninterrupted run's metrics,
     state and export, byte for byte."""

@@ -43,6 +43,7 @@ def sharded_runs(orion_checkpoint, tmp_path_factory) -> str:
     return out
 
 
+@pytest.mark.xdist_group("sharding-8-devices")  # one worker starts the 8-device process (20-30 s) once
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_layout_matches_one_device(name, reference, sharded_runs):
     sharded = dict(np.load(os.path.join(sharded_runs, f"{name}.npz")))
