@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -188,8 +189,9 @@ class KeptStep:
 
 def random_weights(config: LlamaConfig, seed: int = 0) -> tuple[dict, dict]:
     """Random teacher params and an absorb-like student's params (its own readers and head, shared writers)."""
-    teacher = init_params(config, jax.random.key(seed))
-    student = init_params(target_config(config, "absorb"), jax.random.key(seed + 1))
+    init = jax.jit(init_params, static_argnums=0)  # one program, not one dispatch per op
+    teacher = init(config, jax.random.key(seed))
+    student = init(target_config(config, "absorb"), jax.random.key(seed + 1))
     return teacher, _with_shared_leaves(student, teacher, absorb_shared_paths(config))
 
 
@@ -197,6 +199,7 @@ def random_tokens(config: LlamaConfig, batch: int, seq_len: int, seed: int = 0) 
     return np.random.default_rng(seed).integers(0, config.vocab_size, (batch, seq_len), dtype=np.int32)
 
 
+@functools.cache  # measured once per process
 def matmul_flops_per_s(dtype: str, n: int = 2048, reps: int = 5) -> float:
     """FLOP/s of an n x n x n `jnp.dot` in `dtype` on this process's device: the CPU efficiency yardstick."""
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
@@ -281,6 +284,7 @@ def _load(model, params: dict, config: LlamaConfig) -> None:
         raise RuntimeError(f"torch model and kept_jax params disagree: missing {missing}, unexpected {unexpected}")
 
 
+@functools.cache
 def torch_matmul_flops_per_s(dtype: str, n: int = 2048, reps: int = 5) -> float:
     import torch
 
