@@ -24,6 +24,9 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
     def wrapper(*args, **kwargs) -> int:
         # SIGTERM unwinds like Ctrl-C, so temporary outputs are removed on the way out.
         previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+        previous_hook = sys.unraisablehook
+        if previous is not None:
+            sys.unraisablehook = _resend_lost_interrupt(previous_hook)
         try:
             return main(*args, **kwargs) or 0
         except KeptError as e:
@@ -36,6 +39,7 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 141
         finally:
+            sys.unraisablehook = previous_hook
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
 
@@ -44,6 +48,24 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def _resend_lost_interrupt(previous_hook):
+    """An unraisable-exception hook. A signal whose handler ran inside a garbage-collector callback (JAX registers
+    one) or a `__del__` raised its KeyboardInterrupt where Python drops exceptions, and the command ran on as if never
+    stopped; the interrupt is sent again, as SIGTERM (which the command always handles: SIGINT may be ignored in a
+    background job), from another thread a moment later, so that it lands in ordinary code and not in this hook,
+    which drops exceptions too."""
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            resend = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))  # once this hook has returned
+            resend.daemon = True
+            resend.start()
+        else:
+            previous_hook(unraisable)
+
+    return hook
 
 
 def _main_thread() -> bool:
