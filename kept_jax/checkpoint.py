@@ -2,11 +2,11 @@
 
 A checkpoint holds the train state (trainable leaves, optimizer state, step), the grain iterator's position, the
 stage it was taken in, the sums of the train metrics since the last logged record (a run stopped between two records
-logs the next one over the same steps as a run never stopped), and the leaves an earlier stage trained that this one keeps frozen (MOHAWK's stage 2 keeps
-nothing frozen that stage 1 trained, but a config may). The student's other frozen weights and the teacher are
-not saved: they are rebuilt, bit for bit, from the source checkpoint by the same deterministic conversion. There is
-no other randomness to save: the data order lives in the iterator state and the LoRA initialisation is in the
-trainable leaves.
+logs the next one over the same steps as a run never stopped), and the leaves an earlier stage trained that this one
+keeps frozen (MOHAWK's stage 2 keeps nothing frozen that stage 1 trained, but a config may). The student's other
+frozen weights and the teacher are not saved: they are rebuilt, bit for bit, from the source checkpoint by the same
+deterministic conversion. There is no other randomness to save: the data order lives in the iterator state and the
+LoRA initialisation is in the trainable leaves.
 
 orbax writes each checkpoint to a temporary directory and renames it when complete, so a checkpoint interrupted
 mid-write (a `kill -9`, a lost node) is never listed, and the next start resumes from the last complete one.

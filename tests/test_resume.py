@@ -23,8 +23,8 @@ LOG_EVERY = 2
 
 def job_args(source, out):
     return ["--out", out, f"source={source}", f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}",
-            "train.eval_every=18", "checkpoint.every=3", "checkpoint.keep=2", "verify=false", "trainable=lora", "data.seq_len=32",
-            "data.batch_size=4", "data.calib_tokens=256", "data.eval_tokens=256"]
+            "train.eval_every=18", "checkpoint.every=3", "checkpoint.keep=2", "verify=false", "trainable=lora",
+            "data.seq_len=32", "data.batch_size=4", "data.calib_tokens=256", "data.eval_tokens=256"]
 
 
 def start(args):
