@@ -58,7 +58,8 @@ def check_tasks(tasks: list[str]):
     if KeptJaxLM is None:  # kept_jax.harness registers it only when lm-eval imports
         raise KeptError("python -m kept_jax.evaluate needs lm-eval: pip install 'kept_jax[eval]'")
     manager = task_manager(tasks)
-    missing = [t for t in tasks if t not in set(manager.all_tasks)]
+    known = set(manager.all_tasks)
+    missing = [t for t in tasks if t not in known]
     if missing or not tasks:
         raise KeptError(f"Tasks not found: {', '.join(missing) or '(none given)'}; `lm_eval ls tasks` lists lm-eval's, "
                         f"and the offline ones are {DEFAULT_TASKS}")
