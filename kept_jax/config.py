@@ -124,6 +124,18 @@ class ModelConfig:
         `(x_out, None)`, with `layer` one slice of the stacked `layers` params."""
         raise NotImplementedError
 
+    @property
+    def block_classes(self) -> tuple[type["nn.Module"], ...]:
+        """Each layer's block, in order: `block_class` for every layer, unless the architecture mixes kinds of layer
+        (a hybrid's attention and Mamba-2 layers). Every block takes the same `block_args`."""
+        return (self.block_class,) * self.num_hidden_layers
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """What mixes the sequence in each layer (`attention`, `discrete-mamba2`, `mamba2`): a distillation
+        aligns the student's layers whose kind differs from the teacher's (MOHAWK's stages 1 and 2)."""
+        raise NotImplementedError
+
     def block_args(self, tokens: Any) -> tuple:
         """The inputs every block takes besides the hidden state (rotary tables, say) for `tokens` [b, T]."""
         return ()

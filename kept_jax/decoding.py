@@ -95,11 +95,10 @@ def run_layers(config: ModelConfig, params, tokens: Array, cache: tuple, positio
     """The model on `tokens` [b, T] at `positions` [b, T] following `cache`: what leaves the last layer [b, T, d]
     and the updated cache. `lengths` [b]: each row's real tokens among the T (a right-padded prefill)."""
     model = build_model(config)
-    block = config.block_class(config)
     x = model.apply({"params": params}, tokens, method="embed")
     new_cache = []
-    for layer, layer_cache in zip(layer_list(params), cache):
-        x, layer_cache = block.apply({"params": layer}, x, layer_cache, positions, lengths, method="extend")
+    for block, layer, layer_cache in zip(config.block_classes, layer_list(params), cache):
+        x, layer_cache = block(config).apply({"params": layer}, x, layer_cache, positions, lengths, method="extend")
         new_cache.append(layer_cache)
     return x, tuple(new_cache)
 

@@ -16,7 +16,7 @@ from kept_jax.errors import KeptError
 from kept_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from kept_jax.models.llamba import LlambaConfig, LlambaForCausalLM
 from kept_jax.models.params import (abstract_params, head_kernel, init_params, layer_list, layer_params,
-                                    stack_layers, unstack_layers)
+                                    layers_at, stack_layers, unstack_layers)
 
 ARCHITECTURES: dict[str, type[ModelConfig]] = {t: c for c in (LlamaConfig, LlambaConfig) for t in c.model_types}
 
@@ -40,6 +40,7 @@ def build_model(config: ModelConfig) -> nn.Module:
 
 __all__ = [
     "ARCHITECTURES", "LlamaConfig", "LlamaForCausalLM", "LlambaConfig", "LlambaForCausalLM", "ModelConfig",
-    "abstract_params", "build_model", "config_from_hf", "head_kernel", "init_params", "layer_list", "layer_params", "stack_layers",
+    "abstract_params", "build_model", "config_from_hf", "head_kernel", "init_params", "layer_list", "layer_params", "layers_at",
+    "stack_layers",
     "unstack_layers",
 ]

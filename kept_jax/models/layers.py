@@ -18,6 +18,7 @@ import numpy as np
 
 from kept_jax.config import ModelConfig
 from kept_jax.errors import KeptError
+from kept_jax.models.ssd import causal_conv
 from kept_jax.quantize import dequantize
 
 Array = jax.Array
@@ -219,14 +220,27 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return x * cos + rotated * sin
 
 
+def rope_tables(cfg: Any, tokens: Array, positions: Array | None = None,
+                length: int | None = None) -> tuple[Array, Array]:
+    """cos and sin for `tokens` [b, T] at `positions` (default 0..T-1), from `cfg.rope`, `cfg.head_dim` and
+    `cfg.max_position_embeddings`. `dynamic` rope rescales by the (static) sequence `length` (default T), like HF for
+    positions 0..T-1."""
+    seq = tokens.shape[-1]
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), tokens.shape)
+    inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, length or seq)
+    return rope_cos_sin(positions, inv_freq)
+
+
 # ---- Attention and MLP --------------------------------------------------------------------------
 
 QUERY_BLOCK = 128  # the smallest query block of `causal_attention`
 MAX_QUERY_BLOCKS = 16  # and at most this many blocks, so long sequences do not unroll into a huge graph
 
 
-def causal_attention(q: Array, k: Array, v: Array) -> Array:
-    """softmax(q k^T / sqrt(head_dim), causal) v, with logits and softmax in fp32, in query blocks.
+def causal_attention(q: Array, k: Array, v: Array, scale: float | None = None) -> Array:
+    """softmax(scale q k^T, causal) v, with logits and softmax in fp32, in query blocks (`scale` defaults to
+    1 / sqrt(head_dim)).
 
     q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] (heads a multiple of kv_heads).
     Each block of queries attends only to the keys up to its own end, which skips about half of the T x T work
@@ -236,7 +250,7 @@ def causal_attention(q: Array, k: Array, v: Array) -> Array:
     batch, seq, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
-    scale = 1.0 / np.sqrt(head_dim)
+    scale = head_dim ** -0.5 if scale is None else scale
     block = max(QUERY_BLOCK, -(-seq // MAX_QUERY_BLOCKS))
     outputs = []
     for start in range(0, seq, block):
@@ -249,9 +263,9 @@ def causal_attention(q: Array, k: Array, v: Array) -> Array:
     return jnp.concatenate(outputs, axis=1).reshape(batch, seq, heads, head_dim)
 
 
-def cached_attention(q: Array, k: Array, v: Array, positions: Array) -> Array:
+def cached_attention(q: Array, k: Array, v: Array, positions: Array, scale: float | None = None) -> Array:
     """Attention of new queries over a whole preallocated cache: query i of row b sees the cache entries at indices
-    <= positions[b, i] (fp32 logits and softmax).
+    <= positions[b, i] (fp32 logits and softmax; `scale` as in `causal_attention`).
 
     q: [batch, T, heads, head_dim]; k, v: [batch, S, kv_heads, head_dim] (S the cache size); positions: [batch, T].
     Entries past a row's position are masked whatever they hold, so a right-padded prefill's leftovers are harmless
@@ -260,7 +274,8 @@ def cached_attention(q: Array, k: Array, v: Array, positions: Array) -> Array:
     batch, seq, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) / np.sqrt(head_dim)
+    scale = head_dim ** -0.5 if scale is None else scale
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
     visible = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]  # [b, T, S]
     logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
@@ -276,9 +291,10 @@ class KVCache(NamedTuple):
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with grouped KV heads (MHA, GQA and MQA are the same code)."""
+    """Causal multi-head attention with grouped KV heads (MHA, GQA and MQA are the same code). Without rotary
+    tables (`cos` None) the queries and keys are not rotated (an architecture without positional embedding)."""
 
-    config: Any  # an attention architecture's config (heads, head_dim, attention_bias, attention_impl)
+    config: Any  # an attention architecture's config (heads, head_dim, attention_scale, attention_bias, ...)
 
     def setup(self):
         cfg = self.config
@@ -299,6 +315,8 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         q = self.q_proj(x).reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
         k = self.k_proj(x).reshape(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
+        if cos is None:
+            return q, k
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
@@ -310,9 +328,10 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(batch, seq, cfg.num_attention_heads * cfg.head_dim))
 
     def _causal(self, q: Array, k: Array, v: Array) -> Array:
+        scale = self.config.attention_scale
         if self.config.attention_impl == "cudnn":  # the fused flash kernel on NVIDIA GPUs
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-        return causal_attention(q, k, v)
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
+        return causal_attention(q, k, v, scale)
 
     def extend(self, x: Array, cos: Array, sin: Array, cache: KVCache, positions: Array) -> tuple[Array, KVCache]:
         """Generation: writes the keys and values of `x` [b, T, d] into `cache` at `positions` [b, T], then attends.
@@ -328,7 +347,7 @@ class Attention(nn.Module):
         if seq > 1:
             out = self._causal(q, k, v)
         else:
-            out = cached_attention(q, cache.k, cache.v, positions)  # the cache is in the compute dtype
+            out = cached_attention(q, cache.k, cache.v, positions, self.config.attention_scale)  # compute dtype
         return self.o_proj(out.reshape(batch, seq, cfg.num_attention_heads * cfg.head_dim)), cache
 
     def probabilities(self, x: Array, cos: Array, sin: Array) -> Array:
@@ -336,7 +355,7 @@ class Attention(nn.Module):
         what MOHAWK's stage 1 aligns the student's mixing matrices with."""
         q, k = self._queries_keys(x, cos, sin)
         k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
-        logits = jnp.einsum("bqhd,bshd->bhqs", q, k, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
+        logits = jnp.einsum("bqhd,bshd->bhqs", q, k, preferred_element_type=jnp.float32) * self.config.attention_scale
         seq = x.shape[1]
         visible = np.tril(np.ones((seq, seq), bool))
         return jax.nn.softmax(jnp.where(visible, logits, jnp.finfo(jnp.float32).min), axis=-1)
@@ -359,6 +378,38 @@ class MLP(nn.Module):
         return proj(cfg.hidden_size, ("mlp", "embed"), "down_proj")(jax.nn.silu(gate) * up)
 
 
+# ---- State-space mixers: their convolution and what they carry between tokens ------------------------
+
+
+class MixerState(NamedTuple):
+    """What a state-space mixer carries from one token to the next: the last d_conv - 1 inputs of its convolution
+    [b, K-1, C] and the state-space state [b, H, P, N] (fp32)."""
+
+    conv: Array
+    ssm: Array
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal convolution over the channels a mixer convolves; kernel [K, 1, C] (HF's [C, 1, K]
+    reversed). `kept_jax.models.ssd.causal_conv` is the math."""
+
+    channels: int
+    kernel_size: int
+    use_bias: bool
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, history: Array | None = None, lengths: Array | None = None) -> tuple[Array, Array]:
+        kernel = self.param("kernel", logical_init(nn.initializers.normal(self.kernel_size ** -0.5),
+                                                   (None, None, "ssm_conv")),
+                            (self.kernel_size, 1, self.channels), self.param_dtype)
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", logical_init(nn.initializers.zeros, ("ssm_conv",)), (self.channels,),
+                              self.param_dtype)
+        return causal_conv(x, kernel, bias, history, lengths)
+
+
 # ---- The stack of layers ------------------------------------------------------------------------
 
 REMAT = {
@@ -376,28 +427,32 @@ def _block_class(block: type[nn.Module], config: ModelConfig, scanned: bool) -> 
 
 
 class UnscannedLayers(nn.Module):
-    """The layers as a Python loop, named `0`, `1`, ... like HF's `layers.<i>`; returns (x, None) like the scan."""
+    """The layers as a Python loop, named `0`, `1`, ... like HF's `layers.<i>`, each its own block
+    (`config.block_classes`); returns (x, None) like the scan."""
 
-    block: type[nn.Module]
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x: Array, *args: Array) -> tuple[Array, None]:
-        layer = _block_class(self.block, self.config, scanned=False)
-        for i in range(self.config.num_hidden_layers):
-            x, _ = layer(self.config, name=str(i))(x, *args)
+        for i, block in enumerate(self.config.block_classes):
+            x, _ = _block_class(block, self.config, scanned=False)(self.config, name=str(i))(x, *args)
         return x, None
 
 
-def layer_stack(block: type[nn.Module], config: ModelConfig) -> nn.Module:
-    """`config.num_hidden_layers` blocks `block(config)`, each `(x, *args) -> (x, None)` with `args` the same for
-    every layer. With `scan_layers` one `nn.scan`ned block whose parameters carry a leading `layers` axis, so that
-    compile time does not grow with depth; without it a Python loop. Calling it returns (x, None).
+def layer_stack(config: ModelConfig) -> nn.Module:
+    """The layers of `config`, each `block(config)` for its block in `config.block_classes`, `(x, *args) -> (x,
+    None)` with `args` the same for every layer. With `scan_layers` one `nn.scan`ned block whose parameters carry a
+    leading `layers` axis, so that compile time does not grow with depth (the layers must then be alike; an
+    architecture that mixes kinds of layer scans only when they are all one kind); without it a Python loop.
+    Calling it returns (x, None).
     """
     if not config.scan_layers:
-        return UnscannedLayers(block, config)
+        return UnscannedLayers(config)
+    blocks = set(config.block_classes)
+    if len(blocks) != 1:
+        raise ValueError(f"layers of {len(blocks)} kinds cannot be scanned; the config must set scan_layers=False")
     return nn.scan(
-        _block_class(block, config, scanned=True),
+        _block_class(blocks.pop(), config, scanned=True),
         variable_axes={"params": 0, "intermediates": 0, "lora": 0},
         split_rngs={"params": True},
         in_axes=nn.broadcast,

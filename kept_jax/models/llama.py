@@ -18,8 +18,7 @@ import jax.numpy as jnp
 
 from kept_jax.config import ModelConfig, check_choice, check_hf_keys, check_positive_ints, hf_dtype
 from kept_jax.errors import KeptError
-from kept_jax.models.layers import (MLP, NORMS, Attention, Embed, KVCache, Linear, RopeConfig, layer_stack,
-                                    rope_cos_sin, rope_inv_freq)
+from kept_jax.models.layers import MLP, NORMS, Attention, Embed, KVCache, Linear, RopeConfig, layer_stack, rope_tables
 from kept_jax.models.names import TensorSpec, linear_specs, norm_specs
 
 Array = jax.Array
@@ -99,6 +98,15 @@ class LlamaConfig(ModelConfig):
     @property
     def block_class(self) -> type[nn.Module]:
         return DecoderLayer
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        return ("attention",) * self.num_hidden_layers
+
+    @property
+    def attention_scale(self) -> float:
+        """What the attention logits q.k are multiplied by: 1 / sqrt(head_dim)."""
+        return self.head_dim ** -0.5
 
     def block_args(self, tokens: Array) -> tuple[Array, Array]:
         return rope_tables(self, tokens)
@@ -329,17 +337,6 @@ class DecoderLayer(nn.Module):
         return self.self_attn.probabilities(self.input_layernorm(x), cos, sin)
 
 
-def rope_tables(cfg: LlamaConfig, tokens: Array, positions: Array | None = None,
-                length: int | None = None) -> tuple[Array, Array]:
-    """cos and sin for `tokens` [b, T] at `positions` (default 0..T-1). `dynamic` rope rescales by the (static)
-    sequence `length` (default T), like HF for positions 0..T-1."""
-    seq = tokens.shape[-1]
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), tokens.shape)
-    inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, length or seq)
-    return rope_cos_sin(positions, inv_freq)
-
-
 class Decoder(nn.Module):
     """HF's `model`: embeddings, the layer stack and the final norm. Returns final hidden states."""
 
@@ -350,7 +347,7 @@ class Decoder(nn.Module):
         self.embed_tokens = Embed(
             cfg.vocab_size, cfg.hidden_size, jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
         )
-        self.layers = layer_stack(DecoderLayer, cfg)
+        self.layers = layer_stack(cfg)
         self.norm = _norm(cfg, None)
 
     def __call__(self, tokens: Array, positions: Array | None = None) -> Array:

@@ -20,7 +20,7 @@ checkpoints' names: `backbone/embedding`, `backbone/layers/{input_layernorm, mix
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal
 
 import flax.linen as nn
 import jax
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import kept_jax.models.ssd as ssd
 from kept_jax.config import ModelConfig, check_choice, check_hf_keys, check_positive_ints, hf_dtype
 from kept_jax.errors import KeptError
-from kept_jax.models.layers import MLP, Embed, Linear, RMSNorm, layer_stack, logical_init
+from kept_jax.models.layers import MLP, CausalConv1d, Embed, Linear, MixerState, RMSNorm, layer_stack, logical_init
 from kept_jax.models.names import TensorSpec, linear_specs, norm_specs
 
 Array = jax.Array
@@ -135,6 +135,10 @@ class LlambaConfig(ModelConfig):
     @property
     def block_class(self) -> type[nn.Module]:
         return LlambaBlock
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        return ("discrete-mamba2",) * self.num_hidden_layers
 
     def layout_flags(self) -> dict[str, Any]:
         return {self.hf_tie_key: self.tie_word_embeddings, "mlp_cfg.bias": self.mlp_bias,
@@ -282,34 +286,6 @@ def _sub_config(hf: dict[str, Any], key: str, defaults: dict[str, Any]) -> dict[
 # ---- The model ------------------------------------------------------------------------------------
 
 
-class MixerState(NamedTuple):
-    """What a mixer carries from one token to the next: the last d_conv - 1 inputs of the convolution [b, K-1, C]
-    and the state-space state [b, H, P, N] (fp32)."""
-
-    conv: Array
-    ssm: Array
-
-
-class CausalConv1d(nn.Module):
-    """Depthwise causal convolution over the channels of xBC; kernel [K, 1, C] (HF's [C, 1, K] reversed)."""
-
-    channels: int
-    kernel_size: int
-    use_bias: bool
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, history: Array | None = None, lengths: Array | None = None) -> tuple[Array, Array]:
-        kernel = self.param("kernel", logical_init(nn.initializers.normal(self.kernel_size ** -0.5),
-                                                   (None, None, "ssm_conv")),
-                            (self.kernel_size, 1, self.channels), self.param_dtype)
-        bias = None
-        if self.use_bias:
-            bias = self.param("bias", logical_init(nn.initializers.zeros, ("ssm_conv",)), (self.channels,),
-                              self.param_dtype)
-        return ssd.causal_conv(x, kernel, bias, history, lengths)
-
-
 class DiscreteMamba2(nn.Module):
     """The mixer. `__call__(u)` is the training forward in `config.mixer_form`; `extend(u, state)` continues a
     sequence from a `MixerState` (the prefill, and with one token the generation step); `mixing_matrix(u)` is the
@@ -429,7 +405,7 @@ class LlambaBackbone(nn.Module):
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
         self.embedding = Embed(cfg.padded_vocab_size, cfg.hidden_size, dtype, param_dtype)
-        self.layers = layer_stack(LlambaBlock, cfg)
+        self.layers = layer_stack(cfg)
         self.final_layernorm = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype)
 
     def __call__(self, tokens: Array) -> Array:

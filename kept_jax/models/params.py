@@ -56,6 +56,17 @@ def layer_params(params: Params) -> Params:
     return stack_layers(params)[_layers_parent(params)]["layers"]
 
 
+def layers_at(params: Params, indices: tuple[int, ...]) -> Params:
+    """The parameters of layers `indices`, stacked on a leading axis, whichever layout `params` is in (all of a
+    stacked tree is returned as it is; a part of it is gathered; unstacked layers are stacked)."""
+    layers = params[_layers_parent(params)]["layers"]
+    if all(k.isdigit() for k in layers):
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *(layers[str(i)] for i in indices))
+    if tuple(indices) == tuple(range(jax.tree.leaves(layers)[0].shape[0])):
+        return layers
+    return jax.tree.map(lambda x: x[jnp.asarray(indices)], layers)
+
+
 def layer_list(params: Params) -> list[Params]:
     """Each layer's own parameters, in order, whichever layout `params` is in (a stacked tree is unstacked)."""
     layers = unstack_layers(params)[_layers_parent(params)]["layers"]

@@ -15,6 +15,9 @@ gradient by `sums[count]`. MaxText's distillation strategies separate the traine
   student mixer's materialized matrix against the teacher's attention probabilities, one layer at a time in a scan.
 - `HiddenAlignment`: MOHAWK stage 2, sum over layers of the mean over batch and tokens of ||Block_l(u_l) - u_l+1||_2,
   each student block fed the teacher's hidden state u_l entering layer l (u_L: the output before the final norm).
+
+Both run over the layers the student replaced: those whose kind (`ModelConfig.layer_kinds`) differs from the
+teacher's, every layer of a Llamba, the Mamba-2 layers of a hybrid (its attention layers are the teacher's).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kept_jax.models import head_kernel, layer_params
+import numpy as np
+
+from kept_jax.models import head_kernel, layers_at
 from kept_jax.metrics import SUMS, labels_and_mask
 from kept_jax.xkd.losses import LossConfig, chunked_distill_loss
 
@@ -54,6 +59,25 @@ class LogitKL:
                                     teacher_head, labels, mask, self.loss, positions)
 
 
+def replaced_layers(teacher_config, student_config) -> tuple[int, ...]:
+    """The layers whose sequence mixer the student replaced (a kind other than the teacher's), in order."""
+    return tuple(i for i, (t, s) in enumerate(zip(teacher_config.layer_kinds, student_config.layer_kinds)) if t != s)
+
+
+def _replaced_blocks(teacher_config, student_config):
+    """(layer indices, teacher block, student block) of the replaced layers, each side one kind of block."""
+    layers = replaced_layers(teacher_config, student_config)
+    if not layers:
+        raise ValueError("the student replaces no layer of the teacher: there is nothing to align")
+    blocks = []
+    for config in (teacher_config, student_config):
+        kinds = {config.block_classes[i] for i in layers}
+        if len(kinds) != 1:
+            raise ValueError(f"the replaced layers of {config.architecture} are of {len(kinds)} kinds; one expected")
+        blocks.append(kinds.pop()(config))
+    return layers, *blocks
+
+
 def teacher_layer_inputs(teacher: nn.Module, teacher_params, tokens) -> jax.Array:
     """[L + 1, b, T, d]: u_0 ... u_L, the hidden states entering each teacher layer and the last one's output."""
     inputs, _ = teacher.apply({"params": teacher_params}, tokens, method="layer_inputs", mutable="intermediates")
@@ -72,8 +96,8 @@ def _layer_scan(body, xs) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class MatrixOrientation:
-    """MOHAWK stage 1 (needs a teacher with attention probabilities and a student with mixing matrices, as many
-    mixer heads as attention heads)."""
+    """MOHAWK stage 1 (needs a teacher with attention probabilities and a student with mixing matrices, whose
+    heads are a multiple of the attention's)."""
 
     teacher: nn.Module
     student: nn.Module
@@ -81,27 +105,33 @@ class MatrixOrientation:
     count: ClassVar[str] = "matrices"
 
     def targets(self, teacher_params, tokens):
-        return teacher_layer_inputs(self.teacher, teacher_params, tokens)[:-1]
+        layers = replaced_layers(self.teacher.config, self.student.config)
+        return teacher_layer_inputs(self.teacher, teacher_params, tokens)[np.asarray(layers)]
 
     def sums(self, variables, teacher_params, tokens, targets):
         t_cfg, s_cfg = self.teacher.config, self.student.config
-        t_block, s_block = t_cfg.block_class(t_cfg), s_cfg.block_class(s_cfg)
+        layers, t_block, s_block = _replaced_blocks(t_cfg, s_cfg)
         rope = t_cfg.block_args(tokens)
+        heads = []
 
         def distance(t_layer, s_layer, u):
             attention = t_block.apply({"params": t_layer}, u, *rope, method="attention_probabilities")
             mixing = s_block.apply({"params": s_layer}, u, method="mixing_matrix")
+            # A mixer with more heads than the attention: each attention head is the target of its run of heads.
+            attention = jnp.repeat(attention, mixing.shape[1] // attention.shape[1], axis=1)
+            heads.append(mixing.shape[1])
             return jnp.sum(jnp.sqrt(jnp.sum(jnp.square(mixing - jax.lax.stop_gradient(attention)), axis=(-2, -1))))
 
-        loss = _layer_scan(distance, (layer_params(teacher_params), layer_params(variables["params"]), targets)).sum()
+        loss = _layer_scan(distance, (layers_at(teacher_params, layers), layers_at(variables["params"], layers),
+                                      targets)).sum()
         batch = tokens.shape[0]
-        return {"loss": loss, "matrices": jnp.asarray(batch * s_cfg.n_v_heads, jnp.float32)}
+        return {"loss": loss, "matrices": jnp.asarray(batch * heads[0], jnp.float32)}
 
 
 @dataclasses.dataclass(frozen=True)
 class HiddenAlignment:
-    """MOHAWK stage 2: every student block against the teacher's layer it replaces, on the teacher's input. With
-    `by_layer` (held-out evaluation) the sums also hold `layers` [L], each layer's part of the loss."""
+    """MOHAWK stage 2: every replaced student block against the teacher's layer, on the teacher's input. With
+    `by_layer` (held-out evaluation) the sums also hold `layers`, each replaced layer's part of the loss."""
 
     teacher: nn.Module
     student: nn.Module
@@ -110,18 +140,22 @@ class HiddenAlignment:
     count: ClassVar[str] = "tokens"
 
     def targets(self, teacher_params, tokens):
-        return teacher_layer_inputs(self.teacher, teacher_params, tokens)
+        """(u_l entering each replaced layer l, u_l+1 leaving it)."""
+        layers = np.asarray(replaced_layers(self.teacher.config, self.student.config))
+        inputs = teacher_layer_inputs(self.teacher, teacher_params, tokens)
+        return inputs[layers], inputs[layers + 1]
 
     def sums(self, variables, teacher_params, tokens, targets):
         s_cfg = self.student.config
-        block, args = s_cfg.block_class(s_cfg), s_cfg.block_args(tokens)
+        layers, _, block = _replaced_blocks(self.teacher.config, s_cfg)
+        args = s_cfg.block_args(tokens)
 
         def distance(s_layer, u_in, u_out):
             out, _ = block.apply({"params": s_layer}, u_in, *args)
             diff = out.astype(jnp.float32) - u_out.astype(jnp.float32)
             return jnp.sum(jnp.sqrt(jnp.sum(jnp.square(diff), axis=-1)))
 
-        per_layer = _layer_scan(distance, (layer_params(variables["params"]), targets[:-1], targets[1:]))
+        per_layer = _layer_scan(distance, (layers_at(variables["params"], layers), *targets))
         sums = {"loss": per_layer.sum(), "tokens": jnp.asarray(tokens.size, jnp.float32)}
         return sums | {"layers": per_layer} if self.by_layer else sums
 
