@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from benchmarks.common import environment, median_seconds, write_result
 from kept_jax.memory import parse_size
 from kept_jax.models import config_from_hf
-from kept_jax.models.llamba import MIXER_FORMS, DiscreteMamba2
+from kept_jax.models.llamba import DiscreteMamba2
+from kept_jax.models.ssd import FORMS as MIXER_FORMS
 
 LLAMBA_1B = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models",
                          "llamba-1b.json")

@@ -136,6 +136,12 @@ class ModelConfig:
         aligns the student's layers whose kind differs from the teacher's (MOHAWK's stages 1 and 2)."""
         raise NotImplementedError
 
+    @property
+    def logit_divisor(self) -> float:
+        """What the head's logits are divided by (GraniteMoeHybrid's `logits_scaling`); 1 for the others. The
+        chunked losses compute logits from `models.head_kernel`, which folds it in."""
+        return 1.0
+
     def block_args(self, tokens: Any) -> tuple:
         """The inputs every block takes besides the hidden state (rotary tables, say) for `tokens` [b, T]."""
         return ()

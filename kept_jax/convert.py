@@ -3,12 +3,17 @@
     python -m kept_jax.convert --source ORION_DIR --out DIR [--opm STRATEGY] [--calib FILE] [--calib-tokens N]
     python -m kept_jax.convert --to llamba --source LLAMA_DIR --out DIR [--mixer-init mohawk|attention]
                                [--target-config LLAMBA_CONFIG_JSON]
+    python -m kept_jax.convert --to hybrid --source LLAMA_DIR --out DIR [--attention-layers every:4|auto:8|0,8,16|...]
+                               [--mixer-init attention|mamba2] [--mamba-groups G] [--target-config HYBRID_CONFIG_JSON]
     python -m kept_jax.convert ... --calib-ids IDS.npy --eval-ids IDS.npy   # a source without a tokenizer
     python -m kept_jax.convert --to mlx --source LLAMBA_DIR --out DIR [--bits 4|8|16] [--group-size 64]
     python -m kept_jax.convert ... --dry-run        # plan from config.json alone: mapping coverage, parameter counts
 
 `--to llama` (default): Orion -> Llama by NPM + OPM, calibrated on the teacher's own activations. `--to llamba`:
 Llama -> Llamba, the MLPs, norms, embedding and head copied and each attention replaced by an initialized mixer.
+`--to hybrid`: Llama -> a Mamba-2/attention hybrid in Transformers' GraniteMoeHybrid layout, the layers of
+`--attention-layers` kept as attention and the others' attention replaced by an initialized Mamba-2 mixer (`auto:N`
+keeps the N layers whose replacement alone costs the most held-out KL, measured on the calibration text).
 Either way the mapping is a checked rule table; the command evaluates KL(teacher || converted) per token on held-out
 text and exports a Hugging Face directory with `conversion_report.json` and `conversion_report.md`. `--opm all` and
 `--mixer-init all` evaluate every choice and write only the report. `--to mlx`: a Llamba for Cartesia's on-device
@@ -122,13 +127,18 @@ def held_rows(path: str, ids: bool, tokenizer, source_config, seq_len: int, skip
 
 
 # target -> the source architectures it is made from
-TARGETS = {"llama": ("orion", "llama"), "llamba": ("llama",), "mlx": ("llamba",)}
-OPM_ONLY = ("opm", "calib", "calib_ids", "calib_tokens", "ridge")  # options of the Orion -> Llama conversion
+TARGETS = {"llama": ("orion", "llama"), "llamba": ("llama",), "hybrid": ("llama",), "mlx": ("llamba",)}
+OPM_ONLY = ("opm", "ridge")  # options of the Orion -> Llama conversion alone
+CALIBRATION = ("calib", "calib_ids", "calib_tokens")  # OPM's statistics, or the layers hybrid's auto:N measures
 # The options that belong to some targets only (the rest, --source --out --dry-run --force, apply to all).
-HF_TARGETS = ("llama", "llamba")  # the conversions that write a Hugging Face directory and evaluate it
+HF_TARGETS = ("llama", "llamba", "hybrid")  # the conversions that write a Hugging Face directory and evaluate it
+STUDENTS = ("llamba", "hybrid")  # the conversions that initialize new mixers
+TARGET_NAMES = {"llama": "Llama", "llamba": "Llamba", "hybrid": "GraniteMoeHybrid"}
 TARGET_OPTIONS = {
     **{name: ("llama",) for name in OPM_ONLY},
-    **{name: ("llamba",) for name in ("mixer_init", "target_config", "seed")},
+    **{name: ("llama", "hybrid") for name in CALIBRATION},
+    **{name: STUDENTS for name in ("mixer_init", "target_config", "seed")},
+    **{name: ("hybrid",) for name in ("attention_layers", "mamba_groups")},
     **{name: HF_TARGETS for name in ("eval_file", "eval_ids", "eval_tokens", "seq_len", "batch", "dtype",
                                      "max_shard_size", "no_eval")},
     **{name: ("mlx",) for name in ("bits", "group_size", "quantize_head", "mlx_tokenizer")},
@@ -138,28 +148,35 @@ TARGET_OPTIONS = {
 def parse_args(argv):
     from bridge.mlx_export import BITS
     from kept_jax.mapping import STRATEGIES
+    from kept_jax.mapping.hybrid_init import MIXER_INITS as HYBRID_INITS
+    from kept_jax.mapping.hybrid_init import SPEC_FORMS
     from kept_jax.mapping.llamba_init import MIXER_INITS
     from kept_jax.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES
 
     p = argparse.ArgumentParser(prog="python -m kept_jax.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("--to", default="llama", choices=tuple(TARGETS),
                    help="target architecture: llama (from an Orion source, or a Llama GGUF file or directory, which is "
-                   "copied), llamba (from a Llama source) or mlx (a Llamba for Cartesia's on-device runtime)")
+                   "copied), llamba or hybrid (from a Llama source) or mlx (a Llamba for Cartesia's on-device runtime)")
     p.add_argument("--source", default=DEFAULT_SOURCE,
                    help="source: a Hugging Face directory or a GGUF file (default: the embedded tiny Orion); with "
                    "--dry-run also a config.json")
     p.add_argument("--out", help="output directory (must not exist or be empty, unless --force)")
     p.add_argument("--dry-run", action="store_true", help="plan from config.json alone: nothing is read or written")
     p.add_argument("--opm", choices=(*STRATEGIES, "all"), help="--to llama: OPM strategy (default absorb), or all")
-    p.add_argument("--mixer-init", choices=(*MIXER_INITS, "all"),
-                   help="--to llamba: how each mixer starts (default mohawk), or all to compare")
-    p.add_argument("--target-config", help="--to llamba: the student's config.json (e.g. "
+    p.add_argument("--mixer-init", choices=(*dict.fromkeys(MIXER_INITS + HYBRID_INITS), "all"),
+                   help="--to llamba: how each mixer starts, mohawk (default) or attention; --to hybrid: attention "
+                   "(default) or mamba2; or all to compare")
+    p.add_argument("--attention-layers", help=f"--to hybrid: the layers that keep attention, {SPEC_FORMS} (default "
+                   "every:4)")
+    p.add_argument("--mamba-groups", type=int, help="--to hybrid: B/C groups of the Mamba-2 mixers (default 1, which "
+                   "every client reads alike; MLX-LM normalizes the gated norm over the whole width)")
+    p.add_argument("--target-config", help="--to llamba or hybrid: the student's config.json (e.g. "
                    "configs/models/llamba-1b.json); default: derived from the teacher")
-    p.add_argument("--seed", type=int, help="--to llamba: seed of the mixers' randomly initialized rows")
-    p.add_argument("--calib", help="--to llama: calibration text, .jsonl ('text' field) or plain text (default: "
-                   "embedded held-out)")
-    p.add_argument("--calib-ids", help="--to llama: calibration token ids instead of text, a .npy array (for a "
-                   "source without a tokenizer)")
+    p.add_argument("--seed", type=int, help="--to llamba or hybrid: seed of the mixers' randomly initialized rows")
+    p.add_argument("--calib", help="--to llama, and hybrid's auto:N: calibration text, .jsonl ('text' field) or plain "
+                   "text (default: embedded held-out)")
+    p.add_argument("--calib-ids", help="--to llama, and hybrid's auto:N: calibration token ids instead of text, a .npy "
+                   "array (for a source without a tokenizer)")
     p.add_argument("--calib-tokens", type=int)
     p.add_argument("--eval", dest="eval_file", help="held-out text for KL (default: embedded held-out split)")
     p.add_argument("--eval-ids", help="held-out token ids instead of text, a .npy array (for a source without a "
@@ -200,13 +217,23 @@ def parse_args(argv):
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.opm_flags = [f"--{name.replace('_', '-')}" for name in OPM_ONLY if getattr(args, name) is not None]
+    args.opm_flags = [f"--{name.replace('_', '-')}" for name in OPM_ONLY + CALIBRATION
+                      if getattr(args, name) is not None]
     for text, ids in (("calib", "calib_ids"), ("eval_file", "eval_ids")):
         if getattr(args, text) and getattr(args, ids):
             raise KeptError(f"--{text.removesuffix('_file')} (text) and --{ids.replace('_', '-')} (token ids) both "
                             "give the same data; pass one")
     args.opm = args.opm or "absorb"
-    args.mixer_init = args.mixer_init or "mohawk"
+    if args.to in STUDENTS:
+        inits = mixer_inits(args.to)
+        args.mixer_init = args.mixer_init or inits[0]
+        if args.mixer_init not in (*inits, "all"):
+            raise KeptError(f"--mixer-init {args.mixer_init} is not a --to {args.to} init; choose one of "
+                            f"{', '.join(inits)} or all")
+    args.attention_layers = args.attention_layers or "every:4"
+    args.mamba_groups = 1 if args.mamba_groups is None else args.mamba_groups
+    if args.mamba_groups < 1:
+        raise KeptError(f"--mamba-groups must be positive, got {args.mamba_groups}")
     if args.no_eval and "all" in (args.opm, args.mixer_init):
         raise KeptError("--no-eval leaves nothing to compare with --opm all or --mixer-init all; pick one choice, "
                         "or drop --no-eval")
@@ -217,6 +244,14 @@ def parse_args(argv):
     return args
 
 
+def mixer_inits(target: str) -> tuple[str, ...]:
+    """The mixer inits of `--to llamba` or `--to hybrid`, the default first."""
+    from kept_jax.mapping.hybrid_init import MIXER_INITS as HYBRID_INITS
+    from kept_jax.mapping.llamba_init import MIXER_INITS as LLAMBA_INITS
+
+    return {"llamba": LLAMBA_INITS, "hybrid": HYBRID_INITS}[target]
+
+
 def llamba_mappings(args, teacher_config) -> list:
     """Llama -> Llamba: one mapping per requested mixer init."""
     from kept_jax.mapping.llamba_init import MIXER_INITS, build_llamba_mapping, llamba_config_for
@@ -225,6 +260,50 @@ def llamba_mappings(args, teacher_config) -> list:
     inits = list(MIXER_INITS) if args.mixer_init == "all" else [args.mixer_init]
     return [build_llamba_mapping(teacher_config, llamba_config_for(teacher_config, init, layout), init, args.seed)
             for init in inits]
+
+
+def hybrid_mappings(args, teacher_config, attention_layers: tuple[int, ...]) -> list:
+    """Llama -> hybrid with attention in `attention_layers`: one mapping per requested mixer init."""
+    from kept_jax.mapping.hybrid_init import MIXER_INITS, build_hybrid_mapping, hybrid_config_for
+
+    layout = _target_layout(args)
+    inits = list(MIXER_INITS) if args.mixer_init == "all" else [args.mixer_init]
+    return [build_hybrid_mapping(teacher_config, hybrid_config_for(teacher_config, attention_layers, init, layout,
+                                                                   args.mamba_groups), init, args.seed)
+            for init in inits]
+
+
+def attention_layers(args, teacher_config, calib_rows: np.ndarray | None = None) -> tuple[int, ...]:
+    """--attention-layers resolved: a list, or for auto:N the N layers that `layer_choice` measures as the costliest
+    to replace (on `calib_rows`, the teacher and every Mamba-2 init loaded in memory)."""
+    from kept_jax.mapping.hybrid_init import parse_attention_layers
+
+    layers = parse_attention_layers(args.attention_layers, teacher_config.num_hidden_layers)
+    if not isinstance(layers, int):
+        return layers
+    from bridge.checkpoint import load_checkpoint
+    from bridge.hf_import import ArrayReader, params_from_reader
+    from kept_jax.mapping.layer_choice import leave_one_out_kl, most_costly
+    from kept_jax.metrics import batches_of
+    from kept_jax.runlog import phase
+
+    init = args.mixer_init if args.mixer_init != "all" else mixer_inits("hybrid")[0]
+    with phase("choose attention layers", f"each of the {teacher_config.num_hidden_layers} layers replaced alone, "
+               f"on {calib_rows.size:,} tokens"):
+        mapping = hybrid_mappings(argparse.Namespace(**{**vars(args), "mixer_init": init}), teacher_config, ())[0]
+        tensors, _ = run_mapping(mapping, source_tensor_reader(args.source), teacher_config.param_dtype)
+        mamba_config = mapping.target_config.replace(compute_dtype=teacher_config.compute_dtype,
+                                                     param_dtype=teacher_config.param_dtype)
+        mamba_params, _, _ = params_from_reader(ArrayReader(tensors), mamba_config)
+        del tensors
+        config, params, _ = load_checkpoint(args.source, compute_dtype=teacher_config.compute_dtype,
+                                            param_dtype=teacher_config.param_dtype)
+        costs = leave_one_out_kl(config, params, mamba_config, mamba_params, batches_of(calib_rows, args.batch))
+    chosen = most_costly(costs, layers)
+    args.layer_costs = [float(c) for c in costs]
+    print(f"attention kept in layers {', '.join(map(str, chosen))} (auto:{layers}); KL when each layer alone is "
+          f"replaced: {', '.join(f'{i}: {c:.3g}' for i, c in enumerate(costs))}", file=sys.stderr, flush=True)
+    return chosen
 
 
 def opm_strategies(args) -> list[str]:
@@ -252,22 +331,23 @@ def ridge(args) -> float:
 
 
 def _target_layout(args):
-    """--target-config read into a LlambaConfig, or None."""
+    """--target-config read into the target's config class (a LlambaConfig or a HybridConfig), or None."""
     if args.target_config is None:
         return None
     from kept_jax.config import read_config_json
-    from kept_jax.models import LlambaConfig
+    from kept_jax.models import HybridConfig, LlambaConfig
 
+    example = {"llamba": "a Llamba config.json such as configs/models/llamba-1b.json",
+               "hybrid": "a GraniteMoeHybrid config.json such as configs/models/tiny-hybrid.json"}[args.to]
     if not os.path.isfile(args.target_config):
-        raise KeptError(f"--target-config {args.target_config!r} is not a file; give a Llamba config.json such as "
-                        "configs/models/llamba-1b.json")
-    return LlambaConfig.from_hf_dict(read_config_json(args.target_config))
+        raise KeptError(f"--target-config {args.target_config!r} is not a file; give {example}")
+    return {"llamba": LlambaConfig, "hybrid": HybridConfig}[args.to].from_hf_dict(read_config_json(args.target_config))
 
 
 def check_source(args, source_config) -> None:
     wanted = TARGETS[args.to]
     if source_config.architecture not in wanted:
-        hint = {"llama": "; to make a Llamba student from a Llama, pass --to llamba",
+        hint = {"llama": "; to make a Llamba or hybrid student from a Llama, pass --to llamba or --to hybrid",
                 "mlx": "; make a Llamba first (--to llamba, then python -m kept_jax.train)"}.get(args.to, "")
         articles = {"orion": "an Orion", "llama": "a Llama", "llamba": "a Llamba"}
         names = " or ".join(articles[a] for a in wanted)
@@ -277,22 +357,28 @@ def check_source(args, source_config) -> None:
         raise KeptError(f"{', '.join(args.opm_flags)} {'applies' if len(args.opm_flags) == 1 else 'apply'} to an Orion "
                         f"source; {args.source!r} is already a Llama, which --to llama writes as a Hugging Face Llama "
                         "directory unchanged")
+    if args.to == "hybrid" and args.opm_flags and not args.attention_layers.startswith("auto:"):
+        raise KeptError(f"{', '.join(args.opm_flags)}: --to hybrid reads calibration text only to choose the "
+                        "attention layers (--attention-layers auto:N)")
 
 
 def conversion_kind(args, source_config) -> str:
-    """opm (Orion -> Llama), copy (a Llama, e.g. a GGUF file, written as an HF Llama directory) or llamba."""
-    if args.to == "llamba":
-        return "llamba"
+    """opm (Orion -> Llama), copy (a Llama, e.g. a GGUF file, written as an HF Llama directory), llamba or hybrid."""
+    if args.to in STUDENTS:
+        return args.to
     return "opm" if source_config.architecture == "orion" else "copy"
 
 
-def conversion_mappings(args, teacher_config, stats: dict) -> list:
-    """The mappings the command builds for its kind of conversion (`stats={}` for a plan)."""
+def conversion_mappings(args, teacher_config, stats: dict, layers: tuple[int, ...] | None = None) -> list:
+    """The mappings the command builds for its kind of conversion (`stats={}` for a plan; `layers`: a hybrid's
+    attention layers, resolved)."""
     from kept_jax.mapping import copy_mapping
 
     kind = conversion_kind(args, teacher_config)
     if kind == "llamba":
         return llamba_mappings(args, teacher_config)
+    if kind == "hybrid":
+        return hybrid_mappings(args, teacher_config, layers)
     return opm_mappings(args, teacher_config, stats) if kind == "opm" else [copy_mapping(teacher_config)]
 
 
@@ -314,14 +400,16 @@ def convert_all(args, source_config) -> tuple[Any, list[ConversionResult], dict]
     if kind == "copy":  # every weight written as read, and both models run in one dtype: KL 0 by construction
         args.no_eval = True
         info["not_evaluated"] = "a copy: the teacher's own weights, KL 0 by construction"
-    reads_text = (kind == "opm" and not args.calib_ids) or (not args.no_eval and not args.eval_ids)
+    chooses_layers = kind == "hybrid" and args.attention_layers.startswith("auto:")
+    calibrates = kind == "opm" or chooses_layers
+    reads_text = (calibrates and not args.calib_ids) or (not args.no_eval and not args.eval_ids)
     tokenizer = load_checkpoint_tokenizer(args.source, source_config.architecture, (
         "calibration and evaluation read text. Give token ids instead, .npy arrays: --calib-ids FILE (--to llama) and "
         "--eval-ids FILE, or --no-eval; the export then has no tokenizer files")) if reads_text else None
 
     eval_file = args.eval_ids or args.eval_file or corpus.HELDOUT
     calib_rows, skip = None, 0
-    if kind == "opm":
+    if calibrates:
         calib_file = args.calib_ids or args.calib or corpus.HELDOUT
         calib_rows = held_rows(calib_file, bool(args.calib_ids), tokenizer, source_config, args.seq_len, 0,
                                args.calib_tokens, "--calib-ids")
@@ -335,7 +423,13 @@ def convert_all(args, source_config) -> tuple[Any, list[ConversionResult], dict]
     reader = open_checkpoint(args.source).reader()
     _, info["import_skipped"], _ = params_from_reader(reader, teacher_config, lambda spec: False)  # names checked
     final_shift = None
-    if kind != "opm":
+    if kind == "hybrid":
+        layers = attention_layers(args, teacher_config, calib_rows)
+        info["attention_layers"] = list(layers)
+        if chooses_layers:
+            info["layer_choice"] = {"spec": args.attention_layers, "kl_when_replaced_alone": args.layer_costs}
+        mappings = conversion_mappings(args, teacher_config, {}, layers)
+    elif kind != "opm":
         mappings = conversion_mappings(args, teacher_config, {})
     else:
         from kept_jax.mapping import calibrate, outer_sites
@@ -359,8 +453,7 @@ def convert_all(args, source_config) -> tuple[Any, list[ConversionResult], dict]
         mapping = mappings[0]
         config = mapping.target_config.replace(compute_dtype=dtype, param_dtype=dtype)
         info.update(evaluation=None, predicted_final_beta_kl=None)
-        return teacher_config, [ConversionResult(mapping.strategy.removeprefix("llamba/"), config, mapping, None,
-                                                 {}, {})], info
+        return teacher_config, [ConversionResult(strategy_name(mapping), config, mapping, None, {}, {})], info
 
     from bridge.checkpoint import load_checkpoint
     from kept_jax.metrics import compare
@@ -370,7 +463,7 @@ def convert_all(args, source_config) -> tuple[Any, list[ConversionResult], dict]
     teacher = build_model(teacher_config)
     results = []
     for mapping in mappings:
-        name = mapping.strategy.removeprefix("llamba/")
+        name = strategy_name(mapping)
         with phase(f"convert and evaluate {name}", f"{eval_rows.size:,} held-out tokens", info["timings_s"]):
             tensors, errors = run_mapping(mapping, source_tensor_reader(args.source), dtype)
             config = mapping.target_config.replace(compute_dtype=dtype, param_dtype=dtype)
@@ -388,6 +481,11 @@ def convert_all(args, source_config) -> tuple[Any, list[ConversionResult], dict]
         "predicted_final_beta_kl": results[0].metrics.get("predicted_shift_kl"),
     })
     return teacher_config, results, info
+
+
+def strategy_name(mapping) -> str:
+    """The choice a mapping stands for in the report: an OPM strategy or a mixer init."""
+    return mapping.strategy.split("/", 1)[-1]
 
 
 def summary_table(results: list[ConversionResult], info: dict) -> str:
@@ -500,7 +598,16 @@ def dry_run(args) -> int:
               f"target   cartesia-mlx Llamba, {len(tensor_plan(source, args.quantize_head))} tensors, "
               f"{size / 2 ** 20:.1f} MiB at {args.bits} bits")
         return 0
-    mappings = conversion_mappings(args, source, {})
+    layers = None
+    if args.to == "hybrid":
+        from kept_jax.mapping.hybrid_init import evenly_spaced, parse_attention_layers
+
+        layers = parse_attention_layers(args.attention_layers, source.num_hidden_layers)
+        if isinstance(layers, int):
+            print(f"note: auto:{layers} chooses the layers by measurement, which needs the weights; this plan takes "
+                  f"{layers} evenly spaced ones (the same shapes)")
+            layers = evenly_spaced(layers, source.num_hidden_layers)
+    mappings = conversion_mappings(args, source, {}, layers)
 
     def count(config) -> str:
         from_model = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(config)))
@@ -599,7 +706,7 @@ def main(argv=None) -> int:
 
         print("\nmapping (error: relative MSE on calibration data of what the rule approximates):")
         print(format_table(results[0].mapping_rows))
-        print(f"\nwrote {args.out}: a Hugging Face {args.to.capitalize()} checkpoint ({info['dtype']}) and "
+        print(f"\nwrote {args.out}: a Hugging Face {TARGET_NAMES[args.to]} checkpoint ({info['dtype']}) and "
               "conversion_report.{json,md}")
         if info["tokenizer_note"]:
             print(f"note: {info['tokenizer_note']}")

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+from transformers import (GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, LlamaConfig, LlamaForCausalLM,
+                          LlamaTokenizer)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_CONFIGS = os.path.join(REPO, "configs", "models")
@@ -57,7 +58,7 @@ def _rescale(model: nn.Module, seed: int, head_scale: float = 4.0) -> None:
             normal(p, head_scale / math.sqrt(p.shape[1]))
         elif "norm" in name:
             normal(p, 0.3, mean=1.0 if name.endswith("weight") else 0.0)
-        elif name.endswith("bias"):
+        elif name.endswith("bias") or p.ndim == 1:
             normal(p, 0.3)
         else:  # linear weights [out, in]
             normal(p, 1.0 / math.sqrt(p.shape[1]))
@@ -82,6 +83,29 @@ def make_orion_reference(hf: dict[str, Any], seed: int = 0) -> LlamaForCausalLM:
     model.model.norm = nn.LayerNorm(d, eps=eps)
     model.eval()
     _rescale(model, seed)
+    return model
+
+
+def make_hybrid(hf: dict[str, Any], seed: int = 0) -> GraniteMoeHybridForCausalLM:
+    """Transformers' GraniteMoeHybrid (eager attention, its PyTorch Mamba-2 path), weights rescaled as `_rescale`
+    does, and the Mamba-2 parameters spread as trained ones are: decays A = 1..16 at random, D and dt_bias around
+    their inits, convolution taps of unit-scale outputs."""
+    torch.manual_seed(seed)
+    config = GraniteMoeHybridConfig(**{k: v for k, v in hf.items() if k not in ("model_type", "architectures")})
+    config._attn_implementation = "eager"
+    model = GraniteMoeHybridForCausalLM(config).eval()
+    _rescale(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.log(1 + 15 * torch.rand(p.shape, generator=g)))
+            elif name.endswith(".D"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith("dt_bias"):
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif name.endswith("conv1d.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
     return model
 
 

@@ -13,12 +13,14 @@ import flax.linen as nn
 
 from kept_jax.config import ModelConfig
 from kept_jax.errors import KeptError
+from kept_jax.models.hybrid import HybridConfig, HybridForCausalLM
 from kept_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from kept_jax.models.llamba import LlambaConfig, LlambaForCausalLM
 from kept_jax.models.params import (abstract_params, head_kernel, init_params, layer_list, layer_params,
                                     layers_at, stack_layers, unstack_layers)
 
-ARCHITECTURES: dict[str, type[ModelConfig]] = {t: c for c in (LlamaConfig, LlambaConfig) for t in c.model_types}
+ARCHITECTURES: dict[str, type[ModelConfig]] = {t: c for c in (LlamaConfig, LlambaConfig, HybridConfig)
+                                               for t in c.model_types}
 
 
 def config_from_hf(hf: dict, **runtime) -> ModelConfig:
@@ -39,7 +41,7 @@ def build_model(config: ModelConfig) -> nn.Module:
 
 
 __all__ = [
-    "ARCHITECTURES", "LlamaConfig", "LlamaForCausalLM", "LlambaConfig", "LlambaForCausalLM", "ModelConfig",
+    "ARCHITECTURES", "HybridConfig", "HybridForCausalLM", "LlamaConfig", "LlamaForCausalLM", "LlambaConfig", "LlambaForCausalLM", "ModelConfig",
     "abstract_params", "build_model", "config_from_hf", "head_kernel", "init_params", "layer_list", "layer_params", "layers_at",
     "stack_layers",
     "unstack_layers",

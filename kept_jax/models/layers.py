@@ -129,6 +129,7 @@ NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
 
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+ATTENTION_IMPLS = ("xla", "cudnn")  # kept_jax's blocked attention, or the fused cuDNN kernel (NVIDIA GPUs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +174,55 @@ class RopeConfig:
             out["high_freq_factor"] = self.high_freq_factor
             out["original_max_position_embeddings"] = self.original_max_position_embeddings
         return out
+
+
+def rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
+    """Reads v5 `rope_parameters` and/or the older `rope_theta` + `rope_scaling`; both must agree."""
+    v5 = hf.get("rope_parameters")
+    old_scaling = hf.get("rope_scaling")
+    old_theta = hf.get("rope_theta")
+    if v5 is not None and not isinstance(v5, dict):
+        raise KeptError(f"config.json rope_parameters must be an object, got {v5!r}")
+    if old_scaling is not None and not isinstance(old_scaling, dict):
+        raise KeptError(f"config.json rope_scaling must be an object or null, got {old_scaling!r}")
+    if v5 and any(isinstance(v, dict) for v in v5.values()):
+        raise KeptError("config.json has per-layer-type rope_parameters; kept_jax supports one rope for all layers")
+
+    params: dict[str, Any] = {}
+    if old_scaling:
+        params.update(old_scaling)
+    if old_theta is not None:
+        params["rope_theta"] = old_theta
+    if v5:
+        for key, value in v5.items():
+            if key in params and key not in ("type", "rope_type") and params[key] != value:
+                raise KeptError(
+                    f"config.json disagrees with itself: rope_parameters.{key}={value!r} but the older "
+                    f"rope_theta/rope_scaling form says {params[key]!r}; make them agree"
+                )
+        params.update(v5)
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    old_type = (old_scaling or {}).get("rope_type") or (old_scaling or {}).get("type")
+    if v5 and old_type and rope_type != old_type:
+        raise KeptError(
+            f"config.json disagrees with itself: rope_parameters says rope type {rope_type!r} but rope_scaling "
+            f"says {old_type!r}; make them agree"
+        )
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise KeptError("partial_rotary_factor != 1 is not supported by kept_jax")
+    if params.get("attention_factor", 1.0) not in (1.0, None):
+        raise KeptError(f"rope attention_factor != 1 is not supported for rope type {rope_type!r}")
+    original = params.get("original_max_position_embeddings", hf.get("original_max_position_embeddings"))
+    if rope_type == "llama3" and original is None:
+        original = hf.get("max_position_embeddings")  # HF's own fallback
+    return RopeConfig(
+        type=rope_type,
+        theta=float(params.get("rope_theta", 10000.0)),
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=params.get("low_freq_factor"),
+        high_freq_factor=params.get("high_freq_factor"),
+        original_max_position_embeddings=original,
+    )
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position_embeddings: int, seq_len: int) -> np.ndarray:
@@ -376,6 +426,22 @@ class MLP(nn.Module):
         gate = proj(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
         up = proj(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
         return proj(cfg.hidden_size, ("mlp", "embed"), "down_proj")(jax.nn.silu(gate) * up)
+
+
+class FusedMLP(nn.Module):
+    """SwiGLU with gate and up in one matrix, as GraniteMoeHybrid's `shared_mlp` holds them:
+    output_linear(silu(gate) * up) with [gate | up] = input_linear(x)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
+        gate, up = jnp.split(Linear(2 * cfg.intermediate_size, False, ("embed", "mlp"), dtype, param_dtype,
+                                    lora_scale=cfg.lora_scale, name="input_linear")(x), 2, axis=-1)
+        return Linear(cfg.hidden_size, False, ("mlp", "embed"), dtype, param_dtype, lora_scale=cfg.lora_scale,
+                      name="output_linear")(jax.nn.silu(gate) * up)
 
 
 # ---- State-space mixers: their convolution and what they carry between tokens ------------------------

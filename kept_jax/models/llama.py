@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from kept_jax.config import ModelConfig, check_choice, check_hf_keys, check_positive_ints, hf_dtype
 from kept_jax.errors import KeptError
-from kept_jax.models.layers import MLP, NORMS, Attention, Embed, KVCache, Linear, RopeConfig, layer_stack, rope_tables
+from kept_jax.models.layers import (ATTENTION_IMPLS, MLP, NORMS, Attention, Embed, KVCache, Linear, RopeConfig,
+                                    layer_stack, rope_from_hf, rope_tables)
 from kept_jax.models.names import TensorSpec, linear_specs, norm_specs
 
 Array = jax.Array
@@ -28,7 +29,6 @@ VARIANTS: dict[str, dict[str, str]] = {
     "llama": {"norm": "rmsnorm", "hf_architecture": "LlamaForCausalLM"},
     "orion": {"norm": "layernorm", "hf_architecture": "OrionForCausalLM"},
 }
-ATTENTION_IMPLS = ("xla", "cudnn")
 # Keys that change the math; kept_jax supports them only at the listed values (the last three are other Llama-like
 # families' keys, refused when a config.json labelled llama carries them).
 FIXED_HF_KEYS: dict[str, tuple[Any, ...]] = {
@@ -185,7 +185,7 @@ class LlamaConfig(ModelConfig):
             head_dim=head_dim,
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5 if model_type == "orion" else 1e-6)),
-            rope=_rope_from_hf(hf),
+            rope=rope_from_hf(hf),
             attention_bias=bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -245,55 +245,6 @@ class LlamaConfig(ModelConfig):
         if not self.tie_word_embeddings:
             specs += linear_specs("lm_head", ("lm_head",), None, d, self.vocab_size, False)
         return specs
-
-
-def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
-    """Reads v5 `rope_parameters` and/or the older `rope_theta` + `rope_scaling`; both must agree."""
-    v5 = hf.get("rope_parameters")
-    old_scaling = hf.get("rope_scaling")
-    old_theta = hf.get("rope_theta")
-    if v5 is not None and not isinstance(v5, dict):
-        raise KeptError(f"config.json rope_parameters must be an object, got {v5!r}")
-    if old_scaling is not None and not isinstance(old_scaling, dict):
-        raise KeptError(f"config.json rope_scaling must be an object or null, got {old_scaling!r}")
-    if v5 and any(isinstance(v, dict) for v in v5.values()):
-        raise KeptError("config.json has per-layer-type rope_parameters; kept_jax supports one rope for all layers")
-
-    params: dict[str, Any] = {}
-    if old_scaling:
-        params.update(old_scaling)
-    if old_theta is not None:
-        params["rope_theta"] = old_theta
-    if v5:
-        for key, value in v5.items():
-            if key in params and key not in ("type", "rope_type") and params[key] != value:
-                raise KeptError(
-                    f"config.json disagrees with itself: rope_parameters.{key}={value!r} but the older "
-                    f"rope_theta/rope_scaling form says {params[key]!r}; make them agree"
-                )
-        params.update(v5)
-    rope_type = params.get("rope_type") or params.get("type") or "default"
-    old_type = (old_scaling or {}).get("rope_type") or (old_scaling or {}).get("type")
-    if v5 and old_type and rope_type != old_type:
-        raise KeptError(
-            f"config.json disagrees with itself: rope_parameters says rope type {rope_type!r} but rope_scaling "
-            f"says {old_type!r}; make them agree"
-        )
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise KeptError("partial_rotary_factor != 1 is not supported by kept_jax")
-    if params.get("attention_factor", 1.0) not in (1.0, None):
-        raise KeptError(f"rope attention_factor != 1 is not supported for rope type {rope_type!r}")
-    original = params.get("original_max_position_embeddings", hf.get("original_max_position_embeddings"))
-    if rope_type == "llama3" and original is None:
-        original = hf.get("max_position_embeddings")  # HF's own fallback
-    return RopeConfig(
-        type=rope_type,
-        theta=float(params.get("rope_theta", 10000.0)),
-        factor=float(params.get("factor", 1.0)),
-        low_freq_factor=params.get("low_freq_factor"),
-        high_freq_factor=params.get("high_freq_factor"),
-        original_max_position_embeddings=original,
-    )
 
 
 # ---- The model ------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ from kept_jax.models.names import TensorSpec, linear_specs, norm_specs
 Array = jax.Array
 
 BLOCK_NORM_EPS = 1e-5  # the two block norms', whatever norm_epsilon says (it is the final norm's)
-MIXER_FORMS = ("chunked", "matrix", "recurrent")
 SSM_ACTIVATIONS = ("identity", "silu")
 # config.json keys, at the top level and in the two sub-configs, with the reference implementation's defaults.
 TOP_KEYS = frozenset("""
@@ -90,7 +89,7 @@ class LlambaConfig(ModelConfig):
             raise KeptError(f"expand x d_model = {self.d_inner} must be a multiple of ssm_cfg.n_v_heads "
                             f"({self.n_v_heads}): the heads split the inner dimension evenly")
         check_choice("ssm_cfg.activation", self.ssm_activation, SSM_ACTIVATIONS)
-        check_choice("mixer_form", self.mixer_form, MIXER_FORMS)
+        check_choice("mixer_form", self.mixer_form, ssd.FORMS)
 
     # ---- Derived sizes ------------------------------------------------------------------------
 
@@ -165,14 +164,10 @@ class LlambaConfig(ModelConfig):
         return self.num_hidden_layers * per_layer + d * self.padded_vocab_size
 
     def mixing_flops_per_token(self, seq_len: int) -> float:
-        """The chunked form's, with Q = min(chunk_size, T) and n = ceil(T / Q) chunks, per layer and token:
-        C B^T in its chunk 2 G Q N, the intra-chunk product 2 H Q P, the chunk's state and the entering state's
-        output 4 H P N, the recurrence between chunks 2 H P N (n + 1)^2 / T, the convolution 2 d_conv (d_inner + 2GN).
-        Elementwise work (decays, gate) is not counted."""
-        h, g, p, n = self.n_v_heads, self.n_qk_heads, self.head_dim, self.d_state
-        q = min(self.chunk_size, seq_len)
-        chunks = -(-seq_len // q)
-        per_layer = (2 * g * q * n + 2 * h * q * p + 4 * h * p * n + 2 * h * p * n * (chunks + 1) ** 2 / seq_len
+        """Per layer, the chunked form's (`ssd.chunked_flops_per_token`) and the convolution's 2 d_conv (d_inner +
+        2 G N). Elementwise work (decays, gate) is not counted."""
+        per_layer = (ssd.chunked_flops_per_token(self.n_v_heads, self.n_qk_heads, self.head_dim, self.d_state,
+                                                 self.chunk_size, seq_len)
                      + 2 * self.d_conv * self.conv_channels)
         return self.num_hidden_layers * per_layer
 
@@ -331,13 +326,7 @@ class DiscreteMamba2(nn.Module):
     def __call__(self, u: Array) -> Array:
         cfg = self.config
         x, B, C, z, log_a, _ = self._inputs(u, None)
-        if cfg.mixer_form == "matrix":
-            y = ssd.ssd_matrix(x, B, C, log_a)
-        elif cfg.mixer_form == "recurrent":
-            y, _ = ssd.ssd_recurrent(x, B, C, log_a)
-        else:
-            y, _ = ssd.ssd_chunked(x, B, C, log_a, cfg.chunk_size)
-        return self._output(y, x, z)
+        return self._output(ssd.mix(cfg.mixer_form, x, B, C, log_a, cfg.chunk_size), x, z)
 
     def extend(self, u: Array, state: MixerState | None = None,
                lengths: Array | None = None) -> tuple[Array, MixerState]:

@@ -80,7 +80,7 @@ def _get(tree: Params, path: tuple[str, ...]) -> Any:
 
 
 def head_kernel(params: Params, config: ModelConfig) -> jax.Array:
-    """The output head as a [hidden, vocab] matrix, tied or not."""
-    if config.tie_word_embeddings:
-        return _get(params, config.embedding_path).T
-    return _get(params, config.head_path)
+    """The output head as a [hidden, vocab] matrix, tied or not, divided by `config.logit_divisor` when that is
+    not 1 (the logits are then hidden @ head_kernel, as the model computes them)."""
+    kernel = _get(params, config.embedding_path).T if config.tie_word_embeddings else _get(params, config.head_path)
+    return kernel if config.logit_divisor == 1 else kernel / jnp.asarray(config.logit_divisor, kernel.dtype)

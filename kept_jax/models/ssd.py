@@ -121,6 +121,28 @@ def ssd_chunked(x: Array, B: Array, C: Array, log_a: Array, chunk_size: int,
     return y.reshape(b, nc * q, h, p)[:, :t], final.reshape(b, h, p, n)
 
 
+FORMS = ("chunked", "matrix", "recurrent")  # the forms `mix` runs, a model's runtime `mixer_form`
+
+
+def mix(form: str, x: Array, B: Array, C: Array, log_a: Array, chunk_size: int) -> Array:
+    """y [b, T, H, P] of a whole sequence from a zero state, in one of the three `FORMS`."""
+    if form == "matrix":
+        return ssd_matrix(x, B, C, log_a)
+    if form == "recurrent":
+        return ssd_recurrent(x, B, C, log_a)[0]
+    return ssd_chunked(x, B, C, log_a, chunk_size)[0]
+
+
+def chunked_flops_per_token(heads: int, groups: int, head_dim: int, state: int, chunk_size: int, seq_len: int) -> float:
+    """Forward FLOPs per token of `ssd_chunked`, with Q = min(chunk_size, T) and n = ceil(T / Q) chunks: C B^T in
+    its chunk 2 G Q N, the intra-chunk product 2 H Q P, the chunk's state and the entering state's output 4 H P N, the
+    recurrence between chunks 2 H P N (n + 1)^2 / T. Elementwise work (decays) is not counted."""
+    h, g, p, n = heads, groups, head_dim, state
+    q = min(chunk_size, seq_len)
+    chunks = -(-seq_len // q)
+    return 2 * g * q * n + 2 * h * q * p + 4 * h * p * n + 2 * h * p * n * (chunks + 1) ** 2 / seq_len
+
+
 def _initial_state(state: Array | None, b: int, h: int, p: int, n: int) -> Array:
     return jnp.zeros((b, h, p, n), jnp.float32) if state is None else state.astype(jnp.float32)
 
