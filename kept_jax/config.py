@@ -171,16 +171,35 @@ class ModelConfig:
         return (f"{self.architecture}, {self.num_hidden_layers} layers, hidden {self.hidden_size}, "
                 f"MLP {self.intermediate_size}, vocab {self.vocab_size}, {tied}")
 
+    @property
+    def padded_vocab_size(self) -> int:
+        """The rows of the embedding and the head (Llamba pads the vocabulary)."""
+        return self.vocab_size
+
     def num_params(self) -> int:
+        raise NotImplementedError
+
+    def layer_matmul_params(self) -> tuple[int, ...]:
+        """Each layer's parameters in linear layers (its mixer's and its MLP's)."""
+        raise NotImplementedError
+
+    def layer_mixing_flops(self, seq_len: int) -> tuple[float, ...]:
+        """Each layer's forward FLOPs per token of sequence mixing beyond the weight matmuls (attention's QK^T and
+        PV, a state-space scan)."""
         raise NotImplementedError
 
     def matmul_params(self) -> int:
         """Parameters of every linear layer and the output head (the embedding lookup is not a matmul)."""
-        raise NotImplementedError
+        return sum(self.layer_matmul_params()) + self.hidden_size * self.padded_vocab_size
 
     def mixing_flops_per_token(self, seq_len: int) -> float:
-        """Forward FLOPs per token of the sequence mixing beyond the weight matmuls (attention's QK^T and PV, ...)."""
-        raise NotImplementedError
+        return sum(self.layer_mixing_flops(seq_len))
+
+
+def replaced_layers(teacher: ModelConfig, student: ModelConfig) -> tuple[int, ...]:
+    """The layers whose sequence mixer the student replaced (a kind other than the teacher's), in order: every layer
+    of a Llamba, the Mamba-2 layers of a hybrid. MOHAWK's stages 1 and 2 align these."""
+    return tuple(i for i, (t, s) in enumerate(zip(teacher.layer_kinds, student.layer_kinds)) if t != s)
 
 
 def check_positive_ints(values: dict[str, Any]) -> None:

@@ -148,9 +148,8 @@ TARGET_OPTIONS = {
 def parse_args(argv):
     from bridge.mlx_export import BITS
     from kept_jax.mapping import STRATEGIES
-    from kept_jax.mapping.hybrid_init import MIXER_INITS as HYBRID_INITS
     from kept_jax.mapping.hybrid_init import SPEC_FORMS
-    from kept_jax.mapping.llamba_init import MIXER_INITS
+    from kept_jax.mapping.students import MIXER_INITS, check_mixer_init
     from kept_jax.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES
 
     p = argparse.ArgumentParser(prog="python -m kept_jax.convert", description=__doc__.split("\n\n")[0])
@@ -163,7 +162,7 @@ def parse_args(argv):
     p.add_argument("--out", help="output directory (must not exist or be empty, unless --force)")
     p.add_argument("--dry-run", action="store_true", help="plan from config.json alone: nothing is read or written")
     p.add_argument("--opm", choices=(*STRATEGIES, "all"), help="--to llama: OPM strategy (default absorb), or all")
-    p.add_argument("--mixer-init", choices=(*dict.fromkeys(MIXER_INITS + HYBRID_INITS), "all"),
+    p.add_argument("--mixer-init", choices=(*dict.fromkeys(i for inits in MIXER_INITS.values() for i in inits), "all"),
                    help="--to llamba: how each mixer starts, mohawk (default) or attention; --to hybrid: attention "
                    "(default) or mamba2; or all to compare")
     p.add_argument("--attention-layers", help=f"--to hybrid: the layers that keep attention, {SPEC_FORMS} (default "
@@ -225,11 +224,9 @@ def parse_args(argv):
                             "give the same data; pass one")
     args.opm = args.opm or "absorb"
     if args.to in STUDENTS:
-        inits = mixer_inits(args.to)
-        args.mixer_init = args.mixer_init or inits[0]
-        if args.mixer_init not in (*inits, "all"):
-            raise KeptError(f"--mixer-init {args.mixer_init} is not a --to {args.to} init; choose one of "
-                            f"{', '.join(inits)} or all")
+        args.mixer_init = args.mixer_init or MIXER_INITS[args.to][0]
+        if args.mixer_init != "all":
+            check_mixer_init(args.to, args.mixer_init, "--mixer-init")
     args.attention_layers = args.attention_layers or "every:4"
     args.mamba_groups = 1 if args.mamba_groups is None else args.mamba_groups
     if args.mamba_groups < 1:
@@ -244,32 +241,14 @@ def parse_args(argv):
     return args
 
 
-def mixer_inits(target: str) -> tuple[str, ...]:
-    """The mixer inits of `--to llamba` or `--to hybrid`, the default first."""
-    from kept_jax.mapping.hybrid_init import MIXER_INITS as HYBRID_INITS
-    from kept_jax.mapping.llamba_init import MIXER_INITS as LLAMBA_INITS
-
-    return {"llamba": LLAMBA_INITS, "hybrid": HYBRID_INITS}[target]
-
-
-def llamba_mappings(args, teacher_config) -> list:
-    """Llama -> Llamba: one mapping per requested mixer init."""
-    from kept_jax.mapping.llamba_init import MIXER_INITS, build_llamba_mapping, llamba_config_for
+def student_mappings(args, teacher_config, attention_layers: tuple[int, ...] = ()) -> list:
+    """Llama -> Llamba or hybrid (attention in `attention_layers`): one mapping per requested mixer init."""
+    from kept_jax.mapping.students import MIXER_INITS, student_config, student_mapping
 
     layout = _target_layout(args)
-    inits = list(MIXER_INITS) if args.mixer_init == "all" else [args.mixer_init]
-    return [build_llamba_mapping(teacher_config, llamba_config_for(teacher_config, init, layout), init, args.seed)
-            for init in inits]
-
-
-def hybrid_mappings(args, teacher_config, attention_layers: tuple[int, ...]) -> list:
-    """Llama -> hybrid with attention in `attention_layers`: one mapping per requested mixer init."""
-    from kept_jax.mapping.hybrid_init import MIXER_INITS, build_hybrid_mapping, hybrid_config_for
-
-    layout = _target_layout(args)
-    inits = list(MIXER_INITS) if args.mixer_init == "all" else [args.mixer_init]
-    return [build_hybrid_mapping(teacher_config, hybrid_config_for(teacher_config, attention_layers, init, layout,
-                                                                   args.mamba_groups), init, args.seed)
+    inits = MIXER_INITS[args.to] if args.mixer_init == "all" else [args.mixer_init]
+    return [student_mapping(teacher_config, student_config(args.to, teacher_config, init, layout, attention_layers,
+                                                           args.mamba_groups), init, args.seed)
             for init in inits]
 
 
@@ -284,13 +263,14 @@ def attention_layers(args, teacher_config, calib_rows: np.ndarray | None = None)
     from bridge.checkpoint import load_checkpoint
     from bridge.hf_import import ArrayReader, params_from_reader
     from kept_jax.mapping.layer_choice import leave_one_out_kl, most_costly
+    from kept_jax.mapping.students import MIXER_INITS
     from kept_jax.metrics import batches_of
     from kept_jax.runlog import phase
 
-    init = args.mixer_init if args.mixer_init != "all" else mixer_inits("hybrid")[0]
+    init = args.mixer_init if args.mixer_init != "all" else MIXER_INITS["hybrid"][0]
     with phase("choose attention layers", f"each of the {teacher_config.num_hidden_layers} layers replaced alone, "
                f"on {calib_rows.size:,} tokens"):
-        mapping = hybrid_mappings(argparse.Namespace(**{**vars(args), "mixer_init": init}), teacher_config, ())[0]
+        mapping = student_mappings(argparse.Namespace(**{**vars(args), "mixer_init": init}), teacher_config, ())[0]
         tensors, _ = run_mapping(mapping, source_tensor_reader(args.source), teacher_config.param_dtype)
         mamba_config = mapping.target_config.replace(compute_dtype=teacher_config.compute_dtype,
                                                      param_dtype=teacher_config.param_dtype)
@@ -375,10 +355,8 @@ def conversion_mappings(args, teacher_config, stats: dict, layers: tuple[int, ..
     from kept_jax.mapping import copy_mapping
 
     kind = conversion_kind(args, teacher_config)
-    if kind == "llamba":
-        return llamba_mappings(args, teacher_config)
-    if kind == "hybrid":
-        return hybrid_mappings(args, teacher_config, layers)
+    if kind in STUDENTS:
+        return student_mappings(args, teacher_config, layers)
     return opm_mappings(args, teacher_config, stats) if kind == "opm" else [copy_mapping(teacher_config)]
 
 

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from kept_jax.config import replaced_layers
 from kept_jax.memory import GIB, parse_size
 from kept_jax.plan import for_shapes
 
@@ -64,22 +65,39 @@ def _count(flat: dict) -> int:
     return sum(int(np.prod(v.shape)) for v in flat.values())
 
 
-def activation_bytes(cfg, config, micro_batch: int, mesh_sizes: dict) -> dict[str, float]:
-    """The activation rows of the module docstring, in bytes per device."""
-    b, t = micro_batch, cfg.data.seq_len
-    d, f, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
-    q, k = heads * config.head_dim, 2 * config.num_key_value_heads * config.head_dim
-    c = jnp.dtype(cfg.precision.compute).itemsize
-    attention_probs = b * heads * (t * t if cfg.model.attention_impl == "xla" else t) * 4  # fp32 softmax
-    layer_none = b * t * (5 * d + 2 * q + k + 3 * f) * c + attention_probs
-    saved_per_layer = {"full": b * t * d * c, "save-dots-no-batch": b * t * d * c,
-                       "save-dots": b * t * (3 * d + q + k + 2 * f) * c, "none": layer_none}[cfg.model.remat]
+def layer_bytes(config, kind: str, b: int, t: int, c: int) -> dict[str, float]:
+    """One layer's activations for b sequences of t tokens in c-byte elements: everything its forward makes
+    (`none`) and what each remat policy saves of it (d hidden, f ffn size). An attention layer, with q = heads x
+    head_dim, k = 2 x kv_heads x head_dim, H heads: `none` b T (5d + 2q + k + 3f) and the probabilities b H T^2 in fp32
+    (b H T with cudnn's fused kernel); save-dots b T (3d + q + k + 2f). A state-space layer (a Llamba's, a hybrid's
+    Mamba-2): the input, two norms, the MLP's residual (4 d), in_proj's output and the convolution's, y and the gated
+    y (2 d_inner), the MLP (3 f), and the chunked SSD's fp32 within-chunk matrices (H x chunk per token); save-dots
+    b T (d + in_proj + d_inner + 2f). full and save-dots-no-batch keep the layer input, b T d."""
+    d, f = config.hidden_size, config.intermediate_size
+    if kind == "attention":
+        heads = config.num_attention_heads
+        q, k = heads * config.head_dim, 2 * config.num_key_value_heads * config.head_dim
+        probs = b * heads * (t * t if config.attention_impl == "xla" else t) * 4  # fp32 softmax
+        none, dots = b * t * (5 * d + 2 * q + k + 3 * f) * c + probs, b * t * (3 * d + q + k + 2 * f) * c
+    else:
+        none = b * t * (4 * d + config.in_proj_size + config.conv_channels + 2 * config.d_inner + 3 * f) * c
+        none += b * t * config.mixer_heads * config.ssm_chunk * 4
+        dots = b * t * (d + config.in_proj_size + config.d_inner + 2 * f) * c
+    return {"none": none, "full": b * t * d * c, "save-dots-no-batch": b * t * d * c, "save-dots": dots}
+
+
+def kl_activation_bytes(cfg, config, b: int) -> dict[str, float]:
+    """The activation rows of a logits-KL step (the module docstring), in bytes per device: every layer's saved
+    activations, one layer's recompute and gradients, both final hidden states, the loss's chunk logits."""
+    t, c = cfg.data.seq_len, jnp.dtype(cfg.precision.compute).itemsize
+    layers = [layer_bytes(config, kind, b, t, c) for kind in config.layer_kinds]
     return {
         f"saved for backward ({cfg.model.remat}, {config.num_hidden_layers} layers)":
-            saved_per_layer * config.num_hidden_layers,
-        "one layer's recompute + gradients": 2 * layer_none,
-        "final hidden states (teacher, student)": 2 * b * t * d * c,
-        f"loss chunk logits ({cfg.loss.chunk_size} x {config.vocab_size})": 3 * cfg.loss.chunk_size * config.vocab_size * 4,
+            sum(layer[cfg.model.remat] for layer in layers),
+        "one layer's recompute + gradients": 2 * max(layer["none"] for layer in layers),
+        "final hidden states (teacher, student)": 2 * b * t * config.hidden_size * c,
+        f"loss chunk logits ({cfg.loss.chunk_size} x {config.padded_vocab_size})":
+            3 * cfg.loss.chunk_size * config.padded_vocab_size * 4,
     }
 
 
@@ -108,7 +126,7 @@ def estimate(plan) -> dict:
     teacher_bytes, student_bytes = _placement(plan)
     memory = _weight_rows(cfg, teacher_bytes(teacher_flat), own, student_bytes(own),
                           student_bytes(trainable, itemsize=4))
-    memory.update(activation_bytes(cfg, student_config, plan.micro_batch, plan.mesh))
+    memory.update(kl_activation_bytes(cfg, plan.student_config, plan.micro_batch))  # its attention kernel
     if plan.mesh["fsdp"] > 1:  # XLA gathers a layer's fsdp-sharded weights (teacher's and student's) to use them
         c = teacher_config
         layer_and_head = (c.matmul_params() - c.hidden_size * c.vocab_size) / c.num_hidden_layers + c.hidden_size * c.vocab_size
@@ -150,52 +168,39 @@ def _weight_rows(cfg, teacher: float, own: dict, own_bytes: float, trainable_fp3
     }
 
 
-def llamba_block_bytes(config, b: int, t: int, c: int) -> dict[str, float]:
-    """A Llamba block's activations for b sequences of t tokens in c-byte elements: everything its forward makes
-    (`none`), and what each remat policy saves of it. In elements per token: the input, two norms, the MLP's
-    residual (4 d), in_proj's output and the convolution's, y and the gated y (2 d_inner), the MLP (3 f); plus the
-    chunked SSD's fp32 within-chunk matrices (H x chunk per token)."""
-    d, f = config.hidden_size, config.intermediate_size
-    none = b * t * (4 * d + config.in_proj_size + config.conv_channels + 2 * config.d_inner + 3 * f) * c
-    none += b * t * config.n_v_heads * config.chunk_size * 4
-    return {"none": none, "full": b * t * d * c, "save-dots-no-batch": b * t * d * c,
-            "save-dots": b * t * (d + config.in_proj_size + config.d_inner + 2 * f) * c}
-
-
 def mohawk_activation_bytes(cfg, objective: str, teacher, student, b: int) -> dict[str, float]:
-    """Stage activations per device (estimates of XLA's live set; docs/llamba.md for the objectives):
-      matrix  the teacher's layer inputs (L x b T d), then one layer at a time: the teacher's attention
+    """Stage activations per device (estimates of XLA's live set; docs/llamba.md for the objectives), R the layers
+    the student replaced (all of a Llamba's, a hybrid's Mamba-2 ones):
+      matrix  the teacher's layer inputs (R x b T d), then one layer at a time: the teacher's attention
               probabilities and the student's mixing matrix with its segment sums and their gradients
               (5 x b H T^2 fp32)
       hidden  the teacher's layer inputs ((L+1) x b T d), then one student block at a time, forward and backward
               (2 x its `none` activations)
-      kl      the student's saved activations per layer (by model.remat) x L, one block's recompute and
-              gradients, both final hidden states, and the loss's chunk logits (3 x chunk x vocab fp32)"""
+      kl      as any logits-KL step (`kl_activation_bytes`)"""
     t, c = cfg.data.seq_len, jnp.dtype(cfg.precision.compute).itemsize
-    d, layers, heads = student.hidden_size, student.num_hidden_layers, student.n_v_heads
-    block = llamba_block_bytes(student, b, t, c)
+    d, heads = student.hidden_size, student.mixer_heads
+    replaced = replaced_layers(teacher, student)
     if objective == "matrix":
-        return {f"teacher layer inputs ({layers} x b T d)": layers * b * t * d * c,
+        return {f"teacher layer inputs ({len(replaced)} x b T d)": len(replaced) * b * t * d * c,
                 f"one layer's matrices (5 x b H T^2 fp32, H = {heads})": 5 * b * heads * t * t * 4}
     if objective == "hidden":
+        layers = teacher.num_hidden_layers
+        block = max(layer_bytes(student, student.layer_kinds[i], b, t, c)["none"] for i in replaced)
         return {f"teacher layer inputs ({layers + 1} x b T d)": (layers + 1) * b * t * d * c,
-                "one block, forward and backward (2 x its activations)": 2 * block["none"]}
-    return {f"saved for backward ({cfg.model.remat}, {layers} layers)": layers * block[cfg.model.remat],
-            "one block's recompute + gradients": 2 * block["none"],
-            "final hidden states (teacher, student)": 2 * b * t * d * c,
-            f"loss chunk logits ({cfg.loss.chunk_size} x {student.padded_vocab_size})":
-                3 * cfg.loss.chunk_size * student.padded_vocab_size * 4}
+                "one block, forward and backward (2 x its activations)": 2 * block}
+    return kl_activation_bytes(cfg, student, b)
 
 
 def estimate_mohawk(plan) -> dict:
-    """The Llama -> Llamba job, stage by stage: weights (teacher, the student leaves not read from the teacher,
-    which grow as stages train them), trainable copies, AdamW state, gradients and the stage's activations."""
-    from kept_jax.mapping.llamba_init import build_llamba_mapping
+    """The Llama -> Llamba or hybrid job, stage by stage: weights (teacher, the student leaves not read from the
+    teacher, which grow as stages train them), trainable copies, AdamW state, gradients and the stage's
+    activations."""
+    from kept_jax.mapping.students import student_mapping
     from kept_jax.models.params import abstract_params
     from kept_jax.xkd.trainable import describe, is_trainable, split_by_paths
 
     cfg, teacher_config, student_config = plan.cfg, plan.teacher_config, plan.student_config
-    mapping = build_llamba_mapping(teacher_config, student_config, cfg.mixer_init)
+    mapping = student_mapping(teacher_config, student_config, cfg.mixer_init)
     mapping.check()
     teacher = abstract_params(for_shapes(teacher_config))
     student = traverse_util.flatten_dict({"params": abstract_params(student_config)})
@@ -238,9 +243,8 @@ def dry_run_mohawk(plan, device_memory: str | None) -> int:
           f"teacher        {plan.layout}: Llama, {t.num_hidden_layers} layers, hidden {t.hidden_size}, "
           f"{t.num_attention_heads} heads x {t.head_dim} ({t.num_key_value_heads} KV), "
           f"{p['teacher_params'] / 1e9:.2f}B\n"
-          f"student        Llamba, {s.n_v_heads} mixer heads x {s.head_dim}, d_state {s.d_state}, "
-          f"{s.n_qk_heads} B/C groups, {p['student_params'] / 1e9:.2f}B; mapping {p['mapping'].strategy}: every "
-          f"tensor covered\n"
+          f"student        {s.describe()}; {p['student_params'] / 1e9:.2f}B; mapping {p['mapping'].strategy}: "
+          f"every tensor covered\n"
           f"mesh           data={mesh['data']} x fsdp={mesh['fsdp']} x tensor={mesh['tensor']} = {plan.devices} "
           f"device(s); every sharded dimension splits evenly\n"
           f"batch          {cfg.data.batch_size} x {cfg.data.seq_len} tokens per micro-step ({plan.micro_batch} "

@@ -14,17 +14,18 @@ A = heads x head_dim, QK^T and PV at full T x T):
 With every weight trainable the student term of a Llama is the familiar 6 N + 12 L T A. Recomputation under remat
 is not counted: MFU measures useful work. MFU = step FLOPs / step time / (peak FLOP/s per device x devices).
 
-MOHAWK's layer stages (`stage_flops_per_token`) run the teacher's layers without its head (u_0 ... u_L), then:
+MOHAWK's layer stages (`stage_flops_per_token`) run the teacher's layers without its head (u_0 ... u_L), then, for
+each layer the student replaced (all of a Llamba's, a hybrid's Mamba-2 layers):
 
-    hidden   every student block forward and backward, the same terms as above without the head
-    matrix   per layer, the teacher's q and k projections and Q K^T again (2 d (q + k) + 2 T q, q and k the
-             projections' widths), and the student's in_proj and C B^T over the whole T x T (2 d P_in + 2 G N T,
-             P_in = in_proj's width), counted three times for forward and backward
+    hidden   the student's block forward and backward, the same terms as above without the head
+    matrix   the teacher's q and k projections and Q K^T again (2 d (q + k) + 2 T q, q and k the projections'
+             widths), and the student's in_proj and C B^T over the whole T x T (2 d P_in + 2 G N T, P_in =
+             in_proj's width), counted three times for forward and backward
 """
 
 from __future__ import annotations
 
-from kept_jax.config import ModelConfig
+from kept_jax.config import ModelConfig, replaced_layers
 
 # Dense peak FLOP/s per device by `device_kind` prefix, for bf16 compute; fp32 matmuls run as TF32 on the tensor
 # cores under XLA's default precision, whose dense peak is half that of bf16 on these parts.
@@ -56,13 +57,14 @@ def stage_flops_per_token(objective: str, teacher: ModelConfig, student: ModelCo
     """FLOPs per token of one training step of a stage with `objective` (kept_jax/xkd/objectives.py)."""
     if objective == "kl":
         return step_flops_per_token(teacher, student, seq_len, trainable_matmul_params)
-    teacher_layers = forward_flops_per_token(teacher, seq_len) - 2 * teacher.hidden_size * teacher.vocab_size
+    teacher_layers = forward_flops_per_token(teacher, seq_len) - 2 * teacher.hidden_size * teacher.padded_vocab_size
+    replaced = replaced_layers(teacher, student)
     if objective == "hidden":
-        blocks = student.matmul_params() - student.hidden_size * student.padded_vocab_size
-        mixing = student.mixing_flops_per_token(seq_len)
+        blocks = sum(student.layer_matmul_params()[i] for i in replaced)
+        mixing = sum(student.layer_mixing_flops(seq_len)[i] for i in replaced)
         return teacher_layers + 4 * blocks + 3 * mixing + 2 * trainable_matmul_params
-    d, layers = teacher.hidden_size, teacher.num_hidden_layers
+    d, layers = teacher.hidden_size, len(replaced)
     q, k = teacher.num_attention_heads * teacher.head_dim, teacher.num_key_value_heads * teacher.head_dim
     attention = layers * (2 * d * (q + k) + 2 * seq_len * q)
-    matrices = layers * (2 * d * student.in_proj_size + 2 * student.n_qk_heads * student.d_state * seq_len)
+    matrices = layers * (2 * d * student.in_proj_size + 2 * student.bc_width * seq_len)
     return teacher_layers + attention + 3 * matrices

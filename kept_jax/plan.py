@@ -62,6 +62,7 @@ def make_plan(cfg: JobConfig, source_config, layout: str, devices: int, student_
                         f"Lower data.seq_len, or set data.beyond_context=true to distill past it anyway")
     source_config = source_config.replace(**cfg.runtime(type(source_config)))
     teacher_config, student_config = job_models(cfg, source_config, student_layout)
+    source_config = source_config.replace(scan_layers=teacher_config.scan_layers)  # loaded in the teacher's layout
     stages = tuple(plan_stages(cfg))
     check_trainable_sets(stages, student_config)
     mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)))
@@ -75,28 +76,43 @@ def make_plan(cfg: JobConfig, source_config, layout: str, devices: int, student_
 
 def job_models(cfg: JobConfig, source_config, student_layout=None):
     """(teacher, student) configs: kept's Orion and the Llama it becomes (with the LoRA scale); mohawk's Llama
-    teacher (an Orion source converted to one first) and its Llamba student."""
+    teacher (an Orion source converted to one first) and its Llamba or hybrid student. The teacher's layers are
+    scanned when the student's are (a hybrid of two kinds of layer runs them as a loop), so that the layers the
+    student copies can read the teacher's buffers."""
     from kept_jax.mapping import target_config
 
     if cfg.recipe == "kept":
         return source_config, target_config(source_config, cfg.opm).replace(lora_scale=cfg.lora.alpha / cfg.lora.rank)
     teacher = target_config(source_config, cfg.opm) if source_config.architecture == "orion" else source_config
-    return teacher, mohawk_student_config(cfg, teacher, student_layout)
+    student = mohawk_student_config(cfg, teacher, student_layout)
+    return teacher.replace(scan_layers=student.scan_layers), student
 
 
 def mohawk_student_config(cfg: JobConfig, teacher_config, layout=None):
-    """The Llamba student: `layout` (the config `student_config` names) checked against the teacher, or one derived
-    from it, with the job's runtime fields; refused when a matrix stage cannot pair each mixer head with an
+    """The student (`cfg.student`): `layout` (the config `student_config` names) checked against the teacher, or
+    one derived from it, with the job's runtime fields; refused when a matrix stage cannot give each mixer head an
     attention head."""
-    from kept_jax.mapping.llamba_init import llamba_config_for
+    from kept_jax.mapping.hybrid_init import parse_attention_layers
+    from kept_jax.mapping.students import student_config
 
-    student = llamba_config_for(teacher_config, cfg.mixer_init, layout)
+    layers = ()
+    if cfg.student == "hybrid" and layout is not None:
+        layers = layout.attention_layers  # its config.json's layer_types (load_config refuses attention_layers too)
+    elif cfg.student == "hybrid":
+        layers = parse_attention_layers(cfg.attention_layers, teacher_config.num_hidden_layers)
+        if isinstance(layers, int):
+            raise KeptError(f"attention_layers: {cfg.attention_layers} chooses layers by measurement, which a job "
+                            f"does not repeat: run python -m kept_jax.convert --to hybrid --source {cfg.source} "
+                            f"--attention-layers {cfg.attention_layers} --out DIR, which prints the layers it keeps, "
+                            "and give them as a list (attention_layers: 3,9,14), or give student_config: "
+                            "DIR/config.json")
+    student = student_config(cfg.student, teacher_config, cfg.mixer_init, layout, layers, cfg.mamba_groups)
     student = student.replace(**cfg.runtime(type(student)))
     heads = teacher_config.num_attention_heads
-    if any(s.objective == "matrix" for s in cfg.stages) and student.n_v_heads != heads:
+    if any(s.objective == "matrix" for s in cfg.stages) and student.mixer_heads % heads:
         raise KeptError(f"the matrix stage compares each mixer head with an attention head, but the student has "
-                        f"{student.n_v_heads} heads and the teacher {heads}; "
-                        "give the student n_v_heads equal to the teacher's heads, or drop the matrix stage")
+                        f"{student.mixer_heads} heads and the teacher {heads}; give the student a multiple of the "
+                        "teacher's heads, or drop the matrix stage")
     return student
 
 

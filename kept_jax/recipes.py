@@ -8,8 +8,8 @@ sharding, checkpoints and logs are the same for every recipe (kept_jax/train.py)
 
 - `kept`: Orion -> Llama by NPM + OPM, calibrated on the teacher's activations; one stage, XKD's logits KL, with
   `train.*` (cosine schedule) and `loss.*`.
-- `mohawk`: Llama -> Llamba, each attention replaced by an initialized mixer (`mixer_init`), distilled in the
-  `stages:` of the config (matrix orientation, hidden-state alignment, logits KL; AdamW 0.9/0.95 on a
+- `mohawk`: Llama -> Llamba or a Mamba-2/attention hybrid (`student`), each attention replaced (a hybrid's outside
+  `attention_layers`) by an initialized mixer (`mixer_init`), distilled in the `stages:` of the config (matrix orientation, hidden-state alignment, logits KL; AdamW 0.9/0.95 on a
   warmup-stable-decay schedule restarted per stage). An Orion source is first converted to Llama by the kept
   conversion (no training), and that Llama is the teacher: Orion -> Llama -> Llamba in one job.
 """
@@ -66,7 +66,7 @@ def kept(plan, source_params, calib_batches) -> Recipe:
 def mohawk(plan, source_params, calib_batches) -> Recipe:
     from bridge.hf_import import ArrayReader, params_from_reader
     from kept_jax.convert import run_mapping, source_tensor_reader
-    from kept_jax.mapping.llamba_init import build_llamba_mapping
+    from kept_jax.mapping.students import student_mapping
 
     cfg, teacher_config, student_config = plan.cfg, plan.teacher_config, plan.student_config
     if plan.source_config.architecture == "orion":
@@ -75,7 +75,7 @@ def mohawk(plan, source_params, calib_batches) -> Recipe:
         read = tensors.__getitem__
     else:  # a Llama (the plan checked the source's architecture)
         teacher_params, read = source_params, source_tensor_reader(cfg.source)
-    mapping = build_llamba_mapping(teacher_config, student_config, cfg.mixer_init, cfg.train.seed)
+    mapping = student_mapping(teacher_config, student_config, cfg.mixer_init, cfg.train.seed)
     tensors, _ = run_mapping(mapping, read, cfg.precision.params)
     student_params, _, _ = params_from_reader(ArrayReader(tensors), student_config)
     return Recipe(teacher_params, {"params": student_params}, mapping, mapping.shared_with_teacher())

@@ -77,8 +77,8 @@ def plan_job(cfg, devices: int, dry_run: bool = False):
     student_layout = None
     if cfg.recipe == "mohawk" and cfg.student_config:
         _, student_layout = _read_layout(
-            "student_config", cfg.student_config, "give a Llamba config.json (e.g. configs/models/llamba-1b.json) or "
-            "leave it out to derive the student from the teacher")
+            "student_config", cfg.student_config, "give the student's config.json (e.g. "
+            "configs/models/llamba-1b.json) or leave it out to derive the student from the teacher")
     return make_plan(cfg, source_config, layout, devices, student_layout)
 
 
@@ -137,7 +137,8 @@ class Job:
         self.eval_rows = heldout[n_calib : n_calib + n_eval]
 
         with runlog.phase("load", cfg.source):
-            _, source_params, _ = load_checkpoint(cfg.source, progress="load", **cfg.runtime(type(source)))
+            _, source_params, _ = load_checkpoint(cfg.source, progress="load", **{
+                **cfg.runtime(type(source)), "scan_layers": source.scan_layers})
         with runlog.phase("calibrate and convert", f"{calib_rows.size:,} held-out tokens, recipe {cfg.recipe}"):
             recipe = RECIPES[cfg.recipe](plan, source_params, batches_of(calib_rows, d.batch_size))
         del source_params
@@ -418,6 +419,14 @@ class Job:
             return
         export_model(export_dir, self.cfg.source, config, lambda n: hf_tensor(params, config, specs[n], dtype), dtype)
 
+def student_name(config) -> str:
+    """`Llamba`, or `hybrid (attention in layers 0, 4, 8)`."""
+    if config.architecture == "llamba":
+        return "Llamba"
+    layers = config.attention_layers
+    return f"hybrid (attention in {'no layer' if not layers else 'layers ' + ', '.join(map(str, layers))})"
+
+
 def _verify(export_dir: str, source: str) -> dict:
     """bridge.verify in-process; without torch the check is skipped and says so."""
     try:
@@ -602,7 +611,7 @@ def main(argv=None) -> int:
         job.export(tmp)
     if not cfg.verify:
         verified = {"verified": False, "why": "verify=false"}
-    elif job.student.config.architecture == "llamba":
+    elif job.student.config.architecture == "llamba":  # Transformers has no Llamba
         with runlog.phase("verify", "the re-imported export against the float64 oracle"):
             verified = _check_llamba(export_dir, job.eval_rows)
     else:
@@ -649,10 +658,12 @@ def main(argv=None) -> int:
     }
     if cfg.recipe == "mohawk":
         summary["mixer_init"] = cfg.mixer_init
+        summary["student"] = student_name(job.student.config)
         summary["stages"] = _stage_summaries(job.stages, evals, train_records, cfg.data.tokens_per_step)
         summary["hidden_init"], summary["hidden_by_layer_init"] = init.get("hidden"), init.get("hidden_by_layer")
     title = (f"{cfg.source} -> Llama: opm={cfg.opm}, trainable={summary['trainable']}" if cfg.recipe == "kept" else
-             f"{cfg.source} -> Llamba (MOHAWK, {cfg.mixer_init} init): " + ", ".join(s.name for s in job.stages))
+             f"{cfg.source} -> {student_name(job.student.config)} (MOHAWK, {cfg.mixer_init} init): "
+             + ", ".join(s.name for s in job.stages))
     runlog.write_report(out_dir, title)
     worse = None
     if not final["kl"] <= init["kl"]:  # NaN counts as worse

@@ -136,10 +136,14 @@ class StageConfig:
 @dataclasses.dataclass(frozen=True)
 class JobConfig:
     source: str = "kept_jax/assets/tiny-orion"
-    recipe: Literal["kept", "mohawk"] = "kept"  # kept: Orion -> Llama; mohawk: (Orion ->) Llama -> Llamba
+    recipe: Literal["kept", "mohawk"] = "kept"  # kept: Orion -> Llama; mohawk: (Orion ->) Llama -> Llamba or hybrid
     opm: Literal["copy", "lsq", "center", "center-lsq", "absorb", "exact"] = "absorb"
-    mixer_init: Literal["mohawk", "attention"] = "mohawk"  # mohawk: how each mixer starts (docs/llamba.md)
-    student_config: str = ""  # mohawk: the Llamba student's config.json (default: derived from the teacher)
+    student: Literal["llamba", "hybrid"] = "llamba"  # mohawk: a Llamba, or a Mamba-2/attention hybrid (docs/hybrid.md)
+    # mohawk: how each new mixer starts: a Llamba's mohawk or attention, a hybrid's attention or mamba2
+    mixer_init: Literal["mohawk", "attention", "mamba2"] = "mohawk"
+    attention_layers: str = "every:4"  # hybrid: the layers that keep attention (a list, every:K, all, none)
+    mamba_groups: int = 1  # hybrid: B/C groups of the Mamba-2 mixers
+    student_config: str = ""  # mohawk: the student's config.json (default: derived from the teacher)
     stages: tuple[StageConfig, ...] = ()  # mohawk: the stages in order (kept trains once, with train.* and loss.*)
     trainable: str | tuple[str, ...] = "norms"  # a named set, or regular expressions over parameter paths
     verify: bool = True
@@ -216,6 +220,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "stages.tokens": (1, INF, False), "stages.lr": (0, INF, True), "stages.warmup": (0, 1, False),
     "stages.decay": (0, 1, False), "stages.weight_decay": (0, INF, False), "stages.clip": (0, INF, False),
     "data.train.weight": (0, INF, True), "data.eval.weight": (0, INF, True), "chat.max_new_tokens": (1, INF, False),
+    "mamba_groups": (1, INF, False),
 }
 
 
@@ -362,6 +367,17 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> tuple[Job
     if cfg.recipe == "mohawk" and {"steps", "warmup", "lr", "weight_decay", "clip"} & set(raw.get("train") or {}):
         raise KeptError("recipe: mohawk takes each stage's tokens, lr, weight_decay and clip from stages:, not "
                         "train.steps/warmup/lr/weight_decay/clip; remove those keys")
+    hybrid_keys = {"attention_layers", "mamba_groups"} & set(raw)
+    if hybrid_keys and not (cfg.recipe == "mohawk" and cfg.student == "hybrid"):
+        raise KeptError(f"{', '.join(sorted(hybrid_keys))} shape a hybrid student; set recipe: mohawk and "
+                        "student: hybrid, or remove them")
+    if "attention_layers" in raw and cfg.student_config:
+        raise KeptError("attention_layers and student_config both say which layers keep attention (its layer_types); "
+                        "give one of them")
+    if cfg.recipe == "mohawk":
+        from kept_jax.mapping.students import check_mixer_init
+
+        check_mixer_init(cfg.student, cfg.mixer_init)
     if cfg.recipe == "mohawk" and {"trainable", "lora"} & set(raw):
         raise KeptError("recipe: mohawk trains each stage's own set (stages[i].trainable); remove the top-level "
                         "trainable and lora keys, which are the kept recipe's")

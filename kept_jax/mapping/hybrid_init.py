@@ -85,7 +85,8 @@ def hybrid_config_for(teacher: LlamaConfig, attention_layers: tuple[int, ...], m
         expand = 2
         layout = HybridConfig(
             vocab_size=teacher.vocab_size, hidden_size=d, intermediate_size=teacher.intermediate_size,
-            num_hidden_layers=teacher.num_hidden_layers, layer_types=types, num_attention_heads=heads,
+            num_hidden_layers=teacher.num_hidden_layers, tie_word_embeddings=teacher.tie_word_embeddings,
+            layer_types=types, num_attention_heads=heads,
             num_key_value_heads=teacher.num_key_value_heads, attention_multiplier=head_dim ** -0.5,
             mamba_n_heads=expand * d // head_dim, mamba_d_head=head_dim, mamba_n_groups=groups,
             mamba_d_state=head_dim, mamba_expand=expand)

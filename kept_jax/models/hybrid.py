@@ -164,6 +164,19 @@ class HybridConfig(ModelConfig):
         return self.d_inner + self.conv_channels + self.mamba_n_heads
 
     @property
+    def mixer_heads(self) -> int:
+        return self.mamba_n_heads
+
+    @property
+    def ssm_chunk(self) -> int:
+        return self.mamba_chunk_size
+
+    @property
+    def bc_width(self) -> int:
+        """B's (and C's) channels: groups x d_state."""
+        return self.mamba_n_groups * self.mamba_d_state
+
+    @property
     def attention_layers(self) -> tuple[int, ...]:
         return tuple(i for i, t in enumerate(self.layer_types) if t == ATTENTION)
 
@@ -250,20 +263,19 @@ class HybridConfig(ModelConfig):
         head = 0 if self.tie_word_embeddings else d * v
         return v * d + self.num_hidden_layers * per_layer + mixers + d + head
 
-    def matmul_params(self) -> int:
-        d = self.hidden_size
-        mixers = (len(self.attention_layers) * self._attention_params(True)
-                  + len(self.mamba_layers) * self._mamba_params(True))
-        return self.num_hidden_layers * 3 * d * self.intermediate_size + mixers + d * self.vocab_size
+    def layer_matmul_params(self) -> tuple[int, ...]:
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        return tuple(mlp + (self._attention_params(True) if t == ATTENTION else self._mamba_params(True))
+                     for t in self.layer_types)
 
-    def mixing_flops_per_token(self, seq_len: int) -> float:
+    def layer_mixing_flops(self, seq_len: int) -> tuple[float, ...]:
         """Attention layers: QK^T and PV at full T x T, 4 T A (A = heads x head_dim). Mamba-2 layers: the chunked
         form's (`ssd.chunked_flops_per_token`) and the convolution's 2 d_conv C."""
         attention = 4 * seq_len * self.num_attention_heads * self.head_dim
         mamba = (ssd.chunked_flops_per_token(self.mamba_n_heads, self.mamba_n_groups, self.mamba_d_head,
                                              self.mamba_d_state, self.mamba_chunk_size, seq_len)
                  + 2 * self.mamba_d_conv * self.conv_channels)
-        return len(self.attention_layers) * attention + len(self.mamba_layers) * mamba
+        return tuple(attention if t == ATTENTION else mamba for t in self.layer_types)
 
     # ---- Hugging Face config.json and tensor names ---------------------------------------------
 

@@ -135,15 +135,14 @@ class LlamaConfig(ModelConfig):
         head = 0 if self.tie_word_embeddings else d * v
         return v * d + l * (attn + mlp + 2 * norm) + norm + head
 
-    def matmul_params(self) -> int:
+    def layer_matmul_params(self) -> tuple[int, ...]:
         d, h = self.hidden_size, self.num_attention_heads * self.head_dim
         kv = self.num_key_value_heads * self.head_dim
-        per_layer = d * (h + 2 * kv) + h * d + 3 * d * self.intermediate_size
-        return self.num_hidden_layers * per_layer + d * self.vocab_size
+        return (d * (h + 2 * kv) + h * d + 3 * d * self.intermediate_size,) * self.num_hidden_layers
 
-    def mixing_flops_per_token(self, seq_len: int) -> float:
-        """QK^T and PV at full T x T: 4 L T A with A = heads x head_dim."""
-        return 4 * self.num_hidden_layers * seq_len * self.num_attention_heads * self.head_dim
+    def layer_mixing_flops(self, seq_len: int) -> tuple[float, ...]:
+        """QK^T and PV at full T x T: 4 T A per layer, with A = heads x head_dim."""
+        return (4 * seq_len * self.num_attention_heads * self.head_dim,) * self.num_hidden_layers
 
     # ---- Hugging Face config.json and tensor names ---------------------------------------------
 

@@ -107,6 +107,19 @@ class LlambaConfig(ModelConfig):
         return self.d_inner + 2 * self.n_qk_heads * self.d_state
 
     @property
+    def mixer_heads(self) -> int:
+        return self.n_v_heads
+
+    @property
+    def ssm_chunk(self) -> int:
+        return self.chunk_size
+
+    @property
+    def bc_width(self) -> int:
+        """B's (and C's) channels: groups x d_state."""
+        return self.n_qk_heads * self.d_state
+
+    @property
     def in_proj_size(self) -> int:
         return self.conv_channels + self.d_inner + self.n_v_heads
 
@@ -158,18 +171,17 @@ class LlambaConfig(ModelConfig):
         head = 0 if self.tie_word_embeddings else d * v
         return v * d + self.num_hidden_layers * (mixer + mlp + 2 * d) + d + head
 
-    def matmul_params(self) -> int:
+    def layer_matmul_params(self) -> tuple[int, ...]:
         d = self.hidden_size
-        per_layer = d * self.in_proj_size + self.d_inner * d + 3 * d * self.intermediate_size
-        return self.num_hidden_layers * per_layer + d * self.padded_vocab_size
+        return (d * self.in_proj_size + self.d_inner * d + 3 * d * self.intermediate_size,) * self.num_hidden_layers
 
-    def mixing_flops_per_token(self, seq_len: int) -> float:
+    def layer_mixing_flops(self, seq_len: int) -> tuple[float, ...]:
         """Per layer, the chunked form's (`ssd.chunked_flops_per_token`) and the convolution's 2 d_conv (d_inner +
         2 G N). Elementwise work (decays, gate) is not counted."""
         per_layer = (ssd.chunked_flops_per_token(self.n_v_heads, self.n_qk_heads, self.head_dim, self.d_state,
                                                  self.chunk_size, seq_len)
                      + 2 * self.d_conv * self.conv_channels)
-        return self.num_hidden_layers * per_layer
+        return (per_layer,) * self.num_hidden_layers
 
     # ---- Hugging Face config.json and tensor names ---------------------------------------------
 

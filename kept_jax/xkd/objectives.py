@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 import numpy as np
 
+from kept_jax.config import replaced_layers
 from kept_jax.models import head_kernel, layers_at
 from kept_jax.metrics import SUMS, labels_and_mask
 from kept_jax.xkd.losses import LossConfig, chunked_distill_loss
@@ -57,11 +58,6 @@ class LogitKL:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         return chunked_distill_loss(hidden, head_kernel(variables["params"], self.student.config), teacher_hidden,
                                     teacher_head, labels, mask, self.loss, positions)
-
-
-def replaced_layers(teacher_config, student_config) -> tuple[int, ...]:
-    """The layers whose sequence mixer the student replaced (a kind other than the teacher's), in order."""
-    return tuple(i for i, (t, s) in enumerate(zip(teacher_config.layer_kinds, student_config.layer_kinds)) if t != s)
 
 
 def _replaced_blocks(teacher_config, student_config):
