@@ -1,6 +1,6 @@
-"""Which MOHAWK stages help, at equal total tokens: a Llamba job's three stages against the same budget spent on
-stages 2+3 and on stage 3 alone, the attention-based mixer init against MOHAWK's, a second split of the budget
-between the stages, and the reference's learning rates.
+"""Which MOHAWK stages help, at equal total tokens: a Llamba or hybrid job's three stages against the same budget
+spent on stages 2+3 and on stage 3 alone, the student's two mixer inits, a second split of the budget between the
+stages, and the reference's learning rates.
 
     python -m benchmarks.mohawk_ablation [--config configs/smollm2-llamba.yaml] [--tokens N] [--eval-every N]
                                          [--out DIR] [--only NAME ...] [key=value ...]
@@ -26,10 +26,12 @@ from kept_jax.errors import cli_entry
 from kept_jax.train_config import CONFIG_DIR, load_config
 
 CONFIG = os.path.join(CONFIG_DIR, "smollm2-llamba.yaml")
-# The three stages the variants take or leave: objective -> (name, share of the budget, peak LR, trainable set).
-# Shares 1 : 4 : 16; learning rates for budgets of tens of thousands of tokens.
-RECIPE = {"matrix": ("matrix", 1 / 21, 1e-3, "[mixer/]"), "hidden": ("hidden", 4 / 21, 1e-3, "[backbone/layers/]"),
-          "kl": ("kd", 16 / 21, 3e-4, "all")}
+# The three stages the variants take or leave: objective -> (name, share of the budget, peak LR). Shares 1 : 4 : 16;
+# learning rates for budgets of tens of thousands of tokens.
+RECIPE = {"matrix": ("matrix", 1 / 21, 1e-3), "hidden": ("hidden", 4 / 21, 1e-3), "kl": ("kd", 16 / 21, 3e-4)}
+# Each stage's trainable set, by student: stage 1 the new mixers, stage 2 the layers (it runs only those replaced).
+TRAINABLE = {"llamba": {"matrix": "[mixer/]", "hidden": "[backbone/layers/]", "kl": "all"},
+             "hybrid": {"matrix": "[mamba/]", "hidden": "[model/layers/]", "kl": "all"}}
 REFERENCE_LRS = {"matrix": 1e-4, "hidden": 1e-4, "kl": 5e-5}  # goombalab/mohawk's Llamba configs (stage 3: 1e-5-5e-5)
 SECOND_SPLIT = {"matrix": 0.03, "hidden": 0.05, "kl": 0.92}  # Phi-Mamba's (80M / 160M / 2.76B tokens)
 
@@ -37,29 +39,35 @@ SECOND_SPLIT = {"matrix": 0.03, "hidden": 0.05, "kl": 0.92}  # Phi-Mamba's (80M 
 def variants(config: str, total: int) -> dict[str, list[str]]:
     """name -> overrides of `config`'s stages: `total` tokens in all, split in whole steps so that every variant
     trains exactly as many; a variant without a stage gives its share to the next stage that remains."""
+    from kept_jax.mapping.students import MIXER_INITS
+
     cfg, _ = load_config(config)
     per_step = cfg.data.tokens_per_step
+    trainable = TRAINABLE[cfg.student]
+    first, second = MIXER_INITS[cfg.student]
     steps = max(3, total // per_step)
     share = {objective: r[1] for objective, r in RECIPE.items()}
 
     def stages(split: dict[str, float], lrs: dict[str, float] | None = None):
         specs, left = [], steps
         for objective in (o for o in RECIPE if o in split):
-            name, _, lr, trainable = RECIPE[objective]
+            name, _, lr = RECIPE[objective]
             n = left if objective == "kl" else max(1, round(steps * split[objective]))
             left -= n
             lr = (lrs or {}).get(objective, lr)
             specs.append(f"{{name: {name}, objective: {objective}, tokens: {n * per_step}, lr: {lr}, "
-                         f"trainable: {trainable}}}")
+                         f"trainable: {trainable[objective]}}}")
         return "stages=[" + ", ".join(specs) + "]"
 
     return {
-        "1+2+3 (mohawk init)": [stages(share)],
-        "1+2+3 (attention init)": [stages(share), "mixer_init=attention"],
-        "2+3": [stages({"hidden": share["matrix"] + share["hidden"], "kl": share["kl"]})],
-        "3 only": [stages({"kl": 1.0})],
-        "1+2+3 (3/5/92 split)": [stages(SECOND_SPLIT)],
-        "1+2+3 (reference LRs)": [stages(share, REFERENCE_LRS)],
+        f"1+2+3 ({first} init)": [stages(share), f"mixer_init={first}"],
+        f"1+2+3 ({second} init)": [stages(share), f"mixer_init={second}"],
+        "2+3": [stages({"hidden": share["matrix"] + share["hidden"], "kl": share["kl"]}), f"mixer_init={first}"],
+        f"2+3 ({second} init)": [stages({"hidden": share["matrix"] + share["hidden"], "kl": share["kl"]}),
+                                 f"mixer_init={second}"],
+        "3 only": [stages({"kl": 1.0}), f"mixer_init={first}"],
+        "1+2+3 (3/5/92 split)": [stages(SECOND_SPLIT), f"mixer_init={first}"],
+        "1+2+3 (reference LRs)": [stages(share, REFERENCE_LRS), f"mixer_init={first}"],
     }
 
 
@@ -98,7 +106,7 @@ def main(argv=None) -> int:
     from kept_jax import train
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.mohawk_ablation", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=CONFIG, help="the Llamba job (default: configs/smollm2-llamba.yaml)")
+    p.add_argument("--config", default=CONFIG, help="the Llamba or hybrid job (default: configs/smollm2-llamba.yaml)")
     p.add_argument("--tokens", type=int, default=16384, help="training tokens per variant (default: 16,384)")
     p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps as well")
     p.add_argument("--out", help="where the runs go (default: a temporary directory)")

@@ -1,4 +1,4 @@
-"""`python -m kept_jax.generate`: text from any checkpoint kept_jax reads (Orion, Llama, Llamba), in JAX.
+"""`python -m kept_jax.generate`: text from any checkpoint kept_jax reads (Orion, Llama, Llamba, hybrid), in JAX.
 
     python -m kept_jax.generate --model DIR|FILE.gguf (--prompt TEXT | --file FILE) [--chat [--system TEXT]]
                                 [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
@@ -31,7 +31,7 @@ QUANTIZED_STREAM_STEPS = 8
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m kept_jax.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (Orion, Llama or Llamba) or GGUF "
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (Orion, Llama, Llamba, hybrid) or GGUF "
                                                   "file (Llama)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")

@@ -1,4 +1,4 @@
-"""kept_jax as an lm-evaluation-harness model: `--model kept_jax` for Orion, Llama and Llamba checkpoints
+"""kept_jax as an lm-evaluation-harness model: `--model kept_jax` for Orion, Llama, Llamba and hybrid checkpoints
 (Hugging Face directories and GGUF files), in JAX.
 
     python -m kept_jax.harness run --model kept_jax --model_args pretrained=DIR,dtype=bfloat16 --batch_size 16 \\
@@ -105,9 +105,10 @@ def _make_class():
             if self.config.max_position_embeddings and self._max_length > self.config.max_position_embeddings:
                 raise KeptError(f"max_length={self._max_length} is beyond the model's context of "
                                 f"{self.config.max_position_embeddings} tokens; give at most that")
-            if carry_state and self.config.architecture != "llamba":
-                raise KeptError(f"carry_state=True: a {self.config.architecture} has no recurrent state to carry "
-                                "(only a Llamba does); leave carry_state out")
+            if carry_state and "attention" in self.config.layer_kinds:
+                raise KeptError(f"carry_state=True: this {self.config.architecture} has attention layers, whose "
+                                "cache grows with the sequence; only a model without attention (a Llamba, a hybrid "
+                                "of Mamba-2 layers alone) carries a state of fixed size; leave carry_state out")
             self.carry_state = bool(carry_state)
             self.max_gen_toks = int(max_gen_toks)
             rules = sharding.rules_from(None)
@@ -138,7 +139,7 @@ def _make_class():
             @functools.partial(jax.jit, out_shardings=(replicated, replicated, self._rows))
             def score_carried(prepared, cache, inputs, targets, mask, lengths):
                 # One window of a longer sequence, following `cache`: its sums and the state after its real tokens.
-                positions = jnp.zeros(inputs.shape, jnp.int32)  # a Llamba's state carries the position
+                positions = jnp.zeros(inputs.shape, jnp.int32)  # a recurrent state carries the position
                 x, cache = run_layers(self.config, prepared, inputs, cache, positions, lengths)
                 return (*sums(logits_at(self.config, prepared, x), targets, mask), cache)
 

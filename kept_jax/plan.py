@@ -99,7 +99,9 @@ def mohawk_student_config(cfg: JobConfig, teacher_config, layout=None):
     if cfg.student == "hybrid" and layout is not None:
         layers = layout.attention_layers  # its config.json's layer_types (load_config refuses attention_layers too)
     elif cfg.student == "hybrid":
-        layers = parse_attention_layers(cfg.attention_layers, teacher_config.num_hidden_layers)
+        spec = cfg.attention_layers
+        spec = ",".join(map(str, spec)) if isinstance(spec, tuple) else str(spec)
+        layers = parse_attention_layers(spec, teacher_config.num_hidden_layers)
         if isinstance(layers, int):
             raise KeptError(f"attention_layers: {cfg.attention_layers} chooses layers by measurement, which a job "
                             f"does not repeat: run python -m kept_jax.convert --to hybrid --source {cfg.source} "

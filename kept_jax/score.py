@@ -13,7 +13,7 @@ from kept_jax.errors import KeptError, cli_entry
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m kept_jax.score",
-        description="Score text with a checkpoint (Orion, Llama, Llamba; a Hugging Face directory or a GGUF file): "
+        description="Score text with a checkpoint (Orion, Llama, Llamba, hybrid; a Hugging Face directory or a GGUF file): "
                     "mean NLL and perplexity.",
     )
     parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory or GGUF file")

@@ -141,7 +141,8 @@ class JobConfig:
     student: Literal["llamba", "hybrid"] = "llamba"  # mohawk: a Llamba, or a Mamba-2/attention hybrid (docs/hybrid.md)
     # mohawk: how each new mixer starts: a Llamba's mohawk or attention, a hybrid's attention or mamba2
     mixer_init: Literal["mohawk", "attention", "mamba2"] = "mohawk"
-    attention_layers: str = "every:4"  # hybrid: the layers that keep attention (a list, every:K, all, none)
+    # hybrid: the layers that keep attention: a list (3,9,14 or [3, 9, 14]), every:K, all or none
+    attention_layers: str | int | tuple[int, ...] = "every:4"
     mamba_groups: int = 1  # hybrid: B/C groups of the Mamba-2 mixers
     student_config: str = ""  # mohawk: the student's config.json (default: derived from the teacher)
     stages: tuple[StageConfig, ...] = ()  # mohawk: the stages in order (kept trains once, with train.* and loss.*)
@@ -220,7 +221,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "stages.tokens": (1, INF, False), "stages.lr": (0, INF, True), "stages.warmup": (0, 1, False),
     "stages.decay": (0, 1, False), "stages.weight_decay": (0, INF, False), "stages.clip": (0, INF, False),
     "data.train.weight": (0, INF, True), "data.eval.weight": (0, INF, True), "chat.max_new_tokens": (1, INF, False),
-    "mamba_groups": (1, INF, False),
+    "mamba_groups": (1, INF, False), "attention_layers": (0, INF, False),
 }
 
 

@@ -190,7 +190,7 @@ def test_evaluate_refuses_what_it_cannot_run(llama, capsys, argv, message):
 def test_impossible_model_arguments_are_refused(llama):
     with pytest.raises(KeptError, match="max_length=2048 is beyond the model's context of 1024"):
         KeptJaxLM(pretrained=llama, max_length=2048)
-    with pytest.raises(KeptError, match="a llama has no recurrent state to carry"):
+    with pytest.raises(KeptError, match="this llama has attention layers, whose cache grows"):
         KeptJaxLM(pretrained=llama, carry_state=True)
     with pytest.raises(KeptError, match="1 devices do not divide by fsdp x tensor x data = 2"):
         KeptJaxLM(pretrained="no/such/checkpoint", fsdp=2)  # the mesh is checked before anything is read

@@ -48,10 +48,13 @@ def parse_attention_layers(spec: str, num_layers: int) -> tuple[int, ...] | int:
         return ()
     if match := re.fullmatch(r"(every|auto):(\d+)", spec):
         n = int(match.group(2))
+        if match.group(1) == "every":
+            if n < 1:
+                raise KeptError(f"--attention-layers {spec}: every:K needs K >= 1")
+            return tuple(range(0, num_layers, n))
         if not 1 <= n <= num_layers:
-            raise KeptError(f"--attention-layers {spec}: {match.group(1)}:N needs 1 <= N <= {num_layers} (the "
-                            "teacher's layers)")
-        return tuple(range(0, num_layers, n)) if match.group(1) == "every" else n
+            raise KeptError(f"--attention-layers {spec}: auto:N needs 1 <= N <= {num_layers} (the teacher's layers)")
+        return n
     if not re.fullmatch(r"\d+(,\d+)*", spec):
         raise KeptError(f"--attention-layers {spec!r} is not {SPEC_FORMS}")
     layers = sorted({int(i) for i in spec.split(",")})
