@@ -75,5 +75,6 @@ def test_every_numeric_key_has_a_range():
 
     kept, _ = load_config(None, ["data.train=[{path: a.jsonl}]", "data.eval=[{path: b.jsonl}]"])
     mohawk, _ = load_config(os.path.join(CONFIG_DIR, "tiny-llamba.yaml"))
-    keys = {key for cfg in (kept, mohawk) for key, _, _ in numeric_fields(cfg)}
+    hybrid, _ = load_config(os.path.join(CONFIG_DIR, "tiny-hybrid.yaml"), ["attention_layers=2"])  # one layer: a number
+    keys = {key for cfg in (kept, mohawk, hybrid) for key, _, _ in numeric_fields(cfg)}
     assert keys == set(RANGES)
