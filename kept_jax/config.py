@@ -161,6 +161,13 @@ class ModelConfig:
         """The longest sequence the architecture was built for, or None when it has no such limit."""
         raise NotImplementedError
 
+    def hf_common_json(self) -> dict[str, Any]:
+        """The config.json fields Transformers' architectures write alike: tying, the storage dtype (under both of
+        its names) and the special token ids (`hf_common_fields` reads them back)."""
+        return {"tie_word_embeddings": self.tie_word_embeddings, "dtype": self.dtype, "torch_dtype": self.dtype,
+                "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+                "pad_token_id": self.pad_token_id}
+
     def layout_flags(self) -> dict[str, Any]:
         """The config.json fields that decide which tensors exist, by their config.json names (import errors)."""
         return {self.hf_tie_key: self.tie_word_embeddings, "mlp_bias": self.mlp_bias}
@@ -235,6 +242,11 @@ def check_hf_keys(hf: dict[str, Any], math_keys: Iterable[str], where: str = "co
 
 def hf_dtype(hf: dict[str, Any]) -> str:
     return str(hf.get("dtype") or hf.get("torch_dtype") or "float32").removeprefix("torch.")
+
+
+def hf_common_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """The fields every architecture reads alike from config.json: the storage dtype and the special token ids."""
+    return {"dtype": hf_dtype(hf), **{key: hf.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}}
 
 
 def read_config_json(path: str) -> dict[str, Any]:

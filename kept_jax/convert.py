@@ -4,7 +4,7 @@
     python -m kept_jax.convert --to llamba --source LLAMA_DIR --out DIR [--mixer-init mohawk|attention]
                                [--target-config LLAMBA_CONFIG_JSON]
     python -m kept_jax.convert --to hybrid --source LLAMA_DIR --out DIR [--attention-layers every:4|auto:8|0,8,16|...]
-                               [--mixer-init attention|mamba2] [--mamba-groups G] [--target-config HYBRID_CONFIG_JSON]
+                               [--mixer-init mamba2|attention] [--mamba-groups G] [--target-config HYBRID_CONFIG_JSON]
     python -m kept_jax.convert ... --calib-ids IDS.npy --eval-ids IDS.npy   # a source without a tokenizer
     python -m kept_jax.convert --to mlx --source LLAMBA_DIR --out DIR [--bits 4|8|16] [--group-size 64]
     python -m kept_jax.convert ... --dry-run        # plan from config.json alone: mapping coverage, parameter counts
@@ -163,8 +163,8 @@ def parse_args(argv):
     p.add_argument("--dry-run", action="store_true", help="plan from config.json alone: nothing is read or written")
     p.add_argument("--opm", choices=(*STRATEGIES, "all"), help="--to llama: OPM strategy (default absorb), or all")
     p.add_argument("--mixer-init", choices=(*dict.fromkeys(i for inits in MIXER_INITS.values() for i in inits), "all"),
-                   help="--to llamba: how each mixer starts, mohawk (default) or attention; --to hybrid: attention "
-                   "(default) or mamba2; or all to compare")
+                   help="--to llamba: how each mixer starts, mohawk (default) or attention; --to hybrid: mamba2 "
+                   "(default) or attention; or all to compare")
     p.add_argument("--attention-layers", help=f"--to hybrid: the layers that keep attention, {SPEC_FORMS} (default "
                    "every:4)")
     p.add_argument("--mamba-groups", type=int, help="--to hybrid: B/C groups of the Mamba-2 mixers (default 1, which "

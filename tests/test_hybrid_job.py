@@ -87,7 +87,7 @@ def test_killed_in_every_stage_the_rerun_is_bit_identical(llama_bpe_checkpoint, 
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["mixer_init=mohawk"], "mixer_init 'mohawk' is not an init of a hybrid student; choose attention or mamba2"),
+    (["mixer_init=mohawk"], "mixer_init 'mohawk' is not an init of a hybrid student; choose mamba2 or attention"),
     (["student=llamba", "mixer_init=mohawk"], "attention_layers shape a hybrid student"),
     (["student_config=configs/models/tiny-hybrid.json"], "attention_layers and student_config both say"),
 ])

@@ -7,6 +7,10 @@ layers, and each MLP, whose gate and up rows become the shared MLP's `input_line
 projection is its `output_linear`. Each other layer's attention becomes a Mamba-2 mixer, initialized in one of two
 ways (`MIXER_INITS`):
 
+- `mamba2` (the default): mamba_ssm's own initialization of a new Mamba-2 layer (in_proj, conv and out_proj at
+  PyTorch's defaults, dt log-uniform in [0.001, 0.1], A uniform in [1, 16], D = 1, the gated norm's weight 1); the
+  attention's weights are dropped. On SmolLM2-135M with every fourth layer kept it starts closer to the teacher (KL
+  7.0 against 10.8 nats/token) and ends lower after the same training (docs/hybrid.md).
 - `attention` (Mamba-in-the-Llama's): the mixer reads the attention it replaces, x <- W_V, B <- W_K, C <- W_Q,
   out_proj <- W_O, with d_state = head_dim. Each attention head becomes `mamba_n_heads / heads` Mamba-2 heads of
   head_dim (2 with the default expand 2, which llama.cpp requires), each reading that head's values (its KV head's,
@@ -14,9 +18,7 @@ ways (`MIXER_INITS`):
   group of heads: a group's B is the mean of W_K over its KV heads and its C the mean of W_Q over its query heads
   (one group, the default, averages them all; as many groups as attention heads reproduces each head's q.k). The
   convolution is the identity on the current token, z's rows and dt's rows PyTorch's default, the time steps and
-  decays Mamba-2's (dt log-uniform in [0.001, 0.1], A uniform in [1, 16]), D = 1, the gated norm's weight 1.
-- `mamba2`: mamba_ssm's own initialization of a new Mamba-2 layer (in_proj, conv and out_proj at PyTorch's
-  defaults, dt and A as above, D = 1); the attention's weights are dropped.
+  decays as `mamba2`'s, D = 1, the gated norm's weight 1.
 
 Random values come from a generator seeded by (seed, target name): any one tensor can be rebuilt alone, identically.
 """
@@ -24,19 +26,23 @@ Random values come from a generator seeded by (seed, target name): any one tenso
 from __future__ import annotations
 
 import re
-import zlib
 
 import numpy as np
 
 from kept_jax.errors import KeptError
+from kept_jax.mapping.inits import conv_identity, default_linear, repeat_heads, seeded_rng
 from kept_jax.mapping.rules import Mapping, Rule, identity
 from kept_jax.models.hybrid import ATTENTION, MAMBA, HybridConfig
 from kept_jax.models.llama import LlamaConfig
 
-MIXER_INITS = ("attention", "mamba2")
+MIXER_INITS = ("mamba2", "attention")  # the default first
 DT_RANGE = (1e-3, 1e-1)  # mamba_ssm's dt_min, dt_max: dt log-uniform between them
 A_RANGE = (1.0, 16.0)  # mamba_ssm's A_init_range
 SPEC_FORMS = "a list of layers (0,8,16), every:K, auto:N, all or none"
+# The chunked SSD's chunk (the math does not depend on it): on this CPU a SmolLM2 hybrid's training steps at sequences
+# of 256 took 7.6 s (stage 2) and 9.6 s (stage 3) with chunks of 64, 9.3 s and 10.7 s with Transformers' default of
+# 256 (2026-12-05). Larger chunks suit GPU kernels; --target-config gives another.
+CHUNK = 64
 
 
 def parse_attention_layers(spec: str, num_layers: int) -> tuple[int, ...] | int:
@@ -69,11 +75,11 @@ def evenly_spaced(n: int, num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({round(i * (num_layers - 1) / max(n - 1, 1)) for i in range(n)}))
 
 
-def hybrid_config_for(teacher: LlamaConfig, attention_layers: tuple[int, ...], mixer_init: str = "attention",
+def hybrid_config_for(teacher: LlamaConfig, attention_layers: tuple[int, ...], mixer_init: str = "mamba2",
                       layout: HybridConfig | None = None, groups: int = 1) -> HybridConfig:
     """The student: the teacher's shape with attention in `attention_layers` and Mamba-2 elsewhere, its mixers
     `layout`'s (a GraniteMoeHybrid config.json) or derived from the teacher: expand 2, heads of head_dim, d_state =
-    head_dim, `groups` B/C groups, chunks of 256."""
+    head_dim, `groups` B/C groups, chunks of `CHUNK`."""
     if teacher.architecture != "llama":
         raise KeptError(f"a hybrid student is distilled from a Llama; the source is {teacher.architecture!r}")
     if teacher.mlp_bias:
@@ -92,7 +98,7 @@ def hybrid_config_for(teacher: LlamaConfig, attention_layers: tuple[int, ...], m
             layer_types=types, num_attention_heads=heads,
             num_key_value_heads=teacher.num_key_value_heads, attention_multiplier=head_dim ** -0.5,
             mamba_n_heads=expand * d // head_dim, mamba_d_head=head_dim, mamba_n_groups=groups,
-            mamba_d_state=head_dim, mamba_expand=expand)
+            mamba_d_state=head_dim, mamba_expand=expand, mamba_chunk_size=CHUNK)
     layout = layout.replace(layer_types=types, scan_layers=True)  # scanned again when one kind (post_init)
     shared = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "shared_intermediate_size",
               "num_hidden_layers": "num_hidden_layers", "num_attention_heads": "num_attention_heads",
@@ -122,25 +128,15 @@ def hybrid_config_for(teacher: LlamaConfig, attention_layers: tuple[int, ...], m
         eos_token_id=teacher.eos_token_id, pad_token_id=teacher.pad_token_id, dtype=teacher.dtype)
 
 
-def _rng(seed: int, name: str) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(name.encode())])
-
-
-def _default_linear(name: str, shape: tuple[int, int], seed: int) -> np.ndarray:
-    """nn.Linear's default weight [out, in]: U(-1/sqrt(in), 1/sqrt(in))."""
-    bound = 1.0 / np.sqrt(shape[1])
-    return _rng(seed, name).uniform(-bound, bound, size=shape)
-
-
 def _dt_bias(name: str, heads: int, seed: int) -> np.ndarray:
     """softplus^-1 of dt log-uniform in DT_RANGE (mamba_ssm's dt init)."""
     low, high = np.log(DT_RANGE)
-    dt = np.exp(_rng(seed, name).uniform(low, high, size=heads))
+    dt = np.exp(seeded_rng(seed, name).uniform(low, high, size=heads))
     return dt + np.log(-np.expm1(-dt))
 
 
 def _a_log(name: str, heads: int, seed: int) -> np.ndarray:
-    return np.log(_rng(seed, name).uniform(*A_RANGE, size=heads))
+    return np.log(seeded_rng(seed, name).uniform(*A_RANGE, size=heads))
 
 
 def _group_means(weight: np.ndarray, heads: int, groups: int) -> np.ndarray:
@@ -161,11 +157,13 @@ def build_hybrid_mapping(teacher: LlamaConfig, student: HybridConfig, mixer_init
         attn, mamba, mlp = f"{layer}.self_attn", f"{layer}.mamba", f"{layer}.mlp"
         for norm in ("input_layernorm", "post_attention_layernorm"):
             rules.append(identity(f"{layer}.{norm}.weight"))
-        rules.append(Rule(f"{layer}.shared_mlp.input_linear.weight", (f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"),
+        rules.append(Rule(f"{layer}.shared_mlp.input_linear.weight",
+                          (f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"),
                           "[gate; up] rows", lambda gate, up: np.concatenate([gate, up])))
         rules.append(identity(f"{layer}.shared_mlp.output_linear.weight", f"{mlp}.down_proj.weight"))
         if kind == ATTENTION:
-            rules += [identity(f"{attn}.{proj}.{b}") for proj in ("q_proj", "k_proj", "v_proj", "o_proj") for b in biases]
+            rules += [identity(f"{attn}.{proj}.{b}")
+                      for proj in ("q_proj", "k_proj", "v_proj", "o_proj") for b in biases]
             continue
         mixer = _mamba_rules(teacher, student, mamba, attn, mixer_init, seed)
         rules += mixer
@@ -195,19 +193,20 @@ def _mamba_rules(teacher: LlamaConfig, student: HybridConfig, mamba: str, attn: 
         rules.append(Rule(out_proj, (f"{attn}.o_proj.weight",), f"W_O, each head's columns / {per_head}",
                           lambda w: np.repeat(w.reshape(d, teacher.num_attention_heads, -1), per_head, axis=1)
                           .reshape(d, inner) / per_head, None))
-        conv_weight = Rule(f"{mamba}.conv1d.weight", (), "identity on the current token", _conv_identity(student), None)
+        conv_weight = Rule(f"{mamba}.conv1d.weight", (), "identity on the current token",
+                           conv_identity(student.conv_channels, student.mamba_d_conv), None)
         conv_bias = Rule(f"{mamba}.conv1d.bias", (), "zeros", lambda: np.zeros(conv), None)
     else:
-        rules.append(Rule(in_proj, (), "default init", lambda: _default_linear(in_proj, (student.in_proj_size, d),
+        rules.append(Rule(in_proj, (), "default init", lambda: default_linear(in_proj, (student.in_proj_size, d),
                                                                                 seed), None))
-        rules.append(Rule(out_proj, (), "default init", lambda: _default_linear(out_proj, (d, inner), seed), None))
+        rules.append(Rule(out_proj, (), "default init", lambda: default_linear(out_proj, (d, inner), seed), None))
         k = student.mamba_d_conv
         name = f"{mamba}.conv1d.weight"
-        conv_weight = Rule(name, (), "default init", lambda: _rng(seed, name).uniform(-k ** -0.5, k ** -0.5,
+        conv_weight = Rule(name, (), "default init", lambda: seeded_rng(seed, name).uniform(-k ** -0.5, k ** -0.5,
                                                                                       size=(conv, 1, k)), None)
         bias_name = f"{mamba}.conv1d.bias"
         conv_bias = Rule(bias_name, (), "default init",
-                         lambda: _rng(seed, bias_name).uniform(-k ** -0.5, k ** -0.5, size=conv), None)
+                         lambda: seeded_rng(seed, bias_name).uniform(-k ** -0.5, k ** -0.5, size=conv), None)
     rules.append(conv_weight)
     if student.mamba_conv_bias:
         rules.append(conv_bias)
@@ -230,19 +229,9 @@ def _attention_in_proj(teacher: LlamaConfig, student: HybridConfig, name: str, s
     per_head, groups = student.mamba_n_heads // heads, student.mamba_n_groups
 
     def fn(wq: np.ndarray, wk: np.ndarray, wv: np.ndarray) -> np.ndarray:
-        weight = _default_linear(name, (student.in_proj_size, student.hidden_size), seed)
-        values = wv.reshape(kv, -1, wv.shape[-1])  # each Mamba-2 head reads its attention head's KV head
-        weight[inner:2 * inner] = np.repeat(values, heads // kv * per_head, axis=0).reshape(inner, -1)
-        keys = np.repeat(wk.reshape(kv, -1, wk.shape[-1]), heads // kv, axis=0).reshape(-1, wk.shape[-1])
-        weight[2 * inner:2 * inner + gn] = _group_means(keys, heads, groups)
+        weight = default_linear(name, (student.in_proj_size, student.hidden_size), seed)
+        weight[inner:2 * inner] = repeat_heads(wv, kv, heads * per_head)  # each head reads its attention head's KV
+        weight[2 * inner:2 * inner + gn] = _group_means(repeat_heads(wk, kv, heads), heads, groups)
         weight[2 * inner + gn:2 * inner + 2 * gn] = _group_means(wq, heads, groups)
-        return weight
-    return fn
-
-
-def _conv_identity(student: HybridConfig):
-    def fn() -> np.ndarray:
-        weight = np.zeros((student.conv_channels, 1, student.mamba_d_conv))
-        weight[:, 0, -1] = 1.0  # tap K-1 reads the current token
         return weight
     return fn

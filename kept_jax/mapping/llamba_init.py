@@ -15,30 +15,16 @@ Random rows come from a generator seeded by (seed, target name): any one tensor 
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 
 from kept_jax.errors import KeptError
+from kept_jax.mapping.inits import conv_identity, default_linear, repeat_heads
 from kept_jax.mapping.rules import Mapping, Rule, identity
 from kept_jax.models.llama import LlamaConfig
 from kept_jax.models.llamba import LlambaConfig
 
 MIXER_INITS = ("mohawk", "attention")
 Z_BIAS_UNIT_GATE = 1.278464542761  # silu(1.278464542761) = 1.0000000000
-
-
-def _default_init(name: str, shape: tuple[int, int], seed: int) -> np.ndarray:
-    """nn.Linear's default weight [out, in]: U(-1/sqrt(in), 1/sqrt(in)), float64, reproducible per tensor."""
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    bound = 1.0 / np.sqrt(shape[1])
-    return rng.uniform(-bound, bound, size=shape)
-
-
-def _repeat_heads(weight: np.ndarray, kv_heads: int, heads: int) -> np.ndarray:
-    """[kv_heads x head_dim, d] -> [heads x head_dim, d]: each KV head repeated for the query heads that read it."""
-    per_head = weight.reshape(kv_heads, -1, weight.shape[-1])
-    return np.repeat(per_head, heads // kv_heads, axis=0).reshape(-1, weight.shape[-1])
 
 
 def llamba_config_for(teacher: LlamaConfig, mixer_init: str, layout: LlambaConfig | None = None) -> LlambaConfig:
@@ -105,7 +91,7 @@ def build_llamba_mapping(teacher: LlamaConfig, student: LlambaConfig, mixer_init
         if mixer_init == "mohawk":
             rules.append(Rule(in_proj, (), "default rows; z rows 0", _in_proj(student, teacher, in_proj, seed), None))
             rules.append(Rule(out_proj, (), "default init",
-                              lambda name=out_proj: _default_init(name, (d, student.d_inner), seed), None))
+                              lambda name=out_proj: default_linear(name, (d, student.d_inner), seed), None))
             for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 dropped[f"{attn}.{proj}.weight"] = "attention is replaced by the mixer (mohawk init)"
         else:
@@ -116,7 +102,8 @@ def build_llamba_mapping(teacher: LlamaConfig, student: LlambaConfig, mixer_init
         # Initial values: they approximate nothing of the teacher, so they have no error to report.
         rules.append(Rule(f"{mixer}.z_bias", (), "1.2784645 (silu = 1)",
                           lambda: np.full(student.d_inner, Z_BIAS_UNIT_GATE), None))
-        rules.append(Rule(f"{mixer}.conv1d.weight", (), "identity on the current token", _conv_identity(student), None))
+        rules.append(Rule(f"{mixer}.conv1d.weight", (), "identity on the current token",
+                          conv_identity(student.conv_channels, student.d_conv), None))
         if student.conv_bias:
             rules.append(Rule(f"{mixer}.conv1d.bias", (), "zeros", lambda: np.zeros(student.conv_channels), None))
         rules.append(Rule(f"{mixer}.D", (), "ones", lambda: np.ones(h), None))
@@ -132,21 +119,13 @@ def _in_proj(student: LlambaConfig, teacher: LlamaConfig, name: str, seed: int):
     d_inner, gn, conv = student.d_inner, student.n_qk_heads * student.d_state, student.conv_channels
 
     def fn(*attention: np.ndarray) -> np.ndarray:
-        weight = _default_init(name, (student.in_proj_size, student.hidden_size), seed)
+        weight = default_linear(name, (student.in_proj_size, student.hidden_size), seed)
         if attention:
             wq, wk, wv = attention
             kv, heads = teacher.num_key_value_heads, student.n_v_heads
-            weight[:d_inner] = _repeat_heads(wv, kv, heads)
-            weight[d_inner:d_inner + gn] = _repeat_heads(wk, kv, heads)
+            weight[:d_inner] = repeat_heads(wv, kv, heads)
+            weight[d_inner:d_inner + gn] = repeat_heads(wk, kv, heads)
             weight[d_inner + gn:conv] = wq
         weight[conv:conv + d_inner] = 0.0
-        return weight
-    return fn
-
-
-def _conv_identity(student: LlambaConfig):
-    def fn() -> np.ndarray:
-        weight = np.zeros((student.conv_channels, 1, student.d_conv))
-        weight[:, 0, -1] = 1.0  # tap K-1 reads the current token
         return weight
     return fn

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 import kept_jax.models.ssd as ssd
-from kept_jax.config import ModelConfig, check_choice, check_hf_keys, check_positive_ints, hf_dtype
+from kept_jax.config import ModelConfig, check_choice, check_hf_keys, check_positive_ints, hf_common_fields
 from kept_jax.errors import KeptError
 from kept_jax.models.layers import (ATTENTION_IMPLS, NORMS, Attention, CausalConv1d, Embed, FusedMLP, KVCache, Linear,
                                     MixerState, RopeConfig, layer_stack, logical_init, rope_from_hf, rope_tables)
@@ -131,7 +131,8 @@ class HybridConfig(ModelConfig):
                             f"({self.mamba_n_groups}): each group of B and C is shared by heads / groups heads")
         low, high = self.time_step_limit
         if not (0 <= low < high):
-            raise KeptError(f"time_step_limit must be [low, high] with 0 <= low < high, got {list(self.time_step_limit)}")
+            raise KeptError("time_step_limit must be [low, high] with 0 <= low < high, "
+                            f"got {list(self.time_step_limit)}")
         for name in ("attention_multiplier", "embedding_multiplier", "residual_multiplier", "logits_scaling"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise KeptError(f"{name} must be a positive number, got {getattr(self, name)!r}")
@@ -284,7 +285,8 @@ class HybridConfig(ModelConfig):
         check_hf_keys(hf, READ_HF_KEYS | set(FIXED_HF_KEYS) | NO_EFFECT_HF_KEYS)
         experts = hf.get("num_local_experts", 8)  # Transformers' default is 8 experts
         if experts != 0:
-            raise KeptError(f"config.json has num_local_experts={experts!r}{' (absent: 8)' * ('num_local_experts' not in hf)}"
+            absent = " (absent: 8)" if "num_local_experts" not in hf else ""
+            raise KeptError(f"config.json has num_local_experts={experts!r}{absent}"
                             ": kept_jax reads dense GraniteMoeHybrid models (num_local_experts: 0), not a "
                             "mixture-of-experts one")
         for key, allowed in FIXED_HF_KEYS.items():
@@ -341,10 +343,7 @@ class HybridConfig(ModelConfig):
             mamba_proj_bias=bool(hf.get("mamba_proj_bias", False)),
             time_step_limit=_time_step_limit(hf.get("time_step_limit")),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            dtype=hf_dtype(hf),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-            pad_token_id=hf.get("pad_token_id"),
+            **hf_common_fields(hf),
             **runtime,
         )
 
@@ -390,12 +389,7 @@ class HybridConfig(ModelConfig):
             "mamba_conv_bias": self.mamba_conv_bias,
             "mamba_proj_bias": self.mamba_proj_bias,
             "time_step_limit": list(self.time_step_limit),
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "dtype": self.dtype,
-            "torch_dtype": self.dtype,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
+            **self.hf_common_json(),
         }
         if rope.type == "default":
             del hf["rope_scaling"]
@@ -635,7 +629,8 @@ class HybridDecoder(nn.Module):
 
     def embed(self, tokens: Array) -> Array:
         x = self.embed_tokens(tokens)
-        return x if self.config.embedding_multiplier == 1 else x * jnp.asarray(self.config.embedding_multiplier, x.dtype)
+        multiplier = self.config.embedding_multiplier
+        return x if multiplier == 1 else x * jnp.asarray(multiplier, x.dtype)
 
     def __call__(self, tokens: Array) -> Array:
         x, _ = self.layers(self.embed(tokens), *self.config.block_args(tokens))

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kept_jax.config import ModelConfig, check_choice, check_hf_keys, check_positive_ints, hf_dtype
+from kept_jax.config import ModelConfig, check_choice, check_hf_keys, check_positive_ints, hf_common_fields
 from kept_jax.errors import KeptError
 from kept_jax.models.layers import (ATTENTION_IMPLS, MLP, NORMS, Attention, Embed, KVCache, Linear, RopeConfig,
                                     layer_stack, rope_from_hf, rope_tables)
@@ -188,10 +188,7 @@ class LlamaConfig(ModelConfig):
             attention_bias=bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            dtype=hf_dtype(hf),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-            pad_token_id=hf.get("pad_token_id"),
+            **hf_common_fields(hf),
             **runtime,
         )
 
@@ -215,12 +212,7 @@ class LlamaConfig(ModelConfig):
             "rope_scaling": None if self.rope.type == "default" else self.rope.to_hf(),
             "attention_bias": self.attention_bias,
             "mlp_bias": self.mlp_bias,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "dtype": self.dtype,
-            "torch_dtype": self.dtype,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
+            **self.hf_common_json(),
         }
         if self.rope.type == "default":
             del hf["rope_scaling"]

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 import kept_jax.models.ssd as ssd
-from kept_jax.config import ModelConfig, check_choice, check_hf_keys, check_positive_ints, hf_dtype
+from kept_jax.config import ModelConfig, check_choice, check_hf_keys, check_positive_ints, hf_common_fields
 from kept_jax.errors import KeptError
 from kept_jax.models.layers import MLP, CausalConv1d, Embed, Linear, MixerState, RMSNorm, layer_stack, logical_init
 from kept_jax.models.names import TensorSpec, linear_specs, norm_specs
@@ -211,10 +211,6 @@ class LlambaConfig(ModelConfig):
             rms_norm_eps=float(hf.get("norm_epsilon", 1e-5)),
             mlp_bias=bool(mlp["bias"]),
             tie_word_embeddings=bool(hf.get("tie_embeddings", False)),
-            dtype=hf_dtype(hf),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-            pad_token_id=hf.get("pad_token_id"),
             d_state=ssm["d_state"],
             n_v_heads=ssm["n_v_heads"],
             n_qk_heads=ssm["n_qk_heads"],
@@ -225,6 +221,7 @@ class LlambaConfig(ModelConfig):
             ssm_activation=ssm["activation"],
             pad_vocab_size_multiple=hf.get("pad_vocab_size_multiple", 8),
             resid_dropout=float(hf.get("resid_dropout", 0.0)),
+            **hf_common_fields(hf),
             **runtime,
         )
 
