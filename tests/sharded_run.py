@@ -48,7 +48,40 @@ def run(source: str, layout: dict) -> dict[str, np.ndarray]:
     return out
 
 
+def hybrid_gradients(layout: dict | None) -> dict[str, np.ndarray]:
+    """A random Mamba-2/attention hybrid (configs/models/tiny-hybrid.json with two B/C groups): a loss of its logits
+    and the gradients, on one device or with its parameters laid out on a mesh by the default rules (the Mamba-2
+    inner dimension over `tensor`, the hidden one over `fsdp`), and how out_proj was split."""
+    import jax
+    import jax.numpy as jnp
+
+    from kept_jax import sharding
+    from kept_jax.models import build_model, config_from_hf, init_params
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models",
+                           "tiny-hybrid.json"), encoding="utf-8") as f:
+        config = config_from_hf({**json.load(f), "mamba_n_groups": 2})
+    params = jax.tree.map(lambda x: x * 8, init_params(config, jax.random.key(0)))  # logits far from flat
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, size=(8, 24))
+    if layout:
+        mesh = sharding.make_mesh(layout["data"], layout["fsdp"], layout["tensor"])
+        params = jax.device_put(params, sharding.tree_shardings(params, sharding.logical_axes(config), mesh,
+                                                                sharding.rules_from(None)))
+
+    def loss(p):
+        return jnp.mean(jax.nn.logsumexp(build_model(config).apply({"params": p}, tokens), axis=-1))
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    out = {"loss": np.asarray(value)}
+    for path, grad in jax.tree_util.tree_leaves_with_path(grads):
+        out["grad" + jax.tree_util.keystr(path)] = np.asarray(jax.device_get(grad))
+    out_proj = params["model"]["layers"]["0"]["mamba"]["out_proj"]["kernel"]
+    out["shard/out_proj"] = np.asarray(out_proj.addressable_shards[0].data.shape)
+    return out
+
+
 if __name__ == "__main__":
     source, out_dir, layouts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     for name, layout in layouts.items():
         np.savez(os.path.join(out_dir, f"{name}.npz"), **run(source, layout))
+    np.savez(os.path.join(out_dir, "hybrid.npz"), **hybrid_gradients(layouts["mixed"]))
