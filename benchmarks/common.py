@@ -37,12 +37,17 @@ def environment() -> dict:
     }
 
 
+def result_path(stem: str, result: dict) -> str:
+    """`benchmarks/results/<stem>-<device>-<date>.json` for `result`'s environment."""
+    device = result["environment"]["device"].replace(" ", "_").replace("/", "_")
+    return os.path.join(RESULTS, f"{stem}-{device}-{result['environment']['date']}.json")
+
+
 def write_result(stem: str, result: dict) -> str:
     """Writes `benchmarks/results/<stem>-<device>-<date>.json` (atomically) and returns its path."""
     from kept_jax.fileio import atomic_file
 
-    device = result["environment"]["device"].replace(" ", "_").replace("/", "_")
-    path = os.path.join(RESULTS, f"{stem}-{device}-{result['environment']['date']}.json")
+    path = result_path(stem, result)
     os.makedirs(RESULTS, exist_ok=True)
     with atomic_file(path) as f:
         json.dump(result, f, indent=1)

@@ -1,17 +1,22 @@
-"""Decode speed and memory against context length and batch size: a Llama and a Llamba of the same width and depth,
-side by side in one run, and Transformers' own `generate` on the same Llama shape as the baseline.
+"""Decode speed and memory against context length and batch size: a Llama, a Llamba and Mamba-2/attention hybrids
+of the same width and depth, side by side in one run, and Transformers' own `generate` on the same Llama shape as the
+baseline.
 
     python -m benchmarks.generate [--shapes 1b|smollm2-135m] [--layers 2] [--contexts 1024,2048,4096,8192,16384,32768]
                                   [--batches 1,4,16,64,256] [--batch-context 1024] [--steps 32] [--reps 3]
                                   [--dtype float32] [--hf-max-context 8192] [--fit-memory 80GiB]
                                   [--fit-contexts 8192,32768] [--fit-dtype bfloat16] [--no-save]
                                   [--precisions fp32,bf16,int8,int4] [--group-size 64]
+                                  [--hybrids every:4,none] [--models llama,llamba,hybrid]
 
 Shapes (random weights): `1b`, `configs/models/llama-3.2-1b-instruct.json` and `configs/models/llamba-1b.json`
 (d_model 2048, 32 heads x 64, MLP 8192, vocabulary 128,256, tied), cut to `--layers` layers (default 4; the full 16
 on a GPU); `smollm2-135m`, the real SmolLM2-135M-Instruct's shape and the Llamba `convert --to llamba` makes of it
 (`configs/models/smollm2-135m-instruct.json`, `llamba-smollm2-135m.json`: d_model 576, 9 heads x 64, MLP 1536,
-vocabulary 49,152, tied), at full depth (30 layers) by default.
+vocabulary 49,152, tied), at full depth (30 layers) by default. Hybrids (`--hybrids`, attention-layer specs as
+`convert --to hybrid --attention-layers` takes them; `none` is a pure Mamba-2 model) have the shape `convert --to
+hybrid` gives the Llama (Mamba-2 with expand 2, heads of head_dim, d_state = head_dim, one B/C group), each named
+`hybrid <spec>`.
 
 Batch 1 is also timed streamed, as `python -m kept_jax.generate` streams one row: the same compiled loop called for
 one step at a time, the ids fetched to the host and the text so far decoded after each token (a stand-in decoder
@@ -85,6 +90,10 @@ def parse_args(argv=None):
     p.add_argument("--precisions", type=lambda s: s.split(","), default=["fp32"],
                    help=f"comma-separated, of {', '.join(PRECISIONS)}")
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="int4's group size")
+    p.add_argument("--models", type=lambda s: s.split(","), default=["llama", "llamba", "hybrid"],
+                   help="which of llama, llamba, hybrid to measure")
+    p.add_argument("--hybrids", type=lambda s: s.split(","), default=["every:4"],
+                   help="the hybrids' attention layers, one spec each (every:4, 0,8,16, none, ...)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     unknown = [x for x in args.precisions if x not in PRECISIONS]
@@ -105,9 +114,19 @@ def at_precision(config: ModelConfig, params, precision: str, group_size: int):
 
 
 def model_config(shapes: str, name: str, layers: int | None, dtype: str) -> ModelConfig:
+    """The shape of model `name`: llama, llamba, or `hybrid <spec>` (the Llama converted with those attention
+    layers), cut to `layers` layers."""
+    runtime = dict(compute_dtype=dtype, param_dtype=dtype, scan_layers=False)
+    if name.startswith("hybrid"):
+        from kept_jax.mapping.hybrid_init import parse_attention_layers
+        from kept_jax.mapping.students import student_config
+
+        llama = model_config(shapes, "llama", layers, dtype)
+        kept = parse_attention_layers(name.split(" ", 1)[1], llama.num_hidden_layers)
+        return student_config("hybrid", llama, "mamba2", None, kept).replace(**runtime)
     with open(os.path.join(MODELS, SHAPES[shapes][name]), encoding="utf-8") as f:
         hf = json.load(f)
-    config = config_from_hf(hf, compute_dtype=dtype, param_dtype=dtype, scan_layers=False)
+    config = config_from_hf(hf, **runtime)
     if name == "llama":  # room for the longest context measured; the rope is the same function of position
         config = config.replace(max_position_embeddings=max(config.max_position_embeddings, 2**17))
     return config if layers is None else config.replace(num_hidden_layers=layers)
@@ -299,7 +318,9 @@ def run(args) -> dict:
     points = []
     limit = parse_size(args.memory_limit, "--memory-limit")
     layers = args.layers or SHAPES[args.shapes]["layers"]
-    for name in ("llama", "llamba"):
+    names = [n for n in ("llama", "llamba") if n in args.models]
+    names += [f"hybrid {spec}" for spec in args.hybrids] if "hybrid" in args.models else []
+    for name in names:
         base = model_config(args.shapes, name, layers, args.dtype)
         base_params = random_params(base)
         for precision in args.precisions:
@@ -334,7 +355,7 @@ def run(args) -> dict:
     if args.fit_memory:
         budget = parse_size(args.fit_memory, "--fit-memory")
         for context in args.fit_contexts:
-            for name in ("llama", "llamba"):
+            for name in names:
                 fits.append(largest_batch(args.shapes, name, context, args.fit_dtype, budget))
                 print(json.dumps(fits[-1]), flush=True)
     result = {"benchmark": "generate", "environment": environment(), "settings": {
@@ -342,7 +363,7 @@ def run(args) -> dict:
         "reps": args.reps,
         "batch_context": args.batch_context, "hf_max_context": args.hf_max_context,
         "hf_max_batch": args.hf_max_batch, "memory_limit": args.memory_limit, "precisions": args.precisions,
-        "group_size": args.group_size},
+        "group_size": args.group_size, "models": names},
         "points": points, "largest_batch": fits}
     result["summary"] = summarize(points)
     if not args.no_save:
@@ -354,15 +375,16 @@ def run(args) -> dict:
 
 
 def summarize(points) -> dict:
-    """Batch-1 decode tokens/s by context per model (streamed too), Llamba's speedup over kept_jax's Llama, and each
-    model's change from the shortest to the longest context."""
+    """Batch-1 decode tokens/s by context per model (streamed too), each other model's speedup over kept_jax's Llama,
+    and each model's change from the shortest to the longest context."""
     by = {}
     for r in points:
         if r["sweep"] == "context" and "tokens_per_s" in r:
             by.setdefault(_label(r), {})[r["context"]] = r["tokens_per_s"]
-    llama, llamba = by.get("llama (kept_jax)", {}), by.get("llamba (kept_jax)", {})
-    out = {"tokens_per_s": by,
-           "llamba_over_llama": {c: llamba[c] / llama[c] for c in sorted(llama) if c in llamba}}
+    llama = by.get("llama (kept_jax)", {})
+    out = {"tokens_per_s": by, "over_llama": {
+        label: {c: series[c] / llama[c] for c in sorted(llama) if c in series}
+        for label, series in by.items() if label.endswith("(kept_jax)") and label != "llama (kept_jax)"}}
     for label, series in by.items():
         contexts = sorted(series)
         out.setdefault("longest_over_shortest", {})[label] = series[contexts[-1]] / series[contexts[0]]

@@ -101,19 +101,22 @@ def test_mohawk_step_benchmark_runs_every_stage(capsys):
 @pytest.mark.parametrize("shapes", ["1b", "smollm2-135m"])
 def test_generate_benchmark_runs_and_its_memory_follows_the_state(shapes):
     """One layer of each shape at short contexts: every point is measured (batch 1 streamed too), Llama's state
-    grows with the context and Llamba's does not, and the largest-batch figure is confirmed by its own compilation."""
+    grows with the context and Llamba's and a pure Mamba-2 hybrid's do not, and the largest-batch figure is
+    confirmed by its own compilation."""
     from benchmarks import generate
 
     result = generate.run(generate.parse_args(
         ["--shapes", shapes, "--layers", "1", "--contexts", "256,512", "--batches", "1,2", "--batch-context", "256",
          "--steps", "4", "--reps", "1", "--hf-max-context", "256", "--hf-max-batch", "1", "--fit-memory", "10GiB",
-         "--fit-contexts", "256", "--no-save"]))
+         "--fit-contexts", "256", "--hybrids", "none", "--no-save"]))
+    models = ("llama", "llamba", "hybrid none")
     assert {(r["model"], r["context"]) for r in result["points"] if r["impl"] == "kept_jax streamed"} == {
-        (model, context) for model in ("llama", "llamba") for context in (256, 512)}
+        (model, context) for model in models for context in (256, 512)}
     state = {(r["model"], r["impl"], r["context"]): r["state_GiB"] for r in result["points"]
              if r["batch"] == 1 and "state_GiB" in r}
     assert state[("llama", "kept_jax", 512)] > 1.9 * state[("llama", "kept_jax", 256)]
-    assert state[("llamba", "kept_jax", 512)] == state[("llamba", "kept_jax", 256)]
+    for recurrent in models[1:]:  # a Llamba and a hybrid without attention keep a state of fixed size
+        assert state[(recurrent, "kept_jax", 512)] == state[(recurrent, "kept_jax", 256)]
     assert all(r["tokens_per_s"] > 0 for r in result["points"])
     for fit in result["largest_batch"]:
         assert fit["largest_batch"] > 0 and fit["compiled_GiB_at_largest"] <= fit["budget_GiB"]
@@ -161,7 +164,27 @@ def test_quality_benchmark_scores_each_precision_against_fp32(tmp_path):
     model = fx.make_llama(fx.base_config("tiny-llama"), seed=2)
     path = fx.save_llama(model, str(tmp_path / "llama"))
     fx.add_byte_level_tokenizer(path, model.config.vocab_size)
-    result = quality.run(quality.parse_args(["--model", path, "--tokens", "1024", "--seq-len", "128", "--group-size", "32", "--no-save"]))
+    result = quality.run(quality.parse_args(["--model", path, "--tokens", "1024", "--seq-len", "128",
+                                             "--group-size", "32", "--no-save"]))
     kl = {r["precision"]: r["kl"] for r in result[path]["points"]}
     assert abs(kl["fp32"]) < 1e-6
     assert 0 < kl["bf16"] and 0 < kl["int8"] < kl["int4"]
+
+
+def test_students_benchmark_pairs_each_evenly_spaced_hybrid_with_a_measured_one():
+    """Each share of attention comes evenly spaced and as the same number of layers chosen by their leave-one-out
+    KL (the costliest); without the costs only the evenly spaced ones; the Llamba and a pure Mamba-2 always."""
+    from benchmarks.students import variants
+
+    costs = list(np.random.default_rng(0).random(12))
+    with_costs = variants(12, costs)
+    assert with_costs["Llamba"] == ("llamba", [])
+    assert with_costs["Mamba-2 (no attention)"] == ("hybrid", ["attention_layers=none"])
+    for every in (8, 4, 2):
+        n = len(range(0, 12, every))
+        named = {name.split("(")[-1].rstrip(")"): overrides for name, (_, overrides) in with_costs.items()}
+        assert named[f"every:{every}"] == [f"attention_layers=every:{every}"]
+        (chosen,) = named[f"auto:{n}"]
+        layers = [int(i) for i in chosen.removeprefix("attention_layers=[").removesuffix("]").split(",")]
+        assert len(layers) == n and min(costs[i] for i in layers) >= max(np.delete(costs, layers))
+    assert not any("auto" in name for name in variants(12, None))
