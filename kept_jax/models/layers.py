@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -507,6 +507,17 @@ class UnscannedLayers(nn.Module):
         for i, block in enumerate(self.config.block_classes):
             x, _ = _block_class(block, self.config, scanned=False)(self.config, name=str(i))(x, *args)
         return x, None
+
+
+def model_output(output: str, hidden: Array, logits_of: Callable[[Array], Array]):
+    """What a causal LM's `__call__(..., output=...)` returns: "logits" (fp32), "hidden" (the final hidden states after
+    the last norm, before the head) or "both" (a (logits, hidden) pair)."""
+    if output not in ("logits", "hidden", "both"):
+        raise ValueError(f"output must be 'logits', 'hidden' or 'both', got {output!r}")
+    if output == "hidden":
+        return hidden
+    logits = logits_of(hidden)
+    return logits if output == "logits" else (logits, hidden)
 
 
 def layer_stack(config: ModelConfig) -> nn.Module:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from kept_jax.config import ModelConfig, check_choice, check_hf_keys, check_positive_ints, hf_common_fields
 from kept_jax.errors import KeptError
 from kept_jax.models.layers import (ATTENTION_IMPLS, MLP, NORMS, Attention, Embed, KVCache, Linear, RopeConfig,
-                                    layer_stack, rope_from_hf, rope_tables)
+                                    layer_stack, model_output, rope_from_hf, rope_tables)
 from kept_jax.models.names import TensorSpec, linear_specs, norm_specs
 
 Array = jax.Array
@@ -328,13 +328,7 @@ class LlamaForCausalLM(nn.Module):
         positions: Array | None = None,
         output: Literal["logits", "hidden", "both"] = "logits",
     ):
-        if output not in ("logits", "hidden", "both"):
-            raise ValueError(f"output must be 'logits', 'hidden' or 'both', got {output!r}")
-        hidden = self.model(tokens, positions)
-        if output == "hidden":
-            return hidden
-        logits = self.logits(hidden)
-        return logits if output == "logits" else (logits, hidden)
+        return model_output(output, self.model(tokens, positions), self.logits)
 
     def norm_inputs(self, tokens: Array) -> dict[str, Array]:
         """The input of every norm site, keyed by the HF norm name (`model.layers.0.input_layernorm`, ...,

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import kept_jax.models.ssd as ssd
 from kept_jax.config import ModelConfig, check_choice, check_hf_keys, check_positive_ints, hf_common_fields
 from kept_jax.errors import KeptError
-from kept_jax.models.layers import MLP, CausalConv1d, Embed, Linear, MixerState, RMSNorm, layer_stack, logical_init
+from kept_jax.models.layers import (MLP, CausalConv1d, Embed, Linear, MixerState, RMSNorm, layer_stack, logical_init,
+                                    model_output)
 from kept_jax.models.names import TensorSpec, linear_specs, norm_specs
 
 Array = jax.Array
@@ -428,13 +429,7 @@ class LlambaForCausalLM(nn.Module):
                                   jnp.dtype(cfg.param_dtype), out_dtype=jnp.float32)
 
     def __call__(self, tokens: Array, output: Literal["logits", "hidden", "both"] = "logits"):
-        if output not in ("logits", "hidden", "both"):
-            raise ValueError(f"output must be 'logits', 'hidden' or 'both', got {output!r}")
-        hidden = self.backbone(tokens)
-        if output == "hidden":
-            return hidden
-        logits = self.logits(hidden)
-        return logits if output == "logits" else (logits, hidden)
+        return model_output(output, self.backbone(tokens), self.logits)
 
     def logits(self, hidden: Array) -> Array:
         if self.config.tie_word_embeddings:
