@@ -1,6 +1,6 @@
 """`python -m kept_jax.convert --to hybrid`: a Llama into a Mamba-2/attention hybrid (kept_jax/mapping/hybrid_init.py).
 
-An all-attention hybrid is its Llama (KL 0 to fp32 rounding), the attention init reads q/k/v/o head by head as
+An all-attention hybrid is its Llama (to fp32 rounding), the attention init reads q/k/v/o head by head as
 documented, `auto:N`'s fast leave-one-out measurement equals converting and scoring each one-layer hybrid, and every
 option a user can get wrong is refused in one line before any work.
 """
@@ -32,7 +32,9 @@ def _convert(source, out, *flags):
 def test_an_all_attention_hybrid_is_its_llama(llama_bpe_checkpoint, tmp_path):
     report = _convert(llama_bpe_checkpoint[0], tmp_path / "all", "--attention-layers", "all")
     metrics = report["strategies"]["mamba2"]  # the default init (no layer has one here)
-    assert metrics["kl"] == 0.0 and metrics["agreement"] == 1.0  # the same products as the Llama's, bit for bit
+    # The same weights; the MLP's gate and up as one product of twice the width round apart from the Llama's two in
+    # fp32 (7.6e-10 here, 0 on SmolLM2-135M; a layer left out or mis-copied costs nats).
+    assert metrics["kl"] <= 1e-9 and metrics["agreement"] == 1.0
     assert report["attention_layers"] == [0, 1]
     config, _, _ = load_checkpoint(str(tmp_path / "all"))
     assert config.architecture == "granitemoehybrid" and config.layer_types == ("attention", "attention")
