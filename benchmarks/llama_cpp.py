@@ -252,7 +252,10 @@ def main(argv=None) -> int:
                         args.as_converted)}
     print(json.dumps(result, indent=1))
     if not args.no_save:
-        stem = "llama_cpp-" + re.sub(r"[^\w.-]", "_", os.path.basename(os.path.normpath(args.model)))
+        model = os.path.normpath(args.model)
+        if os.path.basename(model) == "export":  # a job's export: name it by its run directory
+            model = os.path.dirname(model)
+        stem = "llama_cpp-" + re.sub(r"[^\w.-]", "_", os.path.basename(model))
         print(f"wrote {write_result(stem, result)}")
     return 0
 
