@@ -168,34 +168,17 @@ def llama_cpp_speed(bin_dir: str, gguf: str, threads: int = 2) -> dict:
     return out
 
 
-def kept_jax_logits(model_dir: str, tokens: np.ndarray) -> np.ndarray:
+def kept_jax_logits(config, params, tokens: np.ndarray) -> np.ndarray:
     import jax
 
-    from bridge.checkpoint import load_checkpoint
     from kept_jax.models import build_model
 
-    config, params, _ = load_checkpoint(model_dir)
     return np.asarray(jax.jit(build_model(config).apply)({"params": params}, tokens[None]))[0]
 
 
-def kept_jax_greedy(model_dir: str, prompt_ids: list[int], new_tokens: int) -> list[int]:
-    from bridge.checkpoint import load_checkpoint
-    from kept_jax.decoding import Generator
-
-    config, params, _ = load_checkpoint(model_dir)
-    generator = Generator(config)
-    return generator.generate(generator.prepare(params), [prompt_ids], new_tokens).tokens[0]
-
-
-def kept_jax_speed(model_dir: str, steps: int = 128, prompt: int = 512, reps: int = 3) -> dict:
+def kept_jax_speed(generator, params, vocab_size: int, steps: int = 128, prompt: int = 512, reps: int = 3) -> dict:
     """Prefill of `prompt` random tokens and decode of `steps` at batch 1, fp32, compilation excluded."""
-    from bridge.checkpoint import load_checkpoint
-    from kept_jax.decoding import Generator
-
-    config, params, _ = load_checkpoint(model_dir)
-    generator = Generator(config)
-    params = generator.prepare(params)
-    ids = np.random.default_rng(0).integers(0, config.vocab_size, prompt).tolist()
+    ids = np.random.default_rng(0).integers(0, vocab_size, prompt).tolist()
     generator.generate(params, [ids], steps)  # compiles
     runs = [generator.generate(params, [ids], steps) for _ in range(reps)]
     prefill = float(np.median([r.prefill_s for r in runs]))
@@ -205,6 +188,12 @@ def kept_jax_speed(model_dir: str, steps: int = 128, prompt: int = 512, reps: in
 
 def compare(model_dir: str, prompt: str, new_tokens: int, threads: int, source_dir: str, bench: bool,
             as_converted: bool = False) -> dict:
+    from bridge.checkpoint import load_checkpoint
+    from kept_jax.decoding import Generator
+
+    config, params, _ = load_checkpoint(model_dir)  # once, for the logits, the greedy text and the speed
+    generator = Generator(config)
+    prepared = generator.prepare(params)
     tree = source_tree(source_dir)
     began = time.perf_counter()
     bin_dir = build(tree)
@@ -215,10 +204,10 @@ def compare(model_dir: str, prompt: str, new_tokens: int, threads: int, source_d
         if switched:
             rope_switch(gguf)
         tokens, theirs = llama_cpp_logits(bin_dir, gguf, prompt, threads)
-        ours = kept_jax_logits(model_dir, tokens)[:, : theirs.shape[1]]
+        ours = kept_jax_logits(config, params, tokens)[:, : theirs.shape[1]]
         theirs_bytes = llama_cpp_greedy(bin_dir, gguf, prompt, new_tokens, threads)
         speed = llama_cpp_speed(bin_dir, gguf, threads) if bench else None
-    ids = [int(t) for t in kept_jax_greedy(model_dir, tokens.tolist(), new_tokens)]
+    ids = [int(t) for t in generator.generate(prepared, [tokens.tolist()], new_tokens).tokens[0]]
     ours_bytes = token_bytes(model_dir, ids).rstrip(b"\n")
     result = {
         "prompt": prompt, "prompt_tokens": len(tokens), "build_seconds": round(built_s, 1), "rope_switch_set": switched,
@@ -229,7 +218,8 @@ def compare(model_dir: str, prompt: str, new_tokens: int, threads: int, source_d
         "greedy_equal": theirs_bytes == ours_bytes,
     }
     if bench:
-        result["speed"] = {"llama.cpp (F32 GGUF)": speed, "kept_jax (fp32)": kept_jax_speed(model_dir)}
+        result["speed"] = {"llama.cpp (F32 GGUF)": speed,
+                           "kept_jax (fp32)": kept_jax_speed(generator, prepared, config.vocab_size)}
     return result
 
 
