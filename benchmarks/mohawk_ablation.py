@@ -71,6 +71,20 @@ def variants(config: str, total: int) -> dict[str, list[str]]:
     }
 
 
+def run_variant(name: str, out: str, argv: list[str]) -> tuple[dict, float | None]:
+    """One variant: `python -m kept_jax.train argv` in-process into `out`; its summary.json and its wall time, None
+    when it resumed a stopped run in `out` (its time would not be whole)."""
+    from kept_jax import train
+
+    resumed = os.path.isdir(os.path.join(out, "checkpoints"))
+    print(f"== {name}", file=sys.stderr, flush=True)
+    if train.main(["--out", out, *argv]) != 0:
+        raise SystemExit(f"variant {name!r} failed; see {out}")
+    with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    return summary, None if resumed else summary["seconds_this_process"]
+
+
 def _curve(run_dir: str) -> list[dict]:
     from kept_jax.runlog import read_metrics
 
@@ -103,8 +117,6 @@ def plot(result: dict, path: str) -> None:
 
 @cli_entry
 def main(argv=None) -> int:
-    from kept_jax import train
-
     p = argparse.ArgumentParser(prog="python -m benchmarks.mohawk_ablation", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=CONFIG, help="the Llamba or hybrid job (default: configs/smollm2-llamba.yaml)")
     p.add_argument("--tokens", type=int, default=16384, help="training tokens per variant (default: 16,384)")
@@ -123,12 +135,8 @@ def main(argv=None) -> int:
             continue
         out = os.path.join(root, name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "-")
                            .replace("/", "-"))
-        print(f"== {name}", file=sys.stderr, flush=True)
-        argv = ["--config", args.config, "--out", out, *overrides, "verify=false", *every, *args.overrides]
-        if train.main(argv) != 0:
-            raise SystemExit(f"variant {name!r} failed; see {out}")
-        with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
-            s = json.load(f)
+        s, seconds = run_variant(name, out, ["--config", args.config, *overrides, "verify=false", *every,
+                                             *args.overrides])
         result["tokens"] = s["tokens"]
         result["variants"][name] = {
             "overrides": overrides + args.overrides, "tokens": s["tokens"], "kl_init": s["kl_init"],
@@ -137,7 +145,7 @@ def main(argv=None) -> int:
             "teacher_ppl": s["teacher_ppl"], "hidden_init": s.get("hidden_init"),
             "stages": [{k: st[k] for k in ("name", "tokens", "kl", "agreement", "hidden", "loss_first", "loss_last")}
                        for st in s["stages"]],
-            "curve": _curve(out), "seconds": s["seconds_this_process"]}
+            "curve": _curve(out), "seconds": seconds}
         path = write_result(stem, result)
         plot(result, path.replace(".json", ".png"))
     print(f"\n{'variant':<26}{'tokens':>9}{'KL init':>10}{'KL final':>10}{'agree':>8}{'ppl':>9}{'hidden':>9}"
@@ -145,7 +153,7 @@ def main(argv=None) -> int:
     for name, r in result["variants"].items():
         hidden = r["stages"][-1]["hidden"]
         print(f"{name:<26}{r['tokens']:>9,}{r['kl_init']:>10.4f}{r['kl_final']:>10.4f}{r['agreement_final']:>8.2%}"
-              f"{r['student_ppl_final']:>9.2f}{hidden:>9.4g}{r['seconds']:>6.0f}")
+              f"{r['student_ppl_final']:>9.2f}{hidden:>9.4g}{r['seconds'] or float('nan'):>6.0f}")
     print(f"\nresults: {path} (+ .png)")
     return 0
 

@@ -26,7 +26,7 @@ import sys
 import tempfile
 
 from benchmarks.common import environment, result_path, write_result
-from benchmarks.mohawk_ablation import _curve
+from benchmarks.mohawk_ablation import _curve, run_variant
 from kept_jax.errors import cli_entry
 from kept_jax.train_config import CONFIG_DIR
 
@@ -81,7 +81,6 @@ def plot(result: dict, path: str) -> None:
 
 @cli_entry
 def main(argv=None) -> int:
-    from kept_jax import train
     from kept_jax.train_config import load_config
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.students", description=__doc__.split("\n\n")[0])
@@ -114,19 +113,13 @@ def main(argv=None) -> int:
         if args.only and name not in args.only or name in result["variants"] and not args.again:
             continue
         out = os.path.join(root, "".join(c if c.isalnum() else "_" for c in name))
-        print(f"== {name}", file=sys.stderr, flush=True)
-        resumed = os.path.isdir(os.path.join(out, "checkpoints"))  # a stopped run goes on: its time is not whole
-        argv = ["--config", configs[kind], "--out", out, *overrides, *args.overrides]
-        if train.main(argv) != 0:
-            raise SystemExit(f"variant {name!r} failed; see {out}")
-        with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
-            s = json.load(f)
+        s, seconds = run_variant(name, out, ["--config", configs[kind], *overrides, *args.overrides])
         result["variants"][name] = {
             "config": os.path.relpath(configs[kind]), "overrides": overrides + args.overrides,
             "student": s.get("student"), "mixer_init": s.get("mixer_init"), "tokens": s["tokens"],
             **{k: s[k] for k in ("kl_init", "kl_final", "agreement_init", "agreement_final", "student_ppl_final",
                                  "teacher_ppl", "tokens_per_s", "verified")},
-            "chat": s.get("chat"), "seconds": None if resumed else s["seconds_this_process"], "curve": _curve(out)}
+            "chat": s.get("chat"), "seconds": seconds, "curve": _curve(out)}
         path = write_result(stem, result)
         plot(result, path.replace(".json", ".png"))
     print(f"\n{'variant':<28}{'tokens':>8}{'KL init':>9}{'KL final':>9}{'agree':>8}{'ppl':>8}{'s':>6}")
