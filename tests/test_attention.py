@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kept_jax.models import layers
+from kept_jax.models import attention as layers
 
 
 @pytest.mark.parametrize("seq,heads,kv_heads", [(300, 4, 4), (257, 4, 2), (129, 2, 1)])

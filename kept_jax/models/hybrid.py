@@ -220,14 +220,15 @@ class HybridConfig(ModelConfig):
 
     def empty_cache(self, batch: int, length: int) -> tuple:
         """Each layer's generation state: an attention layer's KV cache for `length` positions (compute dtype), a
-        Mamba-2 layer's conv window [b, K-1, C] (compute dtype) and state [b, H, P, N] (fp32), whose size does not
-        depend on `length`."""
+        Mamba-2 layer's conv window [b, K-1, C] and state [b, H, P, N] (fp32), whose size does not depend on
+        `length`."""
         dtype = jnp.dtype(self.compute_dtype)
         kv = (batch, length, self.num_key_value_heads, self.head_dim)
         conv = (batch, self.mamba_d_conv - 1, self.conv_channels)
         state = (batch, self.mamba_n_heads, self.mamba_d_head, self.mamba_d_state)
-        return tuple(KVCache(jnp.zeros(kv, dtype), jnp.zeros(kv, dtype)) if t == ATTENTION
-                     else MixerState(jnp.zeros(conv, dtype), jnp.zeros(state, jnp.float32)) for t in self.layer_types)
+        mixer = MixerState(jnp.zeros(conv, jnp.float32), jnp.zeros(state, jnp.float32))
+        return tuple(KVCache(jnp.zeros(kv, dtype), jnp.zeros(kv, dtype)) if t == ATTENTION else mixer
+                     for t in self.layer_types)
 
     def layout_flags(self) -> dict[str, Any]:
         return {"tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
@@ -457,11 +458,10 @@ def _time_step_limit(raw: Any) -> tuple[float, float]:
 
 class GatedRMSNorm(nn.Module):
     """Transformers' `GraniteMoeHybridRMSNormGated`: y * silu(z) in fp32, RMS-normalized within each of `groups`
-    equal parts of the last axis, times the weight; returned in `dtype`."""
+    equal parts of the last axis, times the weight (fp32)."""
 
     groups: int
     eps: float
-    dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -471,7 +471,7 @@ class GatedRMSNorm(nn.Module):
         gated = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
         grouped = gated.reshape(*gated.shape[:-1], self.groups, width // self.groups)
         normed = grouped * jax.lax.rsqrt(jnp.mean(grouped * grouped, axis=-1, keepdims=True) + self.eps)
-        return (weight.astype(jnp.float32) * normed.reshape(gated.shape)).astype(self.dtype)
+        return weight.astype(jnp.float32) * normed.reshape(gated.shape)
 
 
 def _a_log_init(key, shape, dtype=jnp.float32):
@@ -496,7 +496,7 @@ class Mamba2(nn.Module):
                                   param_dtype)
         self.A_log = self.param("A_log", logical_init(_a_log_init, ("ssm_heads",)), (cfg.mamba_n_heads,), param_dtype)
         self.D = self.param("D", logical_init(nn.initializers.ones, ("ssm_heads",)), (cfg.mamba_n_heads,), param_dtype)
-        self.norm = GatedRMSNorm(cfg.mamba_n_groups, cfg.rms_norm_eps, dtype, param_dtype)
+        self.norm = GatedRMSNorm(cfg.mamba_n_groups, cfg.rms_norm_eps, param_dtype)
         self.out_proj = Linear(cfg.hidden_size, cfg.mamba_proj_bias, ("ssm_inner", "embed"), dtype, param_dtype,
                                lora_scale=cfg.lora_scale)
 
@@ -526,7 +526,8 @@ class Mamba2(nn.Module):
     def __call__(self, u: Array) -> Array:
         cfg = self.config
         x, B, C, z, dt, log_a, _ = self._inputs(u, None)
-        return self._output(ssd.mix(cfg.mixer_form, x * dt[..., None], B, C, log_a, cfg.mamba_chunk_size), x, z)
+        return self._output(ssd.mix(cfg.mixer_form, x * dt[..., None], B, C, log_a, cfg.mamba_chunk_size,
+                                    cfg.compute_dtype), x, z)
 
     def extend(self, u: Array, state: MixerState | None = None,
                lengths: Array | None = None) -> tuple[Array, MixerState]:
@@ -542,15 +543,16 @@ class Mamba2(nn.Module):
         if u.shape[1] == 1:
             y, ssm = ssd.ssd_recurrent(x_dt, B, C, log_a, initial_state=ssm)
         else:
-            y, ssm = ssd.ssd_chunked(x_dt, B, C, log_a, self.config.mamba_chunk_size, initial_state=ssm)
+            y, ssm = ssd.ssd_chunked(x_dt, B, C, log_a, self.config.mamba_chunk_size, ssm, self.config.compute_dtype)
         return self._output(y, x, z), MixerState(conv, ssm)
 
     def mixing_matrix(self, u: Array) -> Array:
         """M [b, H, T, T] (fp32): y_t = sum_s M[t, s] x_s per head, M[t, s] = (C_t . B_s) exp(sum_{s<r<=t} dt_r A)
         dt_s, D on the diagonal."""
+        cfg = self.config
         x, B, C, _, dt, log_a, _ = self._inputs(u, None)
-        m = ssd.mixing_matrix(B, C, log_a, self.config.mamba_n_heads) * jnp.swapaxes(dt, 1, 2)[:, :, None, :]
-        return m + jnp.einsum("h,ts->hts", self.D.astype(jnp.float32), jnp.eye(u.shape[1], dtype=jnp.float32))
+        m = ssd.mixing_matrix(B, C, log_a, cfg.mamba_n_heads, cfg.compute_dtype) * jnp.swapaxes(dt, 1, 2)[:, :, None, :]
+        return m + self.D.astype(jnp.float32)[:, None, None] * jnp.eye(u.shape[1], dtype=jnp.float32)
 
 
 class _Layer(nn.Module):
@@ -560,7 +562,7 @@ class _Layer(nn.Module):
 
     def _norm(self) -> nn.Module:
         cfg = self.config
-        return NORMS[cfg.norm](cfg.rms_norm_eps, jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype))
+        return NORMS[cfg.norm](cfg.rms_norm_eps, jnp.dtype(cfg.param_dtype))
 
     def _mlp_part(self, x: Array) -> Array:
         return x + self.config.residual_multiplier * self.shared_mlp(self.post_attention_layernorm(x))
@@ -626,7 +628,7 @@ class HybridDecoder(nn.Module):
         dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype, param_dtype)
         self.layers = layer_stack(cfg)
-        self.norm = NORMS[cfg.norm](cfg.rms_norm_eps, dtype, param_dtype)
+        self.norm = NORMS[cfg.norm](cfg.rms_norm_eps, param_dtype)
 
     def embed(self, tokens: Array) -> Array:
         x = self.embed_tokens(tokens)
@@ -653,7 +655,7 @@ class HybridForCausalLM(nn.Module):
         self.model = HybridDecoder(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.vocab_size, False, ("embed", "vocab"), jnp.dtype(cfg.compute_dtype),
-                                  jnp.dtype(cfg.param_dtype), out_dtype=jnp.float32)
+                                  jnp.dtype(cfg.param_dtype))
 
     def __call__(self, tokens: Array, output: Literal["logits", "hidden", "both"] = "logits"):
         return model_output(output, self.model(tokens), self.logits)

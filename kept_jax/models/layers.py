@@ -1,7 +1,10 @@
 """The shared building blocks of every architecture: embedding, linear, norms, RoPE, attention, SwiGLU MLP, and
 the stack of layers (scanned or unrolled, with a remat policy).
 
-Numerics follow Hugging Face (docs/design.md, Models): norms in fp32, RoPE angles in fp32, softmax in fp32.
+Numerics follow Hugging Face (docs/design.md, Models): norms in fp32, RoPE angles in fp32, softmax in fp32. The
+precision policy: every matrix product takes its operands in the compute dtype and accumulates in fp32
+(kept_jax.models.products); activations between products stay fp32 (bf16 elementwise work is slower than fp32 on a
+CPU, and fp32 activations are more accurate than Transformers' bf16 ones).
 Parameters carry logical axis names so that sharding rules can place them on a device mesh.
 """
 
@@ -16,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import kept_jax.models.products as products
 from kept_jax.config import ModelConfig
 from kept_jax.errors import KeptError
+from kept_jax.models.attention import causal_attention
 from kept_jax.models.ssd import causal_conv
 from kept_jax.quantize import dequantize
 
@@ -35,9 +40,8 @@ class Linear(nn.Module):
     features: int
     use_bias: bool
     axes: tuple[str | None, str | None]
-    dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.float32  # of the product's operands; the result is fp32
     param_dtype: jnp.dtype = jnp.float32
-    out_dtype: jnp.dtype | None = None  # e.g. fp32 logits from a bf16 head
     lora_scale: float = 1.0
 
     @nn.compact
@@ -51,16 +55,16 @@ class Linear(nn.Module):
         # [..., in] -> [tokens, in]: a plain 2-D matmul, whose weight gradient XLA:CPU computes without the
         # transposes a [batch, seq, in] contraction costs (benchmarks/xkd_step.py; a bitcast on every backend).
         lead = x.shape[:-1]
-        x = x.astype(self.dtype).reshape(-1, x.shape[-1])
+        x = x.reshape(-1, x.shape[-1])
         kernel = dequantize(kernel)  # a kept_jax.quantize kernel: floats for this layer only, inside the layer scan
-        y = jnp.dot(x, kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
+        y = products.linear(x, kernel, self.dtype)  # fp32
         if self.has_variable("lora", "a"):  # LoRA adapter: y += scale * (x a) b, with a [in, r] and b [r, out]
             a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")
-            y = y + self.lora_scale * jnp.dot(jnp.dot(x, a.astype(self.dtype)), b.astype(self.dtype))
+            y = y + self.lora_scale * products.linear(products.linear(x, a, self.dtype), b, self.dtype)
         if self.use_bias:
             bias = self.param("bias", logical_init(nn.initializers.zeros, self.axes[1:]), (self.features,),
                               self.param_dtype)
-            y = y + bias.astype(self.dtype)
+            y = y + bias.astype(jnp.float32)
         return y.reshape(*lead, self.features)
 
 
@@ -81,18 +85,17 @@ class Embed(nn.Module):
         )
 
     def __call__(self, tokens: Array) -> Array:
-        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+        return jnp.take(self.embedding, tokens, axis=0).astype(jnp.float32)
 
     def attend(self, hidden: Array) -> Array:
         """fp32 logits of a head tied to this embedding."""
-        return jnp.dot(hidden, self.embedding.astype(self.dtype).T, preferred_element_type=jnp.float32)
+        return products.linear(hidden, self.embedding.T, self.dtype)
 
 
 class RMSNorm(nn.Module):
-    """HF `LlamaRMSNorm`: normalize in fp32, cast back to the input dtype, then multiply by the weight."""
+    """HF `LlamaRMSNorm`: normalize in fp32, then multiply by the weight (fp32 out, as HF's in an fp32 model)."""
 
     eps: float
-    dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -100,14 +103,13 @@ class RMSNorm(nn.Module):
         weight = self.param("weight", logical_init(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return weight.astype(self.dtype) * normed.astype(self.dtype)
+        return weight.astype(jnp.float32) * normed
 
 
 class LayerNorm(nn.Module):
     """`torch.nn.LayerNorm`: biased variance, eps inside the sqrt, the affine applied in fp32."""
 
     eps: float
-    dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -119,7 +121,7 @@ class LayerNorm(nn.Module):
         centered = x32 - mean
         var = jnp.mean(centered * centered, axis=-1, keepdims=True)
         normed = centered * jax.lax.rsqrt(var + self.eps)
-        return (normed * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+        return normed * weight.astype(jnp.float32) + bias.astype(jnp.float32)
 
 
 NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
@@ -276,41 +278,19 @@ def rope_tables(cfg: Any, tokens: Array, positions: Array | None = None,
     `cfg.max_position_embeddings`. `dynamic` rope rescales by the (static) sequence `length` (default T), like HF for
     positions 0..T-1."""
     seq = tokens.shape[-1]
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), tokens.shape)
     inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, length or seq)
+    if positions is None:
+        # Positions 0..T-1 (training, scoring): the tables are evaluated now and are constants of the program. Computed
+        # in the program, XLA fuses cos and sin into every use and evaluates them again for each head of each layer,
+        # forward and backward (a tenth of a bf16 training step on a CPU, 2026-12-06).
+        with jax.ensure_compile_time_eval():
+            cos, sin = rope_cos_sin(jnp.arange(seq, dtype=jnp.int32)[None], inv_freq)
+        shape = (*tokens.shape, cos.shape[-1])
+        return jnp.broadcast_to(cos, shape), jnp.broadcast_to(sin, shape)
     return rope_cos_sin(positions, inv_freq)
 
 
 # ---- Attention and MLP --------------------------------------------------------------------------
-
-QUERY_BLOCK = 128  # the smallest query block of `causal_attention`
-MAX_QUERY_BLOCKS = 16  # and at most this many blocks, so long sequences do not unroll into a huge graph
-
-
-def causal_attention(q: Array, k: Array, v: Array, scale: float | None = None) -> Array:
-    """softmax(scale q k^T, causal) v, with logits and softmax in fp32, in query blocks (`scale` defaults to
-    1 / sqrt(head_dim)).
-
-    q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] (heads a multiple of kv_heads).
-    Each block of queries attends only to the keys up to its own end, which skips about half of the T x T work
-    and memory that a full masked product spends; `jax.nn.dot_product_attention(implementation="xla")` computes
-    the full square and is about 2.5x slower forward + backward on a CPU (benchmarks/xkd_step.py).
-    """
-    batch, seq, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
-    scale = head_dim ** -0.5 if scale is None else scale
-    block = max(QUERY_BLOCK, -(-seq // MAX_QUERY_BLOCKS))
-    outputs = []
-    for start in range(0, seq, block):
-        end = min(start + block, seq)
-        logits = jnp.einsum("bqkgd,bskd->bkgqs", q[:, start:end], k[:, :end], preferred_element_type=jnp.float32)
-        visible = np.arange(end)[None, :] <= np.arange(start, end)[:, None]
-        logits = jnp.where(visible, logits * scale, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        outputs.append(jnp.einsum("bkgqs,bskd->bqkgd", probs, v[:, :end]))
-    return jnp.concatenate(outputs, axis=1).reshape(batch, seq, heads, head_dim)
 
 
 def cached_attention(q: Array, k: Array, v: Array, positions: Array, scale: float | None = None) -> Array:
@@ -325,11 +305,12 @@ def cached_attention(q: Array, k: Array, v: Array, positions: Array, scale: floa
     kv_heads = k.shape[2]
     q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
     scale = head_dim ** -0.5 if scale is None else scale
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+    logits = products.einsum("bqkgd,bskd->bkgqs", q, k, k.dtype) * scale
     visible = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]  # [b, T, S]
     logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(batch, seq, heads, head_dim)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = products.einsum("bkgqs,bskd->bqkgd", probs, v, v.dtype).astype(q.dtype)
+    return out.reshape(batch, seq, heads, head_dim)
 
 
 class KVCache(NamedTuple):
@@ -381,7 +362,7 @@ class Attention(nn.Module):
         scale = self.config.attention_scale
         if self.config.attention_impl == "cudnn":  # the fused flash kernel on NVIDIA GPUs
             return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
-        return causal_attention(q, k, v, scale)
+        return causal_attention(q, k, v, scale, self.config.compute_dtype)
 
     def extend(self, x: Array, cos: Array, sin: Array, cache: KVCache, positions: Array) -> tuple[Array, KVCache]:
         """Generation: writes the keys and values of `x` [b, T, d] into `cache` at `positions` [b, T], then attends.
@@ -405,7 +386,7 @@ class Attention(nn.Module):
         what MOHAWK's stage 1 aligns the student's mixing matrices with."""
         q, k = self._queries_keys(x, cos, sin)
         k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
-        logits = jnp.einsum("bqhd,bshd->bhqs", q, k, preferred_element_type=jnp.float32) * self.config.attention_scale
+        logits = products.einsum("bqhd,bshd->bhqs", q, k, self.config.compute_dtype) * self.config.attention_scale
         seq = x.shape[1]
         visible = np.tril(np.ones((seq, seq), bool))
         return jax.nn.softmax(jnp.where(visible, logits, jnp.finfo(jnp.float32).min), axis=-1)

@@ -242,7 +242,7 @@ class LlamaConfig(ModelConfig):
 
 
 def _norm(cfg: LlamaConfig, name: str) -> nn.Module:
-    return NORMS[cfg.norm](cfg.rms_norm_eps, jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype), name=name)
+    return NORMS[cfg.norm](cfg.rms_norm_eps, jnp.dtype(cfg.param_dtype), name=name)
 
 
 class DecoderLayer(nn.Module):
@@ -319,7 +319,6 @@ class LlamaForCausalLM(nn.Module):
                 ("embed", "vocab"),
                 jnp.dtype(cfg.compute_dtype),
                 jnp.dtype(cfg.param_dtype),
-                out_dtype=jnp.float32,
             )
 
     def __call__(

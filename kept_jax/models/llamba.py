@@ -130,9 +130,9 @@ class LlambaConfig(ModelConfig):
         return None
 
     def empty_cache(self, batch: int, length: int) -> tuple[MixerState, ...]:
-        """Each layer's generation state at the start of a sequence: conv window [b, K-1, C] in the compute dtype,
-        state-space state [b, H, P, N] in fp32. Its size does not depend on `length`."""
-        conv = jnp.zeros((batch, self.d_conv - 1, self.conv_channels), jnp.dtype(self.compute_dtype))
+        """Each layer's generation state at the start of a sequence: conv window [b, K-1, C] and state-space state
+        [b, H, P, N], both fp32 (activations are). Its size does not depend on `length`."""
+        conv = jnp.zeros((batch, self.d_conv - 1, self.conv_channels), jnp.float32)
         ssm = jnp.zeros((batch, self.n_v_heads, self.head_dim, self.d_state), jnp.float32)
         return tuple(MixerState(conv, ssm) for _ in range(self.num_hidden_layers))
 
@@ -328,15 +328,13 @@ class DiscreteMamba2(nn.Module):
 
     def _output(self, y: Array, x: Array, z: Array) -> Array:
         """y + D x, gated by silu(z + z_bias), then out_proj."""
-        dtype = jnp.dtype(self.config.compute_dtype)
         y = y + self.D.astype(jnp.float32)[:, None] * x.astype(jnp.float32)
-        y = y.reshape(*z.shape).astype(dtype)
-        return self.out_proj(y * jax.nn.silu(z.astype(dtype) + self.z_bias.astype(dtype)))
+        return self.out_proj(y.reshape(*z.shape) * jax.nn.silu(z + self.z_bias.astype(jnp.float32)))
 
     def __call__(self, u: Array) -> Array:
         cfg = self.config
         x, B, C, z, log_a, _ = self._inputs(u, None)
-        return self._output(ssd.mix(cfg.mixer_form, x, B, C, log_a, cfg.chunk_size), x, z)
+        return self._output(ssd.mix(cfg.mixer_form, x, B, C, log_a, cfg.chunk_size, cfg.compute_dtype), x, z)
 
     def extend(self, u: Array, state: MixerState | None = None,
                lengths: Array | None = None) -> tuple[Array, MixerState]:
@@ -355,14 +353,14 @@ class DiscreteMamba2(nn.Module):
                 real = jnp.arange(u.shape[1])[None, :] < lengths[:, None]
                 x_in = jnp.where(real[..., None, None], x, 0)
                 log_a_in = jnp.where(real[..., None], log_a, 0.0)
-            y, ssm = ssd.ssd_chunked(x_in, B, C, log_a_in, self.config.chunk_size, initial_state=ssm)
+            y, ssm = ssd.ssd_chunked(x_in, B, C, log_a_in, self.config.chunk_size, ssm, self.config.compute_dtype)
         return self._output(y, x, z), MixerState(conv, ssm)
 
     def mixing_matrix(self, u: Array) -> Array:
         """M [b, H, T, T] (fp32): y_t = sum_s M[t, s] x_s per head before the gate, D on the diagonal."""
         x, B, C, _, log_a, _ = self._inputs(u, None)
-        m = ssd.mixing_matrix(B, C, log_a, self.config.n_v_heads)
-        return m + jnp.einsum("h,ts->hts", self.D.astype(jnp.float32), jnp.eye(u.shape[1], dtype=jnp.float32))
+        m = ssd.mixing_matrix(B, C, log_a, self.config.n_v_heads, self.config.compute_dtype)
+        return m + self.D.astype(jnp.float32)[:, None, None] * jnp.eye(u.shape[1], dtype=jnp.float32)
 
 
 class LlambaBlock(nn.Module):
@@ -372,10 +370,10 @@ class LlambaBlock(nn.Module):
 
     def setup(self):
         cfg = self.config
-        dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
-        self.input_layernorm = RMSNorm(BLOCK_NORM_EPS, dtype, param_dtype)
+        param_dtype = jnp.dtype(cfg.param_dtype)
+        self.input_layernorm = RMSNorm(BLOCK_NORM_EPS, param_dtype)
         self.mixer = DiscreteMamba2(cfg)
-        self.post_attention_layernorm = RMSNorm(BLOCK_NORM_EPS, dtype, param_dtype)
+        self.post_attention_layernorm = RMSNorm(BLOCK_NORM_EPS, param_dtype)
         self.mlp = MLP(cfg)
 
     def __call__(self, x: Array) -> tuple[Array, None]:
@@ -405,7 +403,7 @@ class LlambaBackbone(nn.Module):
         dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
         self.embedding = Embed(cfg.padded_vocab_size, cfg.hidden_size, dtype, param_dtype)
         self.layers = layer_stack(cfg)
-        self.final_layernorm = RMSNorm(cfg.rms_norm_eps, dtype, param_dtype)
+        self.final_layernorm = RMSNorm(cfg.rms_norm_eps, param_dtype)
 
     def __call__(self, tokens: Array) -> Array:
         x, _ = self.layers(self.embedding(tokens))
@@ -426,7 +424,7 @@ class LlambaForCausalLM(nn.Module):
         self.backbone = LlambaBackbone(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.padded_vocab_size, False, ("embed", "vocab"), jnp.dtype(cfg.compute_dtype),
-                                  jnp.dtype(cfg.param_dtype), out_dtype=jnp.float32)
+                                  jnp.dtype(cfg.param_dtype))
 
     def __call__(self, tokens: Array, output: Literal["logits", "hidden", "both"] = "logits"):
         return model_output(output, self.backbone(tokens), self.logits)

@@ -15,7 +15,9 @@ Per head h (H heads of dim P, in G groups that share B and C; N = state size) an
 Decays are handled as log-decays and summed over segments, never as products or differences of cumulative sums
 (a cumulative sum of large log-decays loses the small ones it is later differenced against): `segment_sums` adds
 each segment directly, so a = sigmoid(-l) stays exact for l = +-200 and gives 0, never NaN. Heads are grouped as
-in mamba_ssm: head h reads group h // (H / G). The core runs in fp32 whatever the compute dtype.
+in mamba_ssm: head h reads group h // (H / G). Decays, states and accumulation are fp32; the products take their
+operands in `dtype`, the compute dtype (kept_jax.models.products), except the recurrence of states between chunks,
+which stays fp32 throughout (its dots run under the name scope `STATE_SCOPE`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import kept_jax.models.products as products
+
 Array = jax.Array
+F32 = jnp.float32
+STATE_SCOPE = "fp32_state_recurrence"  # the products kept in fp32 by the precision policy
 
 
 def segment_sums(log_a: Array) -> Array:
@@ -45,21 +51,21 @@ def _grouped(x: Array, log_a: Array, groups: int) -> tuple[Array, Array]:
     return x.reshape(b, t, groups, h // groups, p), log_a.reshape(b, t, groups, h // groups)
 
 
-def mixing_matrix(B: Array, C: Array, log_a: Array, heads: int) -> Array:
+def mixing_matrix(B: Array, C: Array, log_a: Array, heads: int, dtype=F32) -> Array:
     """M [b, H, T, T] with M[t, s] = (C_t . B_s) exp(sum_{s<r<=t} log_a_r) for s <= t, 0 above the diagonal.
 
     B, C: [b, T, G, N]; log_a: [b, T, H]. The skip term D is not included.
     """
     b, t, g, _ = B.shape
-    cb = jnp.einsum("btgn,bsgn->bgts", C.astype(jnp.float32), B.astype(jnp.float32))
+    cb = products.einsum("btgn,bsgn->bgts", C, B, dtype)
     decay = jnp.exp(segment_sums(log_a.astype(jnp.float32).reshape(b, t, g, heads // g).transpose(0, 2, 3, 1)))
     return (cb[:, :, None] * decay).reshape(b, heads, t, t)
 
 
-def ssd_matrix(x: Array, B: Array, C: Array, log_a: Array) -> Array:
+def ssd_matrix(x: Array, B: Array, C: Array, log_a: Array, dtype=F32) -> Array:
     """y [b, T, H, P] = M x, through the materialized `mixing_matrix`."""
-    m = mixing_matrix(B, C, log_a, x.shape[2])
-    return jnp.einsum("bhts,bshp->bthp", m, x.astype(jnp.float32))
+    m = mixing_matrix(B, C, log_a, x.shape[2], dtype)
+    return products.einsum("bhts,bshp->bthp", m, x, dtype)
 
 
 def ssd_step(state: Array, x: Array, B: Array, C: Array, log_a: Array) -> tuple[Array, Array]:
@@ -90,7 +96,7 @@ def ssd_recurrent(x: Array, B: Array, C: Array, log_a: Array,
 
 
 def ssd_chunked(x: Array, B: Array, C: Array, log_a: Array, chunk_size: int,
-                initial_state: Array | None = None) -> tuple[Array, Array]:
+                initial_state: Array | None = None, dtype=F32) -> tuple[Array, Array]:
     """y [b, T, H, P] and the final state [b, H, P, N] by chunks of `chunk_size` tokens (any T)."""
     b, t, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
@@ -104,33 +110,37 @@ def ssd_chunked(x: Array, B: Array, C: Array, log_a: Array, chunk_size: int,
     B, C = B.reshape(b, nc, q, g, n), C.reshape(b, nc, q, g, n)
     log_a = log_a.reshape(b, nc, q, g, h // g).transpose(0, 3, 4, 1, 2)  # [b, G, J, nc, Q]
 
-    # Within each chunk: the matrix form.
+    # Within each chunk: the matrix form, (C B^T o decays) x.
     decay = jnp.exp(segment_sums(log_a))  # [b, G, J, nc, Q, Q]
-    cb = jnp.einsum("bclgn,bcsgn->bgcls", C, B)
-    y = jnp.einsum("bgcls,bgjcls,bcsgjp->bclgjp", cb, decay, x)
+    cb = products.einsum("bclgn,bcsgn->bgcls", C, B, dtype)
+    y = products.einsum("bgjcls,bcsgjp->bclgjp", cb[:, :, None] * decay, x, dtype)
     # Each chunk's own contribution to the state at its end (its last row of decays: suffix sums, exact).
-    chunk_states = jnp.einsum("bcsgn,bgjcs,bcsgjp->bcgjpn", B, decay[..., -1, :], x)
-    # Between chunks: the recurrence over chunk totals, as a small [nc + 1, nc + 1] matrix of segment sums.
+    to_end = jnp.moveaxis(decay[..., -1, :], (3, 4), (1, 2))[..., None]  # [b, nc, Q, G, J, 1]
+    chunk_states = products.einsum("bcsgn,bcsgjp->bcgjpn", B, to_end * x, dtype)
+    # Between chunks: the recurrence over chunk totals, as a small [nc + 1, nc + 1] matrix of segment sums, in fp32.
     totals = jnp.pad(jnp.sum(log_a, axis=-1), [(0, 0)] * 3 + [(1, 0)])  # [b, G, J, nc + 1]
     start = _initial_state(initial_state, b, h, p, n).reshape(b, 1, g, h // g, p, n)
-    states = jnp.einsum("bgjzc,bcgjpn->bzgjpn", jnp.exp(segment_sums(totals)),
-                        jnp.concatenate([start, chunk_states], axis=1))
+    with jax.named_scope(STATE_SCOPE):
+        states = products.contract("bgjzc,bcgjpn->bzgjpn", jnp.exp(segment_sums(totals)),
+                                   jnp.concatenate([start, chunk_states], axis=1))
     entering, final = states[:, :-1], states[:, -1]
     # The state entering each chunk, decayed to each of its tokens (prefix sums from the chunk start, exact).
-    y = y + jnp.einsum("bclgn,bcgjpn,bgjcl->bclgjp", C, entering, jnp.exp(jnp.cumsum(log_a, axis=-1)))
+    from_start = jnp.moveaxis(jnp.exp(jnp.cumsum(log_a, axis=-1)), (3, 4), (1, 2))[..., None]  # [b, nc, Q, G, J, 1]
+    y = y + products.einsum("bclgn,bcgjpn->bclgjp", C, entering, dtype) * from_start
     return y.reshape(b, nc * q, h, p)[:, :t], final.reshape(b, h, p, n)
 
 
 FORMS = ("chunked", "matrix", "recurrent")  # the forms `mix` runs, a model's runtime `mixer_form`
 
 
-def mix(form: str, x: Array, B: Array, C: Array, log_a: Array, chunk_size: int) -> Array:
-    """y [b, T, H, P] of a whole sequence from a zero state, in one of the three `FORMS`."""
+def mix(form: str, x: Array, B: Array, C: Array, log_a: Array, chunk_size: int, dtype=F32) -> Array:
+    """y [b, T, H, P] of a whole sequence from a zero state, in one of the three `FORMS` (products' operands in
+    `dtype`; the recurrent form is fp32 throughout)."""
     if form == "matrix":
-        return ssd_matrix(x, B, C, log_a)
+        return ssd_matrix(x, B, C, log_a, dtype)
     if form == "recurrent":
         return ssd_recurrent(x, B, C, log_a)[0]
-    return ssd_chunked(x, B, C, log_a, chunk_size)[0]
+    return ssd_chunked(x, B, C, log_a, chunk_size, dtype=dtype)[0]
 
 
 def chunked_flops_per_token(heads: int, groups: int, head_dim: int, state: int, chunk_size: int, seq_len: int) -> float:

@@ -21,6 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+import kept_jax.models.products as products
 from kept_jax.metrics import SUMS, TOKEN_METRICS, masked_sums, token_metrics
 
 Array = jax.Array
@@ -64,8 +65,8 @@ def _sums(terms: dict[str, Array], mask: Array, positions: Array | None) -> dict
     return {"loss": jnp.sum(terms["loss"] * mask), **masked_sums(terms, mask, positions)}
 
 
-def _logits(hidden: Array, head: Array) -> Array:
-    return jnp.dot(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+def _logits(hidden: Array, head: Array, dtype) -> Array:
+    return products.linear(hidden, head, dtype)
 
 
 def chunked_distill_loss(
@@ -77,9 +78,11 @@ def chunked_distill_loss(
     mask: Array,
     cfg: LossConfig = LossConfig(),
     positions: Array | None = None,
+    dtype: str = "float32",
 ) -> dict[str, Array]:
     """Sums over unmasked tokens of the loss and metrics (see module doc), plus the token count; with `positions`
-    (each token's index in its row) also KL and agreement by position bucket (`kept_jax.metrics`).
+    (each token's index in its row) also KL and agreement by position bucket (`kept_jax.metrics`). The logits'
+    products take operands in `dtype` (the models' compute dtype) and accumulate in fp32.
 
     hidden: [..., hidden_size] (flattened to tokens); head: [hidden_size, vocab]; labels, mask, positions: [...].
     Differentiate `out["loss"]` (a sum; divide by `out["tokens"]` for the mean).
@@ -99,7 +102,7 @@ def chunked_distill_loss(
     @jax.checkpoint
     def body(carry, xs):
         hs, ht, y, m, p = xs
-        terms = _token_terms(_logits(hs, student_head), _logits(ht, teacher_head), y, cfg)
+        terms = _token_terms(_logits(hs, student_head, dtype), _logits(ht, teacher_head, dtype), y, cfg)
         sums = _sums(terms, m, None if positions is None else p)
         return {k: carry[k] + sums[k] for k in carry}, None
 
@@ -111,9 +114,9 @@ def chunked_distill_loss(
 
 
 def naive_distill_loss(student_hidden, student_head, teacher_hidden, teacher_head, labels, mask, cfg=LossConfig(),
-                       positions=None):
+                       positions=None, dtype="float32"):
     """The same sums from full [tokens, vocab] logits: the reference the chunked loss is tested against."""
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    terms = _token_terms(_logits(h_s, student_head), _logits(h_t, teacher_head), labels.reshape(-1), cfg)
+    terms = _token_terms(_logits(h_s, student_head, dtype), _logits(h_t, teacher_head, dtype), labels.reshape(-1), cfg)
     return _sums(terms, mask.reshape(-1).astype(jnp.float32), None if positions is None else positions.reshape(-1))

@@ -57,7 +57,7 @@ class LogitKL:
         labels, mask = labels_and_mask(tokens)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         return chunked_distill_loss(hidden, head_kernel(variables["params"], self.student.config), teacher_hidden,
-                                    teacher_head, labels, mask, self.loss, positions)
+                                    teacher_head, labels, mask, self.loss, positions, self.student.config.compute_dtype)
 
 
 def _replaced_blocks(teacher_config, student_config):
