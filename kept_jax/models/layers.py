@@ -305,11 +305,13 @@ def cached_attention(q: Array, k: Array, v: Array, positions: Array, scale: floa
     kv_heads = k.shape[2]
     q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
     scale = head_dim ** -0.5 if scale is None else scale
-    logits = products.einsum("bqkgd,bskd->bkgqs", q, k, k.dtype) * scale
+    # Generation is never differentiated, and reads the cache where it lies: jnp.einsum, operands in the cache's
+    # dtype, fp32 accumulation (products.einsum would copy the whole cache into its product's layout every step).
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", q.astype(k.dtype), k, preferred_element_type=jnp.float32) * scale
     visible = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]  # [b, T, S]
     logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = products.einsum("bkgqs,bskd->bqkgd", probs, v, v.dtype).astype(q.dtype)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
     return out.reshape(batch, seq, heads, head_dim)
 
 
