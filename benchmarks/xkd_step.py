@@ -1,7 +1,7 @@
 """Times kept_jax's jitted XKD step and, with `--vs torch`, the same step written in PyTorch, side by side.
 
     python -m benchmarks.xkd_step [--size 30m] [--seq-len 512] [--batch 4] [--trainable all] [--dtype float32]
-                                  [--vs torch] [--reps 5] [--compile-only]
+                                  [--no-scan] [--vs torch] [--reps 5] [--compile-only]
 
 One step is: the frozen Orion teacher's forward, the Llama student's forward and backward, the forward-KL loss on
 all but the last position, global-norm clipping and an AdamW update, on a [batch, seq] batch of random tokens. The
@@ -16,8 +16,9 @@ process (`jnp.dot`, and `torch.matmul` for the PyTorch step), so that the figure
 `--vs torch` builds the same step the way a careful PyTorch user would: Transformers' `LlamaForCausalLM` student
 with SDPA attention, the teacher as the same model with `torch.nn.LayerNorm` norms (Orion's modules) under
 `torch.no_grad()`, `F.kl_div` on log-softmaxed logits, `clip_grad_norm_`, `torch.optim.AdamW` (foreach), bf16 by
-autocast over fp32 master weights. Before timing, the script checks that both compute the same loss and gradient
-norm on the same weights and tokens in fp32. The two then alternate: each round runs each framework twice and times
+autocast over fp32 master weights (kept_jax's bf16 is its precision policy: bf16 operands and fp32 accumulation in
+every product, fp32 trainable weights, the frozen teacher in bf16). Before timing, the script checks that both compute
+the same loss and gradient norm on the same weights and tokens in fp32. The two then alternate: each round runs each framework twice and times
 its second step (the first step after a switch pays to re-fault memory the other framework's allocator returned, a
 cost neither pays in a training loop). The last line printed is `ratio=<kept_jax tokens/s / torch tokens/s>`.
 
@@ -97,6 +98,8 @@ def parse_args(argv):
     p.add_argument("--vs", choices=("torch",), help="also time the same step in PyTorch, alternating with kept_jax")
     p.add_argument("--reps", type=int, default=5, help="timed steps of each framework (median reported)")
     p.add_argument("--remat", help="kept_jax remat policy (default: none up to 30m, save-dots-no-batch above)")
+    p.add_argument("--no-scan", action="store_true",
+                   help="kept_jax layers unrolled (model.scan_layers: false) instead of one scanned layer")
     p.add_argument("--attention", choices=("xla", "cudnn"), help="kept_jax attention (default: cudnn on a GPU)")
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the loss's logits")
     p.add_argument("--compile-only", action="store_true",
@@ -115,7 +118,7 @@ def parse_args(argv):
 
 def teacher_config(args) -> LlamaConfig:
     big = args.size in ("1b", "14b")
-    runtime = dict(compute_dtype=args.dtype, param_dtype=args.dtype, scan_layers=True,
+    runtime = dict(compute_dtype=args.dtype, param_dtype=args.dtype, scan_layers=not args.no_scan,
                    remat_policy=args.remat or ("save-dots-no-batch" if big else "none"),
                    attention_impl=args.attention or ("cudnn" if jax.default_backend() == "gpu" else "xla"))
     config = LlamaConfig.from_hf_dict(SIZES[args.size](), **runtime)
@@ -201,10 +204,11 @@ def random_tokens(config: LlamaConfig, batch: int, seq_len: int, seed: int = 0) 
 
 @functools.cache  # measured once per process
 def matmul_flops_per_s(dtype: str, n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of an n x n x n `jnp.dot` in `dtype` on this process's device: the CPU efficiency yardstick."""
+    """FLOP/s of an n x n x n `jnp.dot` of `dtype` operands accumulated in fp32 (the precision policy's product) on
+    this process's device: the CPU efficiency yardstick."""
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    dot = jax.jit(jnp.dot)
+    dot = jax.jit(functools.partial(jnp.dot, preferred_element_type=jnp.float32))
     dot(a, b).block_until_ready()
     seconds, _ = median_seconds(lambda: dot(a, b).block_until_ready(), reps)
     return 2 * n**3 / seconds
@@ -435,6 +439,8 @@ def main(argv=None) -> int:
     result = run(args)
     if not args.no_save:
         stem = f"xkd_step-{args.size}-{args.trainable}-{args.dtype}-seq{args.seq_len}-b{args.batch}"
+        if args.no_scan:
+            stem += "-unrolled"
         if args.compile_only:
             stem += "-compile"
         print(f"wrote {write_result(stem, result)}")
