@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kept_jax.models.products import laid_out_transpose
+from kept_jax.models.products import dtype_marks, laid_out_transpose
 
 Array = jax.Array
 F32 = jnp.float32
@@ -77,8 +77,7 @@ def _attention_fwd(q, k, v, scale, dtype):
         probs.append(p)
     o = jnp.concatenate(outputs, axis=2)  # [b, K, T * G, d]
     out = o.reshape(batch, kv_heads, seq, group, head_dim).transpose(0, 2, 1, 3, 4).reshape(q.shape)
-    types = tuple(jnp.zeros((0,), x.dtype) for x in (q, k, v))  # the gradients' dtypes (residuals must be arrays)
-    return out.astype(q.dtype), (qh, kh, vh, o, probs, types)
+    return out.astype(q.dtype), (qh, kh, vh, o, probs, dtype_marks(q, k, v))
 
 
 def _attention_bwd(scale, dtype, residuals, g):

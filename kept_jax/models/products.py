@@ -38,6 +38,12 @@ def laid_out_transpose(a: Array) -> Array:
     return view.transpose(*range(k), k + 2, k, k + 1).reshape(*lead, m, n)
 
 
+def dtype_marks(*arrays: Array) -> tuple[Array, ...]:
+    """Each array's dtype as a zero-size array: a custom VJP's residuals must be arrays, and its backward casts each
+    gradient back to its input's dtype."""
+    return tuple(jnp.zeros((0,), a.dtype) for a in arrays)
+
+
 def _dot(a: Array, b: Array, contract_b: int = 0) -> Array:
     """a [n, k] times b [k, m] (contract_b 0) or b [m, k] transposed (contract_b 1), accumulated in fp32."""
     return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), preferred_element_type=F32)
@@ -53,9 +59,8 @@ def _linear_fwd(x, w, dtype):
     x2, wc = x.reshape(-1, x.shape[-1]).astype(dtype), w.astype(dtype)
     y = _dot(x2, wc).reshape(*x.shape[:-1], w.shape[-1])
     # The residuals: x^T laid out while x is at hand (the backward's copy would read it back from a layer scan's
-    # stacked residuals) and w, both in the compute dtype (half of fp32's memory for bf16), and the input dtypes
-    # (as zero-size arrays: custom_vjp residuals must be arrays) for the gradients' dtypes.
-    return y, (laid_out_transpose(x2), wc, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+    # stacked residuals) and w, both in the compute dtype (half of fp32's memory for bf16), and the input dtypes.
+    return y, (laid_out_transpose(x2), wc, *dtype_marks(x, w))
 
 
 def _linear_bwd(dtype, residuals, g):
@@ -96,7 +101,7 @@ def einsum(spec: str, a: Array, b: Array, dtype: jnp.dtype) -> Array:
 
 def _einsum_fwd(spec, a, b, dtype):
     ac, bc = a.astype(dtype), b.astype(dtype)
-    return contract(spec, ac, bc), (ac, bc, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
+    return contract(spec, ac, bc), (ac, bc, *dtype_marks(a, b))
 
 
 def _einsum_bwd(spec, dtype, residuals, g):
