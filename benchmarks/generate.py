@@ -8,6 +8,7 @@ baseline.
                                   [--fit-contexts 8192,32768] [--fit-dtype bfloat16] [--no-save]
                                   [--precisions fp32,bf16,int8,int4] [--group-size 64]
                                   [--hybrids every:4,none] [--models llama,llamba,hybrid]
+                                  [--limits 128,8192] [--tag T]
 
 Shapes (random weights): `1b`, `configs/models/llama-3.2-1b-instruct.json` and `configs/models/llamba-1b.json`
 (d_model 2048, 32 heads x 64, MLP 8192, vocabulary 128,256, tied), cut to `--layers` layers (default 4; the full 16
@@ -37,6 +38,11 @@ bf16 casts the parameters and computes in bf16; int8 and int4 are `generate --qu
 linear kernels quantized, dequantized one layer at a time next to their matmul; the rest at --dtype). Each point
 records the parameters' bytes (`weight_MiB`). Quality against fp32 is benchmarks/quality.py.
 
+Decoding under a limit (`--limits`): batch 1, a 32-token prompt, `--steps` tokens decoded by the prefill and the
+loop `generate` compiles for each `--max-new-tokens` limit, with the KV cache growing from 256 positions (what
+`generate` does) beside one of prompt + limit positions from the start (what it did before 2026-12-06): the cost of a
+step follows the tokens so far only when the first keeps level as the limit grows.
+
 Largest batch: the same decode loop compiled (not run) for the full-depth model in `--fit-dtype`: its compiled
 memory is affine in the batch, so two compilations give the slope, the largest batch within `--fit-memory` follows,
 and a third compilation at that batch confirms it. Writes `benchmarks/results/generate-<device>-<date>.json` and
@@ -56,13 +62,14 @@ import numpy as np
 
 from benchmarks.common import environment, write_result
 from kept_jax.config import ModelConfig
-from kept_jax.decoding import DecodeState, Generator
+from kept_jax.decoding import FIRST_CACHE_LENGTH, DecodeState, Generator, cache_axis
 from kept_jax.memory import GIB, compiled_peak_bytes, parse_size
 from kept_jax.models import build_model, config_from_hf
 from kept_jax.quantize import DEFAULT_GROUP_SIZE, SCHEMES, quantize_params, weight_bytes
 
 MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
 PRECISIONS = ("fp32", "bf16", *SCHEMES)
+LIMIT_PROMPT = 32  # the prompt of the --limits measurement
 SHAPES = {"1b": {"llama": "llama-3.2-1b-instruct.json", "llamba": "llamba-1b.json", "layers": 4},
           "smollm2-135m": {"llama": "smollm2-135m-instruct.json", "llamba": "llamba-smollm2-135m.json", "layers": None}}
 
@@ -86,7 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--fit-memory", default="80GiB", help="memory for the largest-batch figure ('' to skip)")
     p.add_argument("--fit-contexts", type=ints, default=[8192, 32768])
     p.add_argument("--fit-dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="bfloat16 on a GPU (XLA:CPU widens bf16 matmuls to fp32, so its bf16 figures overstate)")
+                   help="the precision of the largest-batch figure (bfloat16 halves the KV cache)")
     p.add_argument("--precisions", type=lambda s: s.split(","), default=["fp32"],
                    help=f"comma-separated, of {', '.join(PRECISIONS)}")
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="int4's group size")
@@ -94,6 +101,9 @@ def parse_args(argv=None):
                    help="which of llama, llamba, hybrid to measure")
     p.add_argument("--hybrids", type=lambda s: s.split(","), default=["every:4"],
                    help="the hybrids' attention layers, one spec each (every:4, 0,8,16, none, ...)")
+    p.add_argument("--limits", type=ints, default=[128, 8192],
+                   help="--max-new-tokens limits decoded at beside each other (batch 1, a 32-token prompt; '' to skip)")
+    p.add_argument("--tag", help="appended to the result's file name, to keep runs of one day apart")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     unknown = [x for x in args.precisions if x not in PRECISIONS]
@@ -181,6 +191,31 @@ def measure_jax(name, config, params, batch, context, steps, reps, limit, compil
     seconds = float(np.median(times[1:]))
     return {**row, "fits": True, "tokens_per_s": batch * steps / seconds, "ms_per_step": 1000 * seconds / steps,
             "times_s": times[1:]}
+
+
+def measure_limits(name, config, params, limits, steps, reps) -> list[dict]:
+    """Batch 1, a prompt of LIMIT_PROMPT tokens, `steps` tokens decoded (the prefill, then the loop as generate runs
+    it) under each --max-new-tokens limit: the KV cache growing from FIRST_CACHE_LENGTH, what generate does, beside
+    one of prompt + limit positions from the start, what it did before 2026-12-06. Median of `reps`."""
+    prompt, lengths = np.arange(1, LIMIT_PROMPT + 1, dtype=np.int32)[None], np.asarray([LIMIT_PROMPT], np.int32)
+    rows = []
+    for limit in limits:
+        for first in (FIRST_CACHE_LENGTH, None):
+            generator = Generator(config, first_cache_length=first)
+            start, advance = generator.compile(params, 1, LIMIT_PROMPT, limit)
+            times = []
+            for _ in range(reps + 1):  # the first is a warm-up
+                state = jax.block_until_ready(start(params, prompt, lengths, jax.random.key(0)))
+                began = time.perf_counter()
+                out = jax.block_until_ready(advance(params, state, np.int32(steps)))
+                times.append(time.perf_counter() - began)
+                assert int(out.count) == steps + 1
+            rows.append({"model": name, "impl": "kept_jax", "limit": limit, "prompt": LIMIT_PROMPT, "steps": steps,
+                         "cache": "growing" if first else "at the limit",
+                         "cache_length": generator.cache_lengths(LIMIT_PROMPT, limit)[0],
+                         "tokens_per_s": steps / float(np.median(times[1:])), "times_s": times[1:]})
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "times_s"}), flush=True)
+    return rows
 
 
 class IdsAsText:
@@ -308,8 +343,8 @@ def _label(row: dict) -> str:
 
 def _series(points, axis, other, fixed, metric) -> dict:
     series = {}
-    for r in sorted(points, key=lambda r: r[axis]):
-        if r[other] == fixed and r.get("sweep") == axis and metric in r:
+    for r in sorted((r for r in points if r.get("sweep") == axis), key=lambda r: r[axis]):
+        if r[other] == fixed and metric in r:
             series.setdefault(_label(r), []).append(r)
     return series
 
@@ -339,6 +374,9 @@ def run(args) -> dict:
                     for row in rows:
                         points.append({**row, **tag, "sweep": sweep})
                         print(json.dumps({k: v for k, v in points[-1].items() if k != "times_s"}), flush=True)
+            if args.limits and cache_axis(config) is not None:  # a recurrent state has no length to grow
+                points += [{**row, **tag, "sweep": "limit"}
+                           for row in measure_limits(name, config, params, args.limits, args.steps, args.reps)]
             del params
         del base_params
     config = model_config(args.shapes, "llama", layers, args.dtype)
@@ -367,7 +405,8 @@ def run(args) -> dict:
         "points": points, "largest_batch": fits}
     result["summary"] = summarize(points)
     if not args.no_save:
-        path = write_result("generate" if args.shapes == "1b" else f"generate-{args.shapes}", result)
+        stem = "generate" if args.shapes == "1b" else f"generate-{args.shapes}"
+        path = write_result(stem + (f"-{args.tag}" if args.tag else ""), result)
         plot(result, path.removesuffix(".json") + ".png")
         print(f"wrote {path} and its plot", flush=True)
     print(json.dumps(result["summary"], indent=1))
@@ -376,7 +415,8 @@ def run(args) -> dict:
 
 def summarize(points) -> dict:
     """Batch-1 decode tokens/s by context per model (streamed too), each other model's speedup over kept_jax's Llama,
-    and each model's change from the shortest to the longest context."""
+    each model's change from the shortest to the longest context, and tokens/s under each --max-new-tokens limit
+    with the cache growing and at the limit."""
     by = {}
     for r in points:
         if r["sweep"] == "context" and "tokens_per_s" in r:
@@ -388,6 +428,9 @@ def summarize(points) -> dict:
     for label, series in by.items():
         contexts = sorted(series)
         out.setdefault("longest_over_shortest", {})[label] = series[contexts[-1]] / series[contexts[0]]
+    for r in points:
+        if r["sweep"] == "limit":
+            out.setdefault("limits", {}).setdefault(_label(r), {})[f"{r['limit']}, {r['cache']}"] = r["tokens_per_s"]
     return out
 
 

@@ -173,8 +173,8 @@ class Streamer:
 
 def check_memory(generator, config, batch: int, prompt_length: int, max_new: int, quantize=lambda p: p) -> None:
     """Compiles the prefill and the decode loop on abstract weights (the compilation the run needs anyway) and
-    refuses a request whose peak, by XLA's accounting, is more than the device has free: before any weight is
-    loaded or any buffer allocated."""
+    refuses a request whose peak, by XLA's accounting plus what the cache grown to its last length adds, is more than
+    the device has free: before any weight is loaded or any buffer allocated."""
     import jax
 
     from kept_jax.memory import compiled_peak_bytes, free_bytes, gib
@@ -182,9 +182,18 @@ def check_memory(generator, config, batch: int, prompt_length: int, max_new: int
 
     abstract = jax.eval_shape(lambda p: generator.prepare(quantize(p)), abstract_params(config))
     start, advance = generator.compile(abstract, batch, prompt_length, max_new)
-    state = jax.eval_shape(lambda: config.empty_cache(batch, prompt_length + max_new))
-    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) + batch * max_new * 4
-    needed = max(compiled_peak_bytes(start), compiled_peak_bytes(advance))
+
+    def cache_bytes(length: int) -> int:
+        cache = jax.eval_shape(lambda: config.empty_cache(batch, length))
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+
+    # The programs compiled hold the first cache length; the last one, and its growth from the one before (both
+    # held while the cache is copied), cost what their caches add.
+    lengths = generator.cache_lengths(prompt_length, max_new)
+    first, last = cache_bytes(lengths[0]), cache_bytes(lengths[-1])
+    growth = last - first + (cache_bytes(lengths[-2]) if len(lengths) > 1 else 0)
+    state_bytes = last + batch * max_new * 4
+    needed = max(compiled_peak_bytes(start), compiled_peak_bytes(advance)) + growth
     free = free_bytes()
     if free is not None and needed > free:
         what = "KV cache" if config.max_position_embeddings is not None else "recurrent state"

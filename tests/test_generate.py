@@ -66,6 +66,28 @@ def test_greedy_matches_transformers_on_the_exported_kept_student(kept_export):
     assert generator.generate(generator.prepare(params), prompts, 24).tokens == expected
 
 
+def test_a_growing_kv_cache_decodes_what_transformers_does(llama_checkpoint):
+    """The KV cache starts short and is copied into longer ones as rows fill it (lengths 8, 16, 32, then prompt +
+    max_new here): the tokens stay Transformers' greedy ones, for rows of different prompt lengths, one of them
+    stopping early; a loop is compiled only for the lengths a generation reaches."""
+    path, hf_model = llama_checkpoint
+    config, params, _ = load_checkpoint(path)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (5, 9, 2)]
+    eos = _hf_greedy(hf_model, prompts[2], 12, None)[10]  # the third row stops at its 11th token
+    expected = [_hf_greedy(hf_model, p, 30, eos) for p in prompts]
+    assert len(expected[2]) <= 11 and max(map(len, expected)) == 30
+
+    generator = Generator(config, eos_ids=[eos], first_cache_length=8)
+    assert generator.cache_lengths(9, 30) == (16, 32, 39)
+    params = generator.prepare(params)
+    assert generator.generate(params, prompts, 30, steps_per_call=7).tokens == expected
+    assert sorted(length for *_, length in generator._loops) == [16, 32, 39]
+    short = Generator(config, eos_ids=[expected[0][2]], first_cache_length=8)  # stops after 3 tokens: the cache of 8 is enough
+    assert short.generate(short.prepare(params), [prompts[0]], 4000).tokens == [expected[0][:3]]
+    assert [length for *_, length in short._loops] == [8]
+
+
 def _teacher_forced_errors(config, params, tokens: np.ndarray, prefill: list[int]) -> list[float]:
     """Prefill row i with its first prefill[i] tokens (one right-padded batch), then feed the rest of the row one
     token at a time; the largest relative error of each step's logits against the full forward's."""

@@ -154,7 +154,7 @@ def test_a_llamba_carries_its_state_across_windows(llamba):
     (text,) = ours.generate_until(_requests("generate_until", [(prompt, {"until": [], "max_gen_toks": 40})]))
     tokens = Generator(ours.config, eos_ids=ours._eos_ids).generate(ours.prepared, [ours.tok_encode(prompt)], 40)
     assert text == ours.tok_decode([t for t in tokens.tokens[0] if t not in ours._eos_ids])
-    (_, width, _), = ours._generators[0.0]._compiled  # the prefill took the whole prompt, not its last window
+    (_, width, _), = ours._generators[0.0]._starts  # the prefill took the whole prompt, not its last window
     assert width >= len(ours.tok_encode(prompt)) > 32
     context, continuation = "\n".join(LINES), " structure:"
     (logp, _), = ours.loglikelihood(_requests("loglikelihood", [(context, continuation)]))
