@@ -77,11 +77,14 @@ def _objective_loss(objective_class, teacher_cfg, student_cfg, teacher_params, *
     return loss_of
 
 
-def test_xkd_step_products_are_bf16_and_close_to_fp32():
-    teacher_cfg = config_from_hf(fx.base_config("tiny-llama"))
+@pytest.mark.parametrize("tied, chunk", [(False, 32), (True, 32), (True, 1024)])
+def test_xkd_step_products_are_bf16_and_close_to_fp32(tied, chunk):
+    """Untied and tied heads (the embedding is the head), the loss in chunks and in one chunk (a tied head's
+    transpose was once folded into a one-chunk loss's product, which XLA:CPU could not run in bf16)."""
+    teacher_cfg = config_from_hf({**fx.base_config("tiny-llama"), "tie_word_embeddings": tied})
     teacher_params = init_params(teacher_cfg, jax.random.key(0))
     student_params = init_params(teacher_cfg, jax.random.key(1))
-    _compare(_objective_loss(LogitKL, teacher_cfg, teacher_cfg, teacher_params, loss=LossConfig(chunk_size=32)),
+    _compare(_objective_loss(LogitKL, teacher_cfg, teacher_cfg, teacher_params, loss=LossConfig(chunk_size=chunk)),
              student_params)
 
 
@@ -95,19 +98,28 @@ def test_mohawk_stage_products_are_bf16_and_close_to_fp32(objective):
     _compare(_objective_loss(objective, teacher_cfg, student_cfg, teacher_params, **kwargs), student_params)
 
 
+def _next_token_loss(config):
+    """loss_of(dtype) for `_compare`: the model's cross-entropy on the next token, through its own head."""
+    labels = np.roll(TOKENS, -1, axis=1)
+
+    def model_loss(dtype):
+        model = build_model(config.replace(compute_dtype=dtype))
+        return lambda params: -jnp.mean(jnp.take_along_axis(
+            jax.nn.log_softmax(model.apply({"params": params}, jnp.asarray(TOKENS))), labels[..., None], axis=-1))
+    return model_loss
+
+
+def test_a_tied_head_reads_the_embedding_in_bf16():
+    """The model's own head tied to its embedding (`products.attend`), forward and backward."""
+    config = config_from_hf({**fx.base_config("tiny-llama"), "tie_word_embeddings": True})
+    _compare(_next_token_loss(config), init_params(config, jax.random.key(0)))
+
+
 def test_hybrid_products_are_bf16_and_close_to_fp32():
     """The model's forward and backward (attention, Mamba-2 in chunks, fused MLP, head), and the Mamba-2 mixing
     matrix MOHAWK's stage 1 aligns."""
     config = config_from_hf(fx.base_config("tiny-hybrid"))
-    params = init_params(config, jax.random.key(0))
-    labels = np.roll(TOKENS, -1, axis=1)
-
-    def model_loss(dtype):  # cross-entropy on the next token
-        model = build_model(config.replace(compute_dtype=dtype))
-        return lambda params: -jnp.mean(jnp.take_along_axis(
-            jax.nn.log_softmax(model.apply({"params": params}, jnp.asarray(TOKENS))), labels[..., None], axis=-1))
-
-    _compare(model_loss, params)
+    _compare(_next_token_loss(config), init_params(config, jax.random.key(0)))
     mixer_config, mixer_params, u = _mixer()
     m_weights = jnp.asarray(np.random.default_rng(5).standard_normal((2, mixer_config.mamba_n_heads, 21, 21)))
 

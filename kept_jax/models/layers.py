@@ -89,7 +89,7 @@ class Embed(nn.Module):
 
     def attend(self, hidden: Array) -> Array:
         """fp32 logits of a head tied to this embedding."""
-        return products.linear(hidden, self.embedding.T, self.dtype)
+        return products.attend(hidden, self.embedding, self.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from kept_jax.config import ModelConfig
+from kept_jax.models.products import laid_out_transpose
 
 Params = dict[str, Any]
 
@@ -82,5 +83,8 @@ def _get(tree: Params, path: tuple[str, ...]) -> Any:
 def head_kernel(params: Params, config: ModelConfig) -> jax.Array:
     """The output head as a [hidden, vocab] matrix, tied or not, divided by `config.logit_divisor` when that is
     not 1 (the logits are then hidden @ head_kernel, as the model computes them)."""
-    kernel = _get(params, config.embedding_path).T if config.tie_word_embeddings else _get(params, config.head_path)
+    # A tied head is the embedding transposed, laid out as a matrix of its own: XLA would otherwise fold the
+    # transpose into the product that reads it, which XLA:CPU then cannot run with bf16 operands.
+    kernel = (laid_out_transpose(_get(params, config.embedding_path)) if config.tie_word_embeddings
+              else _get(params, config.head_path))
     return kernel if config.logit_divisor == 1 else kernel / jnp.asarray(config.logit_divisor, kernel.dtype)

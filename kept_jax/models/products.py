@@ -3,8 +3,9 @@ results in fp32, in the forward and in the backward pass.
 
 With compute dtype bfloat16 a CPU with AMX (or any GPU) multiplies bf16 operands at several times its fp32 speed,
 and fp32 accumulation keeps the sums as exact as fp32 ones. Plain autodiff does not keep that policy: the cotangent
-of an fp32 result is fp32, so the transposed products of `jax.grad` mix fp32 with bf16 and run in fp32. Here the two
-products are written with a `custom_vjp` that casts the cotangent to the compute dtype first.
+of an fp32 result is fp32, so the transposed products of `jax.grad` mix fp32 with bf16 and run in fp32. Here the
+products (`linear`, `attend` for a head tied to its embedding, `einsum`) are written with a `custom_vjp` that casts
+the cotangent to the compute dtype first.
 
 XLA:CPU's fast bf16 path (a YNNPACK fusion) takes row-major operands contracted on the lhs's last dimension; it
 converts any other bf16 product to fp32, or, when the layout is decided after that choice, fails at run time
@@ -72,6 +73,31 @@ def _linear_bwd(dtype, residuals, g):
 
 
 linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def attend(x: Array, table: Array, dtype: jnp.dtype) -> Array:
+    """x [..., k] @ table [m, k]^T -> fp32 [..., m], both cast to `dtype`: a head tied to an embedding table, read
+    where it lies (each row contracted on its last dimension, a form XLA:CPU's bf16 path takes), never transposed:
+    a transposed table would be a copy per call (a decode step), or a layout the bf16 path refuses."""
+    return _attend_fwd(x, table, dtype)[0]
+
+
+def _attend_fwd(x, table, dtype):
+    x2, tc = x.reshape(-1, x.shape[-1]).astype(dtype), table.astype(dtype)
+    y = _dot(x2, tc, contract_b=1).reshape(*x.shape[:-1], table.shape[0])
+    return y, (x2, tc, *dtype_marks(x, table))
+
+
+def _attend_bwd(dtype, residuals, g):
+    x2, tc, x_type, t_type = residuals
+    g2 = g.reshape(-1, g.shape[-1]).astype(dtype)
+    dx = _dot(g2, tc)  # g table
+    dt = _dot(laid_out_transpose(g2), x2)  # g^T x
+    return dx.reshape(*g.shape[:-1], x2.shape[1]).astype(x_type.dtype), dt.astype(t_type.dtype)
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def contract(spec: str, a: Array, b: Array) -> Array:
