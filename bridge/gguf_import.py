@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 
 from kept_jax.errors import KeptError
+from kept_jax.fileio import owned_temp_path
 
 MAGIC = b"GGUF"
+GGUF_STAGING = "kept_jax-gguf-"  # the temporary folder's prefix of a GGUF's tokenizer files (swept when left)
 # What kept_jax dequantizes (through the `gguf` package); each is checked against Transformers' own dequantizer.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # llama.cpp tensor name -> HF name; `{i}` is the layer.
@@ -220,7 +222,7 @@ class GGUFFile:
     def files_dir(self) -> str:
         """A private directory holding the tokenizer and generation files this GGUF describes (removed at exit)."""
         if self._files_dir is None:
-            staging = tempfile.mkdtemp(prefix="kept_jax-gguf-")
+            staging = owned_temp_path(tempfile.gettempdir(), GGUF_STAGING)
             weakref.finalize(self, shutil.rmtree, staging, True)
             if self.has_tokenizer:
                 self._write_tokenizer(staging)

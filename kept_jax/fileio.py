@@ -77,6 +77,47 @@ OUTPUT_NAMES = (
 )
 
 
+def _writer_is_gone(name: str, prefix: str) -> bool:
+    """Whether the process that made `name` (`<prefix><pid>-<random>`, `owned_temp_path`) has ended: a name without
+    a pid is an older kept_jax's, whose writer is gone too. A pid now used by another process is taken as alive."""
+    pid = name[len(prefix):].split("-", 1)[0]
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    return False
+
+
+def sweep_leftovers(parent: str, prefix: str) -> list[str]:
+    """Deletes the entries of `parent` named `<prefix>...` whose writer was killed (a kill -9 runs no cleanup) and
+    says so on stderr; returns their paths. Only names kept_jax gives (`owned_temp_path`) are ever matched."""
+    import sys
+
+    removed = []
+    with contextlib.suppress(FileNotFoundError, PermissionError):
+        for name in sorted(os.listdir(parent)):
+            if name.startswith(prefix) and _writer_is_gone(name, prefix):
+                path = os.path.join(parent, name)
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+                    removed.append(path)
+                    print(f"note: removed {path}, left by an interrupted run", file=sys.stderr)
+    return removed
+
+
+def owned_temp_path(parent: str, prefix: str, directory: bool = True) -> str | tuple[int, str]:
+    """A new temporary directory (or, with `directory` False, an open file's (fd, path)) in `parent`, named
+    `<prefix><pid>-<random>` so that a later run can tell a killed writer's leftover from a live one's, after
+    sweeping such leftovers (`sweep_leftovers`)."""
+    sweep_leftovers(parent, prefix)
+    named = f"{prefix}{os.getpid()}-"
+    return tempfile.mkdtemp(prefix=named, dir=parent) if directory else tempfile.mkstemp(prefix=named, dir=parent)
+
+
 def foreign_entries(out_dir: str) -> list[str]:
     """The entries of `out_dir` that kept_jax does not write."""
     return sorted(n for n in os.listdir(out_dir) if not any(fnmatch.fnmatch(n, p) for p in OUTPUT_NAMES))
@@ -149,7 +190,7 @@ def atomic_output_dir(out_dir: str, force: bool) -> Iterator[str]:
     check_output_dir(out_dir, force)
     out_dir = os.path.abspath(out_dir)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
+    tmp = owned_temp_path(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.tmp-")
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any other directory
     try:
         yield tmp
@@ -159,7 +200,7 @@ def atomic_output_dir(out_dir: str, force: bool) -> Iterator[str]:
             raise KeptError(message) from None
         raise
     if os.path.exists(out_dir):
-        trash = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
+        trash = owned_temp_path(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.old-")
         os.replace(out_dir, os.path.join(trash, "old"))
         os.replace(tmp, out_dir)
         shutil.rmtree(trash, ignore_errors=True)
@@ -173,7 +214,8 @@ def atomic_file(path: str, mode: str = "w") -> Iterator[Any]:
 
     Readers see the old file or the whole new one, never a half-written one (a summary, a log rewrite, a plot).
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    fd, tmp = owned_temp_path(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-",
+                              directory=False)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result should look like any other file
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
