@@ -18,7 +18,7 @@ programs used here (minutes on 2 cores; `-DLLAMA_CURL=OFF`, native CPU flags). T
   greedy    `llama-completion --temp 0` continues the prompt for `--new-tokens` tokens (KV cache in f32), kept_jax's
             Generator greedily too; the two continuations are compared as text
   speed     `llama-bench` (prefill of 512 tokens, decode of 128, `--threads`) beside kept_jax's prefill of 512 tokens
-            and decode of 128 (`benchmarks.generate`'s loop at the same batch 1), fp32 both
+            and decode of 128 (`Generator.generate`, batch 1) in fp32 and in bf16 (weights and KV cache bf16)
 
 Writes benchmarks/results/llama_cpp-<model>-<device>-<date>.json. tests/test_llama_cpp.py (slow) runs the same on a
 tiny random hybrid.
@@ -177,7 +177,8 @@ def kept_jax_logits(config, params, tokens: np.ndarray) -> np.ndarray:
 
 
 def kept_jax_speed(generator, params, vocab_size: int, steps: int = 128, prompt: int = 512, reps: int = 3) -> dict:
-    """Prefill of `prompt` random tokens and decode of `steps` at batch 1, fp32, compilation excluded."""
+    """Prefill of `prompt` random tokens and decode of `steps` at batch 1 in the generator's precision, compilation
+    excluded."""
     ids = np.random.default_rng(0).integers(0, vocab_size, prompt).tolist()
     generator.generate(params, [ids], steps)  # compiles
     runs = [generator.generate(params, [ids], steps) for _ in range(reps)]
@@ -220,6 +221,10 @@ def compare(model_dir: str, prompt: str, new_tokens: int, threads: int, source_d
     if bench:
         result["speed"] = {"llama.cpp (F32 GGUF)": speed,
                            "kept_jax (fp32)": kept_jax_speed(generator, prepared, config.vocab_size)}
+        del params, prepared
+        config, params, _ = load_checkpoint(model_dir, compute_dtype="bfloat16", param_dtype="bfloat16")
+        generator = Generator(config)
+        result["speed"]["kept_jax (bf16)"] = kept_jax_speed(generator, generator.prepare(params), config.vocab_size)
     return result
 
 
