@@ -80,6 +80,15 @@ def load_config(path: str | os.PathLike, **runtime: Any) -> ModelConfig:
     return config_from_hf(open_checkpoint(path).hf, **runtime)
 
 
+def check_checkpoint(path: str | os.PathLike) -> ModelConfig:
+    """Opens a checkpoint as far as it can be without reading its weights (its config, its tensor directory, its
+    files whole), so that a command reading several refuses a damaged one before any work; returns its config."""
+    checkpoint = open_checkpoint(path)
+    config = config_from_hf(checkpoint.hf)
+    checkpoint.reader()
+    return config
+
+
 def tokenizer_dir(path: str | os.PathLike) -> str:
     """Where the tokenizer files of `path` are: a directory itself (a checkpoint, or tokenizer files alone), or the
     files a GGUF file's vocabulary was written to."""

@@ -99,9 +99,9 @@ class GGUFFile:
         self.path = path
         try:
             self._reader = gguf.GGUFReader(path)
-        except (ValueError, KeyError, IndexError, TypeError, OSError) as e:
-            raise KeptError(f"cannot read {path}: {e}. The file is truncated or not a complete GGUF file; "
-                            "download it again") from None
+        except (ValueError, KeyError, IndexError, TypeError, OSError):  # the reader's words are numpy's: not said
+            raise KeptError(f"cannot read {path} ({os.path.getsize(path):,} bytes): it is truncated or not a "
+                            "complete GGUF file; download it again") from None
         self._values: dict[str, Any] = {}
         self.tensors = {t.name: t for t in self._reader.tensors}
         self._check_complete()

@@ -9,17 +9,16 @@ Finally it greedily generates a few tokens with `model.generate`.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
-from kept_jax.errors import KeptError, cli_entry
+from kept_jax.errors import ArgumentParser, KeptError, cli_entry, utf8_text
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m bridge.verify", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m bridge.verify", description=__doc__.split("\n\n")[0])
     p.add_argument("--hf", required=True, help="exported Hugging Face directory")
     p.add_argument("--reference", help="the source Orion directory, to compare with the teacher too")
     p.add_argument("--text-file", help="text to score (.jsonl 'text' field or plain text; default: embedded held-out)")
@@ -28,7 +27,7 @@ def parse_args(argv):
     p.add_argument("--atol", type=float, default=1e-3, help="max-abs logit error allowed vs kept_jax")
     p.add_argument("--max-kl", type=float, default=1e-5, help="KL(Transformers || kept_jax) allowed, nats/token")
     p.add_argument("--max-reference-kl", type=float, help="KL(teacher || exported) allowed, nats/token")
-    p.add_argument("--prompt", default="Return a new", help="prompt for the generation check")
+    p.add_argument("--prompt", type=utf8_text, default="Return a new", help="prompt for the generation check")
     return p.parse_args(argv)
 
 
@@ -69,6 +68,14 @@ def main(argv=None) -> int:
         raise KeptError(f"{args.hf} is an Orion checkpoint, which Transformers loads only with trust_remote_code; "
                         f"convert it first (python -m kept_jax.convert --source {args.hf} --out DIR) and verify DIR, "
                         f"with --reference {args.hf}")
+    if args.reference:  # a damaged or unrelated reference is refused before any comparing
+        from bridge.checkpoint import check_checkpoint
+
+        reference, exported = check_checkpoint(args.reference), check_checkpoint(args.hf)
+        if reference.vocab_size != exported.vocab_size:
+            raise KeptError(f"--reference {args.reference} has a vocabulary of {reference.vocab_size:,} tokens and "
+                            f"--hf {args.hf} one of {exported.vocab_size:,}: they are not a teacher and its export; "
+                            "give the checkpoint the export was converted or distilled from")
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -77,6 +84,7 @@ def main(argv=None) -> int:
     from kept_jax import corpus
     from kept_jax.metrics import format_by_position
 
+    print(f"verify: loading {args.hf} with Transformers (trust_remote_code=False)", file=sys.stderr, flush=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.hf, trust_remote_code=False)
         hf_model = AutoModelForCausalLM.from_pretrained(args.hf, trust_remote_code=False, dtype=torch.float32).eval()
@@ -85,6 +93,7 @@ def main(argv=None) -> int:
 
     rows = corpus.token_rows(args.text_file or corpus.HELDOUT, lambda d: tokenizer(d, add_special_tokens=False).input_ids,
                              args.seq_len, tokenizer.eos_token_id)[: max(1, -(-args.tokens // args.seq_len))]
+    print(f"verify: scoring {rows.size:,} tokens with Transformers and with kept_jax", file=sys.stderr, flush=True)
     with torch.no_grad():
         hf_logits = np.concatenate([hf_model(input_ids=torch.as_tensor(r[None], dtype=torch.long),
                                              use_cache=False).logits.float().numpy() for r in rows])
@@ -102,6 +111,7 @@ def main(argv=None) -> int:
         failures.append(f"KL {kl:.3e} > --max-kl {args.max_kl:g}")
 
     if args.reference:
+        print(f"verify: scoring them with the teacher {args.reference}", file=sys.stderr, flush=True)
         teacher = _kept_jax_logits(args.reference, rows)
         reference = _scores(teacher, hf_logits, rows)
         ref_kl = reference["kl"]

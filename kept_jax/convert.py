@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kept_jax.errors import KeptError, cli_entry
+from kept_jax.errors import ArgumentParser, KeptError, cli_entry
 from kept_jax.memory import parse_size
 
 DEFAULT_SOURCE = os.path.join(os.path.dirname(__file__), "assets", "tiny-orion")
@@ -152,7 +152,7 @@ def parse_args(argv):
     from kept_jax.mapping.students import MIXER_INITS, check_mixer_init
     from kept_jax.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES
 
-    p = argparse.ArgumentParser(prog="python -m kept_jax.convert", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m kept_jax.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("--to", default="llama", choices=tuple(TARGETS),
                    help="target architecture: llama (from an Orion source, or a Llama GGUF file or directory, which is "
                    "copied), llamba or hybrid (from a Llama source) or mlx (a Llamba for Cartesia's on-device runtime)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import signal
@@ -15,6 +16,26 @@ class KeptError(Exception):
 
 
 EXIT_USER_ERROR = 2
+
+
+def utf8_text(value: str) -> str:
+    """An argparse type for text on the command line, which must be UTF-8: Python hands each byte that is not over
+    as a lone surrogate, which no tokenizer takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(value[e.start])
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"code point U+{code:04X}"
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 ({byte} at character {e.start}); give UTF-8 text") from None
+    return value
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are KeptErrors: `cli_entry` prints one line (the problem, and where the
+    options are listed) and exits with code 2, where argparse prints its whole usage block first."""
+
+    def error(self, message: str):
+        raise KeptError(f"{message} (`{self.prog} --help` lists the options)")
 
 
 def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:

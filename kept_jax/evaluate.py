@@ -18,10 +18,10 @@ DEFAULT_TASKS = "kept_heldout,kept_next_line"
 
 
 def parse_args(argv):
-    import argparse
+    from kept_jax.errors import ArgumentParser
 
-    p = argparse.ArgumentParser(prog="python -m kept_jax.evaluate",
-                                description="lm-evaluation-harness tasks on a teacher and its student, side by side")
+    p = ArgumentParser(prog="python -m kept_jax.evaluate",
+                       description="lm-evaluation-harness tasks on a teacher and its student, side by side")
     p.add_argument("--teacher", required=True, help="a checkpoint directory or GGUF file")
     p.add_argument("--student", required=True, help="a checkpoint directory or GGUF file")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated lm-eval tasks (default {DEFAULT_TASKS})")
@@ -113,9 +113,12 @@ def main(argv=None) -> int:
     @cli_entry
     def _main(argv) -> int:
         args = parse_args(argv)
-        for path in (args.teacher, args.student):
+        from bridge.checkpoint import check_checkpoint
+
+        for path in (args.teacher, args.student):  # both, before the teacher is evaluated
             if not os.path.exists(path):
                 raise KeptError(f"{path!r} does not exist; give a checkpoint directory or a GGUF file")
+            check_checkpoint(path)
         sharding.initialize_distributed()
         if args.out and lockstep.is_leader():
             check_output_dir(args.out, args.force)

@@ -165,8 +165,12 @@ def check_location(out_dir: str, needed_bytes: int = 0) -> None:
     if not os.path.isdir(existing):
         raise KeptError(f"output {out_dir!r} is under {existing!r}, which is a regular file, not a directory; "
                         "choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise KeptError(f"cannot write to {existing!r} (read-only or not permitted); choose another output path")
+    try:  # a file made and dropped there: permissions, a read-only mount, what root may not write either
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise KeptError(f"cannot write to {existing!r} ({os.strerror(e.errno) if e.errno else e}); choose another "
+                        "output path") from None
     free = shutil.disk_usage(existing).free
     if free < needed_bytes:
         raise KeptError(f"not enough space on {existing!r}: the output needs about {needed_bytes / 1e9:.2f} GB and "

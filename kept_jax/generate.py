@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from kept_jax.errors import KeptError, cli_entry
+from kept_jax.errors import ArgumentParser, KeptError, cli_entry, utf8_text
 from kept_jax.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCHEMES, check_scheme, quantize_params, weight_bytes
 
 STREAM_STEPS = 1  # decode steps between two prints of a streamed row (one compiled loop, called again each time)
@@ -30,16 +30,16 @@ QUANTIZED_STREAM_STEPS = 8
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kept_jax.generate", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m kept_jax.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (Orion, Llama, Llamba, hybrid) or GGUF "
                                                   "file (Llama)")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="the prompt text")
+    source.add_argument("--prompt", type=utf8_text, help="the prompt text")
     source.add_argument("--file", help="a UTF-8 file holding the prompt; a .jsonl file holds one prompt per line "
                                        "(its 'prompt' or 'text' field) or one conversation (its 'messages' field)")
     p.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template: the prompt is the "
                                                        "user's turn, and the model answers as the assistant")
-    p.add_argument("--system", help="with --chat: the system message before the user's turn")
+    p.add_argument("--system", type=utf8_text, help="with --chat: the system message before the user's turn")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most per row (128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: off)")
@@ -52,8 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="compute and parameter dtype (bfloat16 on GPUs)")
     p.add_argument("--quantize", choices=SCHEMES,
                    help="weight-only quantization of the linear layers: int8 per output channel, int4 in groups")
-    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
-                   help=f"with --quantize int4: inputs per scale ({', '.join(map(str, GROUP_SIZES))})")
+    p.add_argument("--group-size", type=int,
+                   help=f"with --quantize int4: inputs per scale ({', '.join(map(str, GROUP_SIZES))}; "
+                        f"{DEFAULT_GROUP_SIZE})")
     p.add_argument("--quantize-head", action="store_true",
                    help="with --quantize: the (untied) output head too; the embedding always stays in --dtype")
     p.add_argument("--tokenizer", metavar="DIR", help="take the tokenizer (and chat template) from DIR, a directory or "
@@ -66,10 +67,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--batch must be at least 1, got {args.batch}")
     if args.system is not None and not args.chat:
         raise KeptError("--system is the system message of a chat: add --chat")
+    if not args.quantize and (args.quantize_head or args.group_size is not None):
+        raise KeptError("--group-size and --quantize-head set how --quantize quantizes: add --quantize int8 or int4")
+    if args.quantize == "int8" and args.group_size is not None:
+        raise KeptError("--group-size sets int4's groups, and int8 has one scale per output channel: drop "
+                        "--group-size, or use --quantize int4")
+    args.group_size = DEFAULT_GROUP_SIZE if args.group_size is None else args.group_size
     if args.quantize:
         check_scheme(args.quantize, args.group_size)
-    elif args.quantize_head or args.group_size != DEFAULT_GROUP_SIZE:
-        raise KeptError("--group-size and --quantize-head set how --quantize quantizes: add --quantize int8 or int4")
     return args
 
 
@@ -225,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     from kept_jax.tokenizer import chat_template
 
     config = load_config(args.model, compute_dtype=args.dtype, param_dtype=args.dtype)
+    if args.quantize_head and config.tie_word_embeddings:
+        raise KeptError(f"--quantize-head quantizes an untied output head, and {args.model}'s head is its embedding "
+                        "(tied), which stays in --dtype: drop --quantize-head")
     tokenizer_source = args.tokenizer or args.model
     tokenizer = load_checkpoint_tokenizer(tokenizer_source, config.architecture,
                                           "give one with --tokenizer DIR (the teacher's directory for a Llamba "

@@ -41,6 +41,8 @@ from kept_jax.errors import KeptError, cli_entry
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "lm_eval_tasks")  # offline tasks
 MIN_BUCKET = 32
 DTYPES = ("float32", "bfloat16")
+# What `--model_args` may set (KeptJaxLM's arguments; lm-eval passes batch_size, max_batch_size and device itself).
+MODEL_ARGS = ("pretrained", "dtype", "batch_size", "max_length", "max_gen_toks", "carry_state", "fsdp", "tensor")
 
 
 def bucket(length: int, max_length: int | None) -> int:
@@ -76,7 +78,7 @@ def _make_class():
         generate after whole prompts;
         `fsdp`, `tensor`: mesh ways that shard the weights (the remaining devices are `data`)."""
 
-        def __init__(self, pretrained: str, dtype: str = "float32", batch_size: int | str = 8,
+        def __init__(self, pretrained: str | None = None, dtype: str = "float32", batch_size: int | str = 8,
                      max_length: int | None = None, max_gen_toks: int = 256, carry_state: bool = False,
                      fsdp: int = 1, tensor: int = 1, max_batch_size: int | None = None, device: str | None = None,
                      **unused):
@@ -88,9 +90,11 @@ def _make_class():
             from kept_jax.decoding import logits_at, run_layers
             from kept_jax.models import build_model
 
+            if pretrained is None:
+                raise KeptError(MISSING_PRETRAINED)
             if unused:
                 raise KeptError(f"kept_jax's lm-eval model does not take {', '.join(sorted(unused))}; its arguments "
-                                "are pretrained, dtype, batch_size, max_length, max_gen_toks, carry_state, fsdp, tensor")
+                                f"are {', '.join(MODEL_ARGS)}")
             if dtype not in DTYPES:
                 raise KeptError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
             if str(batch_size) == "auto" or int(batch_size) < 1:
@@ -442,6 +446,53 @@ def on_every_host(simple_evaluate: Callable) -> Callable:
     return run
 
 
+MISSING_PRETRAINED = ("--model kept_jax needs the checkpoint: --model_args pretrained=PATH (a Hugging Face directory "
+                      "or a GGUF file)")
+
+
+def check_run_args(args: list[str]) -> None:
+    """What lm-eval's `run` would fail on late, or not at all, refused before it starts: kept_jax's model without
+    `pretrained=` or with an argument it does not take, `--limit` below 1 document (a fraction must be above 0), an
+    `--output_path` that cannot be written (lm-eval warns, and the results are lost)."""
+    import argparse
+    import json
+
+    from kept_jax.fileio import check_location
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--model", default="hf")
+    p.add_argument("--model_args", default="")
+    p.add_argument("--limit", "-L")
+    p.add_argument("--output_path", "-o")
+    known, _ = p.parse_known_args(args)
+    if known.model == "kept_jax":
+        text = known.model_args.strip()
+        if text.startswith("{"):
+            try:
+                given = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise KeptError(f"--model_args is not valid JSON ({e.msg}); write pretrained=PATH,dtype=...") from None
+        else:
+            given = dict(part.split("=", 1) if "=" in part else (part, None) for part in text.split(",") if part)
+        if "pretrained" not in given:
+            raise KeptError(MISSING_PRETRAINED)
+        unknown = [k for k in given if k not in MODEL_ARGS]
+        if unknown:
+            raise KeptError(f"kept_jax's lm-eval model does not take {', '.join(unknown)}; its arguments are "
+                            f"{', '.join(MODEL_ARGS)}")
+    if known.limit is not None:
+        try:
+            limit = float(known.limit)
+        except ValueError:
+            limit = None
+        if limit is None or not limit > 0:
+            raise KeptError(f"--limit {known.limit}: give a positive number of documents per task (or a fraction "
+                            "of them, between 0 and 1)")
+    if known.output_path:
+        out = os.path.abspath(known.output_path)
+        check_location(os.path.dirname(out) if os.path.isfile(out) else out)
+
+
 @cli_entry
 def main(argv=None) -> int:
     """lm-eval's command line with kept_jax registered (and, for `run`, the offline tasks on the include path)."""
@@ -455,8 +506,10 @@ def main(argv=None) -> int:
     sharding.initialize_distributed()  # several processes: the first runs lm-eval, the others follow it
     lm_eval.simple_evaluate = on_every_host(lm_eval.simple_evaluate)
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["run"] and "--include_path" not in args:
-        args += ["--include_path", TASKS_DIR]
+    if args[:1] == ["run"]:
+        check_run_args(args[1:])
+        if "--include_path" not in args:
+            args += ["--include_path", TASKS_DIR]
     sys.argv = ["lm_eval", *args]
     try:
         return cli_evaluate() or 0

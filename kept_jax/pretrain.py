@@ -8,14 +8,13 @@ ships), tokenizer.model, tokenizer_config.json and pretrain_log.json (settings, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
 
-from kept_jax.errors import KeptError, cli_entry
+from kept_jax.errors import ArgumentParser, KeptError, cli_entry
 
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "assets", "tiny-orion")
 EVAL_BATCH = 16  # held-out rows per evaluation call, whatever --batch trains with (16: the default --batch)
@@ -27,7 +26,7 @@ TINY_ORION = dict(
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m kept_jax.pretrain", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m kept_jax.pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: the embedded asset)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--steps", type=int, default=900)

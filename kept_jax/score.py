@@ -7,18 +7,18 @@ import math
 import os
 import sys
 
-from kept_jax.errors import KeptError, cli_entry
+from kept_jax.errors import ArgumentParser, KeptError, cli_entry, utf8_text
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m kept_jax.score",
         description="Score text with a checkpoint (Orion, Llama, Llamba, hybrid; a Hugging Face directory or a GGUF file): "
                     "mean NLL and perplexity.",
     )
     parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory or GGUF file")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text", help="text to score, tokenized with the checkpoint's tokenizer")
+    source.add_argument("--text", type=utf8_text, help="text to score, tokenized with the checkpoint's tokenizer")
     source.add_argument("--file", help="UTF-8 text file to score")
     source.add_argument("--tokens", help="comma-separated token ids, e.g. 1,2,3")
     parser.add_argument("--tokenizer", metavar="DIR", help="take the tokenizer from DIR (a directory or a GGUF file) "
@@ -49,6 +49,9 @@ def _check_output(path: str, force: bool) -> None:
         raise KeptError(f"--save-logits: directory {parent!r} does not exist; create it first")
     if os.path.exists(path) and not force:
         raise KeptError(f"--save-logits: {path!r} already exists; choose another path or pass --force")
+    from kept_jax.fileio import check_location
+
+    check_location(parent)
 
 
 @cli_entry

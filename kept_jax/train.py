@@ -17,11 +17,11 @@ import os
 import sys
 import time
 
-from kept_jax.errors import KeptError, cli_entry
+from kept_jax.errors import ArgumentParser, KeptError, cli_entry
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m kept_jax.train", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m kept_jax.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML job config (default: configs/tiny.yaml)")
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
     p.add_argument("--restart", action="store_true",

@@ -56,3 +56,130 @@ def test_only_kept_jax_names_are_swept(tmp_path):
     (tmp_path / ".tiny.tmpfile").write_text("mine")
     assert sweep_leftovers(str(tmp_path), ".tiny.tmp-") == []
     assert sorted(os.listdir(tmp_path)) == [".tiny.tmpfile", "tiny.tmp-1-x"]
+
+
+# ---- Tracebacks that became one line ------------------------------------------------------------------------------
+
+INVALID_UTF8 = "abc\udcff\udcfe\udc80def"  # what Python makes of the bytes abc\xff\xfe\x80def on a command line
+
+
+def _one_line(capsys, message: str) -> str:
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    return err
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("work was done before the refusal")
+
+
+@pytest.mark.parametrize("program, flag", [("generate", "--prompt"), ("score", "--text")])
+def test_text_that_is_not_utf8_is_refused(program, flag, gguf_files, capsys):  # noqa: F811
+    from kept_jax import generate, score
+
+    main = {"generate": generate.main, "score": score.main}[program]
+    for model in ("kept_jax/assets/tiny-orion", gguf_files["float"]):  # SentencePiece, and a GGUF's BPE
+        assert main(["--model", model, flag, INVALID_UTF8]) == 2
+        _one_line(capsys, f"argument {flag}: not valid UTF-8 (byte 0xff at character 3); give UTF-8 text")
+
+
+def test_argument_errors_are_one_line_not_a_usage_block(capsys):
+    from kept_jax import generate, train
+
+    assert generate.main(["--prompt", "hi"]) == 2
+    _one_line(capsys, "the following arguments are required: --model (`python -m kept_jax.generate --help` lists")
+    assert train.main(["--bogus"]) == 2
+    _one_line(capsys, "unrecognized arguments: --bogus")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model_args", "path=out/tiny-llama"], "--model kept_jax needs the checkpoint: --model_args pretrained=PATH"),
+    ([], "--model kept_jax needs the checkpoint"),
+    (["--model_args", "pretrained=kept_jax/assets/tiny-orion,size=2"], "does not take size; its arguments are "
+                                                                       "pretrained, dtype"),
+    (["--model_args", "pretrained=kept_jax/assets/tiny-orion", "--limit", "0"], "--limit 0: give a positive number"),
+    (["--model_args", "pretrained=kept_jax/assets/tiny-orion", "--output_path", "/sys/results"],
+     "cannot write to '/sys'"),
+])
+def test_harness_mistakes_are_refused_before_lm_eval_runs(argv, message, monkeypatch, capsys):
+    pytest.importorskip("lm_eval")
+    import lm_eval.__main__
+
+    from kept_jax import harness
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", _never)
+    assert harness.main(["run", "--model", "kept_jax", "--tasks", "kept_heldout", *argv]) == 2
+    _one_line(capsys, message)
+
+
+def test_verify_refuses_a_reference_of_another_vocabulary_before_comparing(llama_checkpoint, gguf_files,  # noqa: F811
+                                                                            monkeypatch, capsys):
+    from bridge import verify
+    from bridge.checkpoint import load_config
+
+    monkeypatch.setattr(verify, "_kept_jax_logits", _never)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", _never)
+    ours, theirs = load_config(llama_checkpoint[0]).vocab_size, load_config(gguf_files["float"]).vocab_size
+    assert ours != theirs
+    assert verify.main(["--hf", llama_checkpoint[0], "--reference", gguf_files["float"]]) == 2
+    _one_line(capsys, f"has a vocabulary of {theirs:,} tokens and --hf {llama_checkpoint[0]} one of {ours:,}")
+
+
+def _truncated(source: str, folder, size: int) -> str:
+    path = str(folder / f"cut-{size}.gguf")
+    with open(source, "rb") as f, open(path, "wb") as out:
+        out.write(f.read(size))
+    return path
+
+
+@pytest.mark.parametrize("size", [100, 5000, -4096])
+def test_a_truncated_gguf_is_named_as_such(size, gguf_files, tmp_path, capsys):  # noqa: F811
+    from kept_jax import score
+
+    source = gguf_files["float"]
+    path = _truncated(source, tmp_path, size if size > 0 else os.path.getsize(source) + size)
+    assert score.main(["--model", path, "--text", "hello"]) == 2
+    err = _one_line(capsys, "download it again")
+    assert "truncated" in err and "out of bounds" not in err and "dtype" not in err
+
+
+def test_evaluate_and_verify_open_every_checkpoint_before_any_work(llama_checkpoint, gguf_files, tmp_path,  # noqa: F811
+                                                                   monkeypatch, capsys):
+    pytest.importorskip("lm_eval")
+    from bridge import verify
+    from kept_jax import evaluate
+
+    cut = _truncated(gguf_files["float"], tmp_path, os.path.getsize(gguf_files["float"]) - 4096)
+    monkeypatch.setattr(evaluate, "run_tasks", _never)
+    assert evaluate.main(["--teacher", "kept_jax/assets/tiny-orion", "--student", cut, "--limit", "2"]) == 2
+    _one_line(capsys, "download it again")
+    monkeypatch.setattr(verify, "_kept_jax_logits", _never)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", _never)
+    assert verify.main(["--hf", llama_checkpoint[0], "--reference", cut]) == 2
+    _one_line(capsys, "download it again")
+
+
+def test_save_logits_to_an_unwritable_place_is_refused_before_scoring(monkeypatch, capsys):
+    import bridge.checkpoint
+    from kept_jax import score
+
+    monkeypatch.setattr(bridge.checkpoint, "load_checkpoint", _never)
+    assert score.main(["--model", "kept_jax/assets/tiny-orion", "--text", "hello", "--save-logits",
+                       "/sys/logits.npy"]) == 2
+    _one_line(capsys, "cannot write to '/sys'")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--quantize", "int8", "--group-size", "64"], "--group-size sets int4's groups, and int8 has one scale"),
+    (["--quantize", "int8", "--quantize-head"], "--quantize-head quantizes an untied output head, and "),
+])
+def test_quantization_options_that_would_do_nothing_are_refused(argv, message, gguf_files, monkeypatch,  # noqa: F811
+                                                                capsys):
+    import bridge.checkpoint
+    from kept_jax import generate
+
+    monkeypatch.setattr(bridge.checkpoint, "load_checkpoint", _never)
+    tied = gguf_files["legacy-quants"]
+    assert bridge.checkpoint.load_config(tied).tie_word_embeddings
+    assert generate.main(["--model", tied, "--prompt", "hello", *argv]) == 2
+    _one_line(capsys, message)

@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from kept_jax.errors import KeptError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ["README.md"] + sorted(os.path.join("docs", n) for n in os.listdir(os.path.join(ROOT, "docs"))
                                if n.endswith(".md"))
@@ -75,20 +77,26 @@ PROGRAMS = ("kept_jax.train", "kept_jax.convert", "kept_jax.generate", "kept_jax
 def shown_commands() -> list[tuple[str, list[str]]]:
     """Every `python -m PROGRAM ...` line of a shell block in the README and docs/ (continuations joined, comments
     and a `$ ` prompt dropped), as (page, argv after the program); usage synopses (with [ ] or |) are left out."""
+    return [(page, argv) for page in PAGES for block in shell_blocks(page) for argv in block_commands(block)]
+
+
+def shell_blocks(page: str) -> list[str]:
+    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+        return re.findall(r"^```(?:bash)?\n(.*?)^```", f.read(), flags=re.M | re.S)
+
+
+def block_commands(block: str) -> list[list[str]]:
+    """The `python -m PROGRAM ...` commands of one shell block, in order, as argv after `python -m`."""
     import shlex
 
     commands = []
-    for page in PAGES:
-        with open(os.path.join(ROOT, page), encoding="utf-8") as f:
-            blocks = re.findall(r"^```(?:bash)?\n(.*?)^```", f.read(), flags=re.M | re.S)
-        for block in blocks:
-            for line in block.replace("\\\n", " ").splitlines():
-                line = line.removeprefix("$ ").split("  #")[0].strip()
-                if not line.startswith("python -m ") or re.search(r"[\[|]| [A-Z]+(_[A-Z]+)*\b", line):
-                    continue
-                argv = shlex.split(line)[2:]
-                if argv[0] in PROGRAMS:
-                    commands.append((page, [a.replace("$GGUF", "model.gguf") for a in argv]))
+    for line in block.replace("\\\n", " ").splitlines():
+        line = line.removeprefix("$ ").split("  #")[0].strip()
+        if not line.startswith("python -m ") or re.search(r"[\[|]| [A-Z]+(_[A-Z]+)*\b", line):
+            continue
+        argv = shlex.split(line)[2:]
+        if argv[0] in PROGRAMS:
+            commands.append([a.replace("$GGUF", "model.gguf") for a in argv])
     return commands
 
 
@@ -104,10 +112,27 @@ def test_every_command_shown_parses_and_its_config_loads():
         program = importlib.import_module(argv[0])
         try:
             args = program.parse_args(argv[1:])
-        except SystemExit:
+        except (SystemExit, KeptError):
             raise AssertionError(f"{page}: python -m {' '.join(argv)}: the program refuses these flags") from None
         if argv[0] == "kept_jax.train":
             load_config(os.path.join(ROOT, args.config) if args.config else None, args.overrides)
+
+
+def test_the_readmes_convert_block_runs_as_a_chain(tmp_path):
+    """Each command after the one that writes what it reads: the README's Convert block, in a scratch directory (the
+    embedded model is the default source; the configs are the repository's)."""
+    import subprocess
+    import sys
+
+    block = next(block_commands(b) for b in shell_blocks("README.md")
+                 if b.startswith("python -m kept_jax.convert --out out/tiny-llama"))
+    assert len(block) == 3 and block[1][:3] == ["kept_jax.convert", "--to", "llamba"], block
+    os.symlink(os.path.join(ROOT, "configs"), tmp_path / "configs")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    for argv in block:
+        proc = subprocess.run([sys.executable, "-m", *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, (argv, proc.stderr[-2000:])
 
 
 CHEAP = [  # run as written from the repository root: nothing to download, nothing written, seconds each

@@ -35,7 +35,8 @@ def llamba_config_for(teacher: LlamaConfig, mixer_init: str, layout: LlambaConfi
     if teacher.attention_bias:
         raise KeptError("the source Llama has attention biases (attention_bias=true). The official Llamba code can "
                         "hold them (ssm_cfg.bias=true: biases on in_proj and out_proj, no z_bias), but kept_jax's "
-                        "Llamba has no such biases yet and would drop them; use a bias-free Llama teacher")
+                        "Llamba has no such biases yet and would drop them; use a bias-free Llama teacher (of an "
+                        "Orion, `convert --opm absorb` makes one; `--opm exact` keeps biases)")
     d, heads, head_dim = teacher.hidden_size, teacher.num_attention_heads, teacher.head_dim
     if layout is None:
         if heads * head_dim % d:
