@@ -103,7 +103,10 @@ def load_checkpoint_tokenizer(path: str | os.PathLike, architecture: str,
     path = os.fspath(path)
     if not os.path.isdir(path) and not open_checkpoint(path).has_tokenizer:
         raise KeptError(f"{path} has no tokenizer metadata (tokenizer.ggml.tokens); {missing_fix}")
-    return load_tokenizer(tokenizer_dir(path), architecture, missing_fix)
+    tokenizer = load_tokenizer(tokenizer_dir(path), architecture, missing_fix)
+    if not os.path.isdir(path):
+        tokenizer.source = path  # what messages name: the GGUF given, not the private folder its files went to
+    return tokenizer
 
 
 def load_checkpoint(path: str | os.PathLike, progress: str | None = None, **runtime: Any

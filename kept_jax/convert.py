@@ -682,8 +682,14 @@ def main(argv=None) -> int:
     if export:
         from kept_jax.mapping import format_table
 
-        print("\nmapping (error: relative MSE on calibration data of what the rule approximates):")
-        print(format_table(results[0].mapping_rows))
+        rows = results[0].mapping_rows
+        changed = [r for r in rows if r["transform"] != "identity"]
+        copied = f"{len(rows) - len(changed)} tensors copied unchanged (identity; conversion_report.md lists all)"
+        if changed:
+            print("\nmapping (error: relative MSE on calibration data of what the rule approximates):")
+            print(format_table(changed))
+        if len(changed) < len(rows):
+            print(("and " if changed else "\nmapping: ") + copied)
         print(f"\nwrote {args.out}: a Hugging Face {TARGET_NAMES[args.to]} checkpoint ({info['dtype']}) and "
               "conversion_report.{json,md}")
         if info["tokenizer_note"]:

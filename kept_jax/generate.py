@@ -304,13 +304,15 @@ def main(argv: list[str] | None = None) -> int:
         decode_tokens += sum(max(len(t) - 1, 0) for t in result.tokens[:real])
         if stream:
             stream(result.tokens[0], last=True)
+            stop = ("; stopped at the end token" if result.stopped_at_eos[0]
+                    else f"; stopped at --max-new-tokens ({max_new})")
             continue
         for i, (ids, stopped) in enumerate(zip(result.tokens[:real], result.stopped_at_eos[:real])):
             prompt, sample = (number * batch + i, 0) if len(prompts) > 1 else (0, i)
             text = tokenizer.decode([t for t in ids if t not in eos_ids])
             print(json.dumps({"prompt": prompt, "sample": sample, "completion": text, "new_tokens": len(ids),
                               "stop": "eos" if stopped else "length"}, ensure_ascii=False), flush=True)
-    how = "streamed" if stream else f"batch {batch}"
+    how = f"streamed{stop}" if stream else f"batch {batch}"
     print(f"prefill: {prompt_tokens:,} prompt tokens, first token after {prefill_s:.3f} s "
           f"({prompt_tokens / max(prefill_s, 1e-9):,.0f} tokens/s); decode: {decode_tokens:,} tokens in "
           f"{decode_s:.3f} s ({decode_tokens / max(decode_s, 1e-9):,.0f} tokens/s, {how}); wall times as waited, "

@@ -22,7 +22,7 @@ def _dead_pid() -> int:
 
 def test_a_killed_exports_leftover_is_removed_by_the_next_run(gguf_files, tmp_path, capsys):  # noqa: F811
     """`convert --out NAME` killed during its export leaves `.NAME.tmp-*` (152 MB for SmolLM2): the next run removes
-    it and says so; a leftover of a live run, or another output's, stays."""
+    it and says so; a leftover of a live run, or another output's, stays. (And the mapping is not 272 rows.)"""
     out = tmp_path / "tiny"
     killed = tmp_path / f".tiny.tmp-{_dead_pid()}-abc123"
     older = tmp_path / ".tiny.tmp-k2j4h5"  # the name an earlier kept_jax gave, without its writer's pid
@@ -32,7 +32,9 @@ def test_a_killed_exports_leftover_is_removed_by_the_next_run(gguf_files, tmp_pa
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"half")
     assert convert.main(["--source", gguf_files["float"], "--out", str(out)]) == 0
-    err = capsys.readouterr().err
+    printed, err = capsys.readouterr()
+    # A GGUF's conversion is a copy of every tensor: one line says so, not a row per tensor (272 for SmolLM2).
+    assert "mapping: 21 tensors copied unchanged (identity" in printed and " identity " not in printed
     assert not killed.exists() and not older.exists() and live.exists() and other.exists()
     assert f"removed {killed}, left by an interrupted run" in err and f"removed {older}" in err
     assert sorted(os.listdir(tmp_path)) == sorted([live.name, other.name, "tiny"])
@@ -183,3 +185,22 @@ def test_quantization_options_that_would_do_nothing_are_refused(argv, message, g
     assert bridge.checkpoint.load_config(tied).tie_word_embeddings
     assert generate.main(["--model", tied, "--prompt", "hello", *argv]) == 2
     _one_line(capsys, message)
+
+
+def test_messages_name_the_gguf_given_not_its_private_folder(gguf_files, capsys):  # noqa: F811
+    """`--tokenizer X.gguf` of a larger vocabulary (600 against 512): the message names X.gguf (it named a
+    temporary folder)."""
+    from kept_jax import generate
+
+    assert generate.main(["--model", gguf_files["k-quants"], "--tokenizer", gguf_files["float"], "--prompt",
+                          "a fairly long prompt with many different words, digits 12345 and more text"]) == 2
+    err = _one_line(capsys, f"the tokenizer ({gguf_files['float']}) gives id")
+    assert "kept_jax-gguf-" not in err
+
+
+def test_a_streamed_answer_says_why_it_stopped(capsys):
+    from kept_jax import generate
+
+    assert generate.main(["--model", "kept_jax/assets/tiny-orion", "--prompt", "Return a new", "--max-new-tokens",
+                          "3"]) == 0
+    assert "stopped at --max-new-tokens (3)" in capsys.readouterr().err
