@@ -204,3 +204,19 @@ def test_a_streamed_answer_says_why_it_stopped(capsys):
     assert generate.main(["--model", "kept_jax/assets/tiny-orion", "--prompt", "Return a new", "--max-new-tokens",
                           "3"]) == 0
     assert "stopped at --max-new-tokens (3)" in capsys.readouterr().err
+
+
+def test_the_offline_tasks_leave_nothing_for_lm_eval_to_warn_of(caplog):
+    """Each metric of the project's own tasks has its aggregation and direction (lm-eval warned six times per run,
+    twice over for `evaluate`)."""
+    import logging
+
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import get_task_dict
+
+    from kept_jax.harness import task_manager
+
+    tasks = ["kept_heldout", "kept_next_line"]
+    with caplog.at_level(logging.WARNING):
+        assert set(get_task_dict(tasks, task_manager(tasks))) == set(tasks)
+    assert not [r.getMessage() for r in caplog.records if "is defined, but" in r.getMessage()]
