@@ -452,8 +452,9 @@ MISSING_PRETRAINED = ("--model kept_jax needs the checkpoint: --model_args pretr
 
 def check_run_args(args: list[str]) -> None:
     """What lm-eval's `run` would fail on late, or not at all, refused before it starts: kept_jax's model without
-    `pretrained=` or with an argument it does not take, `--limit` below 1 document (a fraction must be above 0), an
-    `--output_path` that cannot be written (lm-eval warns, and the results are lost)."""
+    `pretrained=`, with a checkpoint that does not open, a dtype it does not take or an argument it does not know,
+    `--limit` below 1 document (a fraction must be above 0), an `--output_path` that cannot be written (lm-eval
+    warns, and the results are lost)."""
     import argparse
     import json
 
@@ -480,6 +481,11 @@ def check_run_args(args: list[str]) -> None:
         if unknown:
             raise KeptError(f"kept_jax's lm-eval model does not take {', '.join(unknown)}; its arguments are "
                             f"{', '.join(MODEL_ARGS)}")
+        if given.get("dtype", DTYPES[0]) not in DTYPES:
+            raise KeptError(f"dtype={given['dtype']!r}: choose one of {', '.join(DTYPES)}")
+        from bridge.checkpoint import check_checkpoint
+
+        check_checkpoint(str(given["pretrained"]))  # a missing or damaged checkpoint, before lm-eval logs a line
     if known.limit is not None:
         try:
             limit = float(known.limit)

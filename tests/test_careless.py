@@ -100,6 +100,8 @@ def test_argument_errors_are_one_line_not_a_usage_block(capsys):
     (["--model_args", "pretrained=kept_jax/assets/tiny-orion,size=2"], "does not take size; its arguments are "
                                                                        "pretrained, dtype"),
     (["--model_args", "pretrained=kept_jax/assets/tiny-orion", "--limit", "0"], "--limit 0: give a positive number"),
+    (["--model_args", "pretrained=nowhere/model"], "model 'nowhere/model' does not exist"),
+    (["--model_args", "pretrained=kept_jax/assets/tiny-orion,dtype=float16"], "dtype='float16': choose one of"),
     (["--model_args", "pretrained=kept_jax/assets/tiny-orion", "--output_path", "/sys/results"],
      "cannot write to '/sys'"),
 ])
