@@ -17,11 +17,14 @@ Everything is returned as sums over unmasked tokens, so that accumulation and cr
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import kept_jax.models.products as products
+from kept_jax.models.products import dtype_marks
 from kept_jax.metrics import SUMS, TOKEN_METRICS, masked_sums, token_metrics
 
 Array = jax.Array
@@ -85,7 +88,8 @@ def chunked_distill_loss(
     products take operands in `dtype` (the models' compute dtype) and accumulate in fp32.
 
     hidden: [..., hidden_size] (flattened to tokens); head: [hidden_size, vocab]; labels, mask, positions: [...].
-    Differentiate `out["loss"]` (a sum; divide by `out["tokens"]` for the mean).
+    Differentiate `out["loss"]` (a sum; divide by `out["tokens"]` for the mean): the student's gradients are
+    computed in the same pass over the chunks as the loss (`_fused_fwd`), so no chunk's logits are computed twice.
     """
     d_s, d_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
     h_s, h_t = student_hidden.reshape(-1, d_s), teacher_hidden.reshape(-1, d_t)
@@ -98,19 +102,62 @@ def chunked_distill_loss(
         h_s, h_t = jnp.pad(h_s, ((0, pad), (0, 0))), jnp.pad(h_t, ((0, pad), (0, 0)))
         labels, mask, pos = jnp.pad(labels, (0, pad)), jnp.pad(mask, (0, pad)), jnp.pad(pos, (0, pad))
     chunks = (n + pad) // chunk
+    h_s, h_t, labels, mask, pos = (x.reshape(chunks, chunk, *x.shape[1:]) for x in (h_s, h_t, labels, mask, pos))
+    sums = _fused_sums(cfg, jnp.dtype(dtype), positions is not None, h_s, student_head,
+                       jax.lax.stop_gradient(h_t), jax.lax.stop_gradient(teacher_head), labels, mask, pos)
+    return sums
 
-    @jax.checkpoint
+
+def _chunk_sums(cfg, dtype, by_position, hs, w_s, ht, w_t, y, m, p):
+    terms = _token_terms(_logits(hs, w_s, dtype), _logits(ht, w_t, dtype), y, cfg)
+    return _sums(terms, m, p if by_position else None)
+
+
+def _zero_sums(by_position):
+    keys = ("loss", *(SUMS if by_position else (*TOKEN_METRICS, "tokens")))
+    return {k: jnp.zeros((), jnp.float32) for k in keys}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused_sums(cfg, dtype, by_position, h_s, w_s, h_t, w_t, labels, mask, pos):
+    """The sums over chunks [chunks, chunk, ...] (without differentiation: the forward alone)."""
     def body(carry, xs):
         hs, ht, y, m, p = xs
-        terms = _token_terms(_logits(hs, student_head, dtype), _logits(ht, teacher_head, dtype), y, cfg)
-        sums = _sums(terms, m, None if positions is None else p)
+        sums = _chunk_sums(cfg, dtype, by_position, hs, w_s, ht, w_t, y, m, p)
         return {k: carry[k] + sums[k] for k in carry}, None
 
-    keys = ("loss", *(SUMS if positions is not None else (*TOKEN_METRICS, "tokens")))
-    init = {k: jnp.zeros((), jnp.float32) for k in keys}
-    xs = tuple(x.reshape(chunks, chunk, *x.shape[1:]) for x in (h_s, h_t, labels, mask, pos))
-    sums, _ = jax.lax.scan(body, init, xs)
+    sums, _ = jax.lax.scan(body, _zero_sums(by_position), (h_s, h_t, labels, mask, pos))
     return sums
+
+
+def _fused_fwd(cfg, dtype, by_position, h_s, w_s, h_t, w_t, labels, mask, pos):
+    """The sums and, chunk by chunk while its logits are at hand, the loss's gradient for the student's hidden states
+    and head (a plain backward pass would compute both models' logits of every chunk again)."""
+    def body(carry, xs):
+        total, d_head = carry
+        hs, ht, y, m, p = xs
+
+        def loss(hs, w_s):
+            sums = _chunk_sums(cfg, dtype, by_position, hs, w_s, ht, w_t, y, m, p)
+            return sums["loss"], sums
+
+        (_, sums), (d_hs, d_ws) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(hs, w_s)
+        return ({k: total[k] + sums[k] for k in total}, d_head + d_ws), d_hs
+
+    init = (_zero_sums(by_position), jnp.zeros(w_s.shape, jnp.float32))
+    (sums, d_head), d_hidden = jax.lax.scan(body, init, (h_s, h_t, labels, mask, pos))
+    return sums, (d_hidden, d_head, *dtype_marks(h_s, w_s), h_t, w_t, labels, mask, pos)
+
+
+def _fused_bwd(cfg, dtype, by_position, residuals, g):
+    d_hidden, d_head, h_type, w_type, h_t, w_t, labels, mask, pos = residuals
+    scale = g["loss"]  # the metrics carry no gradient
+    integer = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
+    return ((scale * d_hidden).astype(h_type.dtype), (scale * d_head).astype(w_type.dtype), jnp.zeros_like(h_t),
+            jnp.zeros_like(w_t), integer(labels), jnp.zeros_like(mask), integer(pos))
+
+
+_fused_sums.defvjp(_fused_fwd, _fused_bwd)
 
 
 def naive_distill_loss(student_hidden, student_head, teacher_hidden, teacher_head, labels, mask, cfg=LossConfig(),
