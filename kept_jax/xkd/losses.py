@@ -1,8 +1,10 @@
 """Distillation losses from final hidden states and head weights, in token chunks.
 
-`[tokens, vocab]` fp32 logits never exist for either model: a `lax.scan` walks chunks of `chunk_size` tokens, and
-its body is under `jax.checkpoint`, so the backward pass recomputes one chunk's logits at a time. Peak temporary
-memory is O(chunk_size * vocab), not O(tokens * vocab) (tests/test_losses.py measures it with `memory_analysis`).
+`[tokens, vocab]` fp32 logits never exist for either model: a `lax.scan` walks chunks of `chunk_size` tokens. Under
+differentiation the same pass also computes, for each chunk while its logits are at hand, the loss's gradient for
+the student's hidden states and head (a custom VJP, as Liger's fused linear cross-entropy does), so no chunk's
+logits are computed twice. Peak temporary memory is O(chunk_size * vocab), not O(tokens * vocab)
+(tests/test_losses.py measures it with `memory_analysis`).
 
 Per token, with p = softmax(z_teacher / T) and q = softmax(z_student / T):
   forward KL  = T^2 * KL(p || q)      (the default; T^2 keeps gradient scale independent of T, as in Hinton et al.)
