@@ -157,6 +157,8 @@ class Generator:
     def __init__(self, config: ModelConfig, sampling: Sampling = Sampling(), eos_ids: Sequence[int] = (),
                  pad_id: int | None = None, first_cache_length: int | None = FIRST_CACHE_LENGTH):
         self.config = config
+        if first_cache_length is not None and first_cache_length < 1:
+            raise ValueError(f"first_cache_length must be at least 1 (or None), got {first_cache_length}")
         self.first_cache_length = first_cache_length  # None: the cache holds prompt + max_new from the start
         self.sampling = sampling
         self.eos_ids = tuple(int(i) for i in eos_ids)
