@@ -133,6 +133,12 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
+def _placed(shapes, shardings):
+    """Abstract values of `shapes` placed by `shardings` (a compiled program's outputs, where the next one takes
+    them)."""
+    return jax.tree.map(lambda s, placed: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=placed), shapes, shardings)
+
+
 def logits_at(config: ModelConfig, params, x: Array) -> Array:
     """fp32 logits over the real vocabulary (a padded one is cut) for what leaves the last layer."""
     return build_model(config).apply({"params": params}, x, method="head")[..., : config.vocab_size]
@@ -252,9 +258,8 @@ class Generator:
         shapes = (*state.tokens.shape, length)
         if shapes not in self._grows:
             grow = jax.jit(self.grow, static_argnums=1).lower(_abstract(state), length).compile()
-            grown = jax.tree.map(lambda s, placed: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=placed),
-                                 jax.eval_shape(functools.partial(self.grow, length=length), _abstract(state)),
-                                 grow.output_shardings)
+            grown = _placed(jax.eval_shape(functools.partial(self.grow, length=length), _abstract(state)),
+                            grow.output_shardings)
             self._grows[shapes] = (grow, self._loop(params, grown))
         grow, loop = self._grows[shapes]
         return grow(state), loop
@@ -272,9 +277,8 @@ class Generator:
                     jax.ShapeDtypeStruct((batch,), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)))
             length = self.cache_lengths(prompt_length, max_new)[0]
             start = jax.jit(self.start, static_argnums=(4, 5)).lower(*args, max_new, length).compile()
-            state = jax.eval_shape(functools.partial(self.start, max_new=max_new, length=length), *args)
-            state = jax.tree.map(lambda s, placed: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=placed), state,
-                                 start.output_shardings)  # the loop takes the state where the prefill leaves it
+            state = _placed(jax.eval_shape(functools.partial(self.start, max_new=max_new, length=length), *args),
+                            start.output_shardings)  # the loop takes the state where the prefill leaves it
             self._starts[shapes] = (start, self._loop(abstract, state))
         return self._starts[shapes]
 
