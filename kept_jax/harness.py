@@ -90,13 +90,7 @@ def _make_class():
             from kept_jax.decoding import logits_at, run_layers
             from kept_jax.models import build_model
 
-            if pretrained is None:
-                raise KeptError(MISSING_PRETRAINED)
-            if unused:
-                raise KeptError(f"kept_jax's lm-eval model does not take {', '.join(sorted(unused))}; its arguments "
-                                f"are {', '.join(MODEL_ARGS)}")
-            if dtype not in DTYPES:
-                raise KeptError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+            check_model_args({"pretrained": pretrained, "dtype": dtype, **unused})
             if str(batch_size) == "auto" or int(batch_size) < 1:
                 raise KeptError(f"batch_size={batch_size!r}: give a positive number of rows (no 'auto')")
             self.batch_size_per_gpu = int(batch_size)
@@ -446,8 +440,18 @@ def on_every_host(simple_evaluate: Callable) -> Callable:
     return run
 
 
-MISSING_PRETRAINED = ("--model kept_jax needs the checkpoint: --model_args pretrained=PATH (a Hugging Face directory "
-                      "or a GGUF file)")
+def check_model_args(given: dict) -> None:
+    """kept_jax's model arguments as lm-eval hands them over: a checkpoint named, every argument known, a dtype it
+    takes (the class checks them, and `run` before lm-eval starts)."""
+    if given.get("pretrained") is None:
+        raise KeptError("--model kept_jax needs the checkpoint: --model_args pretrained=PATH (a Hugging Face "
+                        "directory or a GGUF file)")
+    unknown = sorted(k for k in given if k not in MODEL_ARGS)
+    if unknown:
+        raise KeptError(f"kept_jax's lm-eval model does not take {', '.join(unknown)}; its arguments are "
+                        f"{', '.join(MODEL_ARGS)}")
+    if given.get("dtype", DTYPES[0]) not in DTYPES:
+        raise KeptError(f"dtype={given['dtype']!r}: choose one of {', '.join(DTYPES)}")
 
 
 def check_run_args(args: list[str]) -> None:
@@ -475,14 +479,7 @@ def check_run_args(args: list[str]) -> None:
                 raise KeptError(f"--model_args is not valid JSON ({e.msg}); write pretrained=PATH,dtype=...") from None
         else:
             given = dict(part.split("=", 1) if "=" in part else (part, None) for part in text.split(",") if part)
-        if "pretrained" not in given:
-            raise KeptError(MISSING_PRETRAINED)
-        unknown = [k for k in given if k not in MODEL_ARGS]
-        if unknown:
-            raise KeptError(f"kept_jax's lm-eval model does not take {', '.join(unknown)}; its arguments are "
-                            f"{', '.join(MODEL_ARGS)}")
-        if given.get("dtype", DTYPES[0]) not in DTYPES:
-            raise KeptError(f"dtype={given['dtype']!r}: choose one of {', '.join(DTYPES)}")
+        check_model_args(given)
         from bridge.checkpoint import check_checkpoint
 
         check_checkpoint(str(given["pretrained"]))  # a missing or damaged checkpoint, before lm-eval logs a line
