@@ -105,9 +105,8 @@ def chunked_distill_loss(
         labels, mask, pos = jnp.pad(labels, (0, pad)), jnp.pad(mask, (0, pad)), jnp.pad(pos, (0, pad))
     chunks = (n + pad) // chunk
     h_s, h_t, labels, mask, pos = (x.reshape(chunks, chunk, *x.shape[1:]) for x in (h_s, h_t, labels, mask, pos))
-    sums = _fused_sums(cfg, jnp.dtype(dtype), positions is not None, h_s, student_head,
+    return _fused_sums(cfg, jnp.dtype(dtype), positions is not None, h_s, student_head,
                        jax.lax.stop_gradient(h_t), jax.lax.stop_gradient(teacher_head), labels, mask, pos)
-    return sums
 
 
 def _chunk_sums(cfg, dtype, by_position, hs, w_s, ht, w_t, y, m, p):
